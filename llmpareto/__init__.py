@@ -1,0 +1,39 @@
+"""llmpareto: hardware-aware search for compressed LLMs on a Pareto front.
+
+Public API: `search(...)` (mirrors `llmpareto search`), `Recipe`, `Front`, `load_front`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path as _Path
+
+# The subpackages (search/, spaces/, ...) live beside this folder and are mapped with
+# setuptools package-dir. When Python finds this folder straight from a source checkout
+# (cwd on sys.path, `python -m ...`), the mapping is bypassed; adding the checkout root to
+# __path__ lets `llmpareto.search` resolve to ../search there too.
+_root = _Path(__file__).resolve().parent.parent
+if (_root / "pyproject.toml").is_file() and (_root / "search" / "__init__.py").is_file():
+    if str(_root) not in __path__:
+        __path__.append(str(_root))
+
+__version__ = "0.1.0"
+
+from llmpareto.errors import UserError  # noqa: E402
+from llmpareto.recipe import Recipe  # noqa: E402
+
+
+def search(**kwargs):  # noqa: ANN201 - thin re-export, see llmpareto.api.search
+    """Run a search; keyword arguments mirror `llmpareto search` flags. Returns a Front."""
+    from llmpareto.api import search as _search
+
+    return _search(**kwargs)
+
+
+def load_front(run_dir):  # noqa: ANN001, ANN201
+    """Load the Front of a finished run directory."""
+    from llmpareto.front import Front
+
+    return Front.load(run_dir)
+
+
+__all__ = ["Recipe", "UserError", "search", "load_front", "__version__"]

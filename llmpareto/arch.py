@@ -1,0 +1,109 @@
+"""Architecture description: the shapes a cost evaluator or a space needs, without weights.
+
+Built from a torch model (a meta-device model works too), JSON round-trips, and turns a
+Recipe into the effective per-tensor formats (with the llama.cpp-style fallbacks applied).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from llmpareto.formats import effective_format
+from llmpareto.recipe import Recipe
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Tensor2D:
+    fqn: str  # module name, e.g. model.layers.3.mlp.down_proj
+    rows: int  # out_features (or vocab for embeddings)
+    cols: int  # in_features (or hidden size); quantization blocks run along it
+    layer: int | None  # transformer block index, None for embeddings/head
+    kind: str  # projection kind: self_attn.q_proj, mlp.down_proj, embed, lm_head
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass
+class Arch:
+    linears: list[Tensor2D]
+    embedding: Tensor2D
+    lm_head: Tensor2D | None  # None when tied to the embedding (one tensor in memory)
+    other_params: int  # norms and biases, kept in f32
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    source_bytes_per_weight: float = 4.0  # what an uncompressed tensor costs (f32 in torch)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tensors(self) -> list[Tensor2D]:
+        """Every tensor a recipe may choose a format for."""
+        heads = [self.lm_head] if self.lm_head is not None else []
+        return [self.embedding, *heads, *self.linears]
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.numel for t in self.tensors) + self.other_params
+
+    def formats_for(self, recipe: Recipe) -> dict[str, str | None]:
+        """fqn -> the format each tensor really gets (None: left as it is)."""
+        out: dict[str, str | None] = {}
+        for t in self.tensors:
+            fmt = recipe.format_of(t.fqn)
+            out[t.fqn] = effective_format(fmt, t.cols) if fmt else None
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Arch:
+        d = dict(d)
+        d["linears"] = [Tensor2D(**t) for t in d["linears"]]
+        d["embedding"] = Tensor2D(**d["embedding"])
+        d["lm_head"] = Tensor2D(**d["lm_head"]) if d.get("lm_head") else None
+        return cls(**d)
+
+    @classmethod
+    def from_model(cls, model) -> Arch:  # noqa: ANN001 - a transformers PreTrainedModel
+        import torch
+
+        cfg = model.config
+        emb = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        emb_name = names[id(emb)]
+        tied = head is None or head.weight is emb.weight
+        covered = {id(emb.weight)} | ({id(head.weight)} if head is not None else set())
+        linears = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and mod is not head:
+                m = _LAYER_RE.search(f".{name}.")
+                if m is None:
+                    continue  # only transformer-block projections are searched
+                kind = name[m.end() - 1:] if m.end() - 1 < len(name) else name
+                linears.append(Tensor2D(name, mod.out_features, mod.in_features,
+                                        int(m.group(1)), kind))
+                covered.add(id(mod.weight))
+        other = sum(p.numel() for p in model.parameters() if id(p) not in covered)
+        n_heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        return cls(
+            linears=linears,
+            embedding=Tensor2D(emb_name, emb.num_embeddings, emb.embedding_dim, None, "embed"),
+            lm_head=None if tied else Tensor2D(names[id(head)], head.out_features,
+                                               head.in_features, None, "lm_head"),
+            other_params=int(other),
+            n_layers=cfg.num_hidden_layers,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+            head_dim=int(head_dim),
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+        )

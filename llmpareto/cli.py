@@ -1,0 +1,91 @@
+"""Command line: `llmpareto search ...`; flags map one to one onto llmpareto.search(...)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from llmpareto.errors import UserError
+from llmpareto.settings import SearchSettings
+
+_HELP = {
+    "model": "smollm2-135m (embedded default), a HF directory, a .gguf file, or a cached hub id",
+    "allow_pickle": "allow loading pickle checkpoints (they can run code)",
+    "text": "text file(s) for calibration and evaluation (default: CPython docs)",
+    "window": "tokens per window", "calib_tokens": "calibration tokens (for kl_nats)",
+    "eval_tokens": "evaluation tokens (for perplexity)",
+    "space": "search space: formats", "formats": "comma-separated weight formats to choose from",
+    "granularity": "module | block | type (one format per projection kind)",
+    "objectives": "comma-separated metrics to minimize: perplexity, kl (kl_nats), memory_bytes",
+    "max_memory": "memory budget: bytes or 120MB, 0.5GB, 300MiB",
+    "context": "context tokens whose KV cache counts in memory_bytes",
+    "sampler": "nsga2 | tpe | random", "population": "NSGA-II population size",
+    "trials": "completed trials wanted (baselines included)",
+    "study": "study name: the run goes to RUNS_DIR/STUDY", "runs_dir": "where runs are written",
+    "resume": "continue an interrupted or finished study", "seed": "random seed",
+    "batch_size": "windows per forward pass", "baselines": "enqueue uniform recipes first",
+    "country": "ISO country code for the CO2 estimate", "progress": "show a progress bar",
+}
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    defaults = SearchSettings.__dataclass_fields__
+    for f in fields(SearchSettings):
+        if f.name == "version":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults[f.name].default
+        if f.type in ("bool",) or isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                           help=_HELP.get(f.name))
+        elif f.name == "text":
+            p.add_argument(flag, nargs="+", default=None, metavar="FILE", help=_HELP[f.name])
+        elif f.name in ("window", "calib_tokens", "eval_tokens", "context", "trials", "seed",
+                        "batch_size", "population"):
+            p.add_argument(flag, type=int, default=None if f.name == "population" else default,
+                           help=_HELP.get(f.name))
+        else:
+            p.add_argument(flag, default=None if f.name in ("objectives",) else default,
+                           help=_HELP.get(f.name))
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from llmpareto.api import search
+
+    kwargs = {f.name: getattr(args, f.name) for f in fields(SearchSettings)
+              if f.name != "version" and hasattr(args, f.name)}
+    if kwargs.get("objectives") is None:
+        kwargs.pop("objectives")
+    front = search(backend=args.backend, **kwargs)
+    print(f"\nPareto front ({len(front)} points, objectives: {', '.join(front.objectives)}):")
+    print(front.table())
+    print(f"\nrun directory: {front.run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmpareto", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ps = sub.add_parser("search", help="search compressed variants and print the Pareto front")
+    ps.add_argument("--backend", default="local", help="local (Optuna + SQLite)")
+    _add_settings_flags(ps)
+    ps.set_defaults(func=_cmd_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"llmpareto: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmpareto: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

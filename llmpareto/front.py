@@ -1,0 +1,97 @@
+"""Front: the feasible non-dominated trials of a run, as a DataFrame with their recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from llmpareto.errors import UserError
+from llmpareto.pareto import non_dominated
+from llmpareto.recipe import Recipe
+from llmpareto.rundir import RunDir
+
+TABLE_COLUMNS = ["trial", "baseline", "perplexity", "kl_nats", "memory_bytes", "weights_bytes"]
+
+
+def front_mask(trials: pd.DataFrame, objectives: list[str]) -> np.ndarray:
+    """Rows of `trials` that are complete, feasible and non-dominated on `objectives`."""
+    ok = (trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)
+    vals = np.array(trials.loc[ok, objectives].to_numpy(float), dtype=float)
+    vals[~np.isfinite(vals)] = np.nan
+    mask = np.zeros(len(trials), dtype=bool)
+    mask[np.flatnonzero(ok.to_numpy())] = non_dominated(vals)
+    return mask
+
+
+@dataclass
+class Front:
+    df: pd.DataFrame  # one row per front point; units in column names
+    objectives: list[str]
+    trials: pd.DataFrame | None = None  # every trial of the run, when known
+    run_dir: Path | None = None
+
+    @classmethod
+    def from_trials(cls, trials: pd.DataFrame, objectives: list[str],
+                    run_dir: Path | None = None) -> Front:
+        df = trials[front_mask(trials, objectives)].sort_values(objectives[-1])
+        return cls(df.reset_index(drop=True), list(objectives), trials, run_dir)
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Front:
+        rd = RunDir(Path(run_dir))
+        info = rd.read_run_json()
+        if not rd.trials_csv.is_file():
+            raise UserError(f"{rd.path} has no trials.csv yet; finish or --resume the search")
+        trials = pd.read_csv(rd.trials_csv, keep_default_na=False, na_values=[""])
+        return cls.from_trials(trials, info["settings"]["objectives"], rd.path)
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def recipe(self, trial: int) -> Recipe:
+        if self.run_dir is None:
+            raise UserError("this front has no run directory to read recipes from")
+        return Recipe.load(RunDir(self.run_dir).recipe_path(int(trial)))
+
+    def pick(self, trial: int | None = None, best: str | None = None) -> pd.Series:
+        """A front point by trial number, or the one best in metric `best`."""
+        if trial is not None:
+            rows = self.df[self.df["trial"] == int(trial)]
+            if rows.empty:
+                raise UserError(f"trial {trial} is not on the front; front trials: "
+                                f"{', '.join(map(str, self.df['trial']))}")
+            return rows.iloc[0]
+        if best is not None:
+            if best not in self.df.columns:
+                raise UserError(f"unknown column {best!r}; columns: {', '.join(self.df.columns)}")
+            return self.df.loc[self.df[best].idxmin()]
+        raise UserError("pick needs a trial number or a metric to be best in")
+
+    def to_csv(self, path: str | Path) -> None:
+        self.df.to_csv(path, index=False)
+
+    def to_records(self) -> list[dict]:
+        recs = self.df.replace({np.nan: None}).to_dict(orient="records")
+        if self.run_dir is not None:
+            for r in recs:
+                r["recipe"] = self.recipe(r["trial"]).to_dict()
+        return recs
+
+    def table(self) -> str:
+        cols = [c for c in TABLE_COLUMNS if c in self.df.columns and self.df[c].notna().any()]
+        view = self.df[cols].copy()
+        for c in ("memory_bytes", "weights_bytes"):
+            if c in view:
+                view[c.replace("_bytes", "_MB")] = view.pop(c) / 1e6
+        return view.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+    def plot(self, path: str | Path, title: str = "") -> None:
+        from llmpareto.report import front_plot_info, plot_front
+
+        trials = self.trials if self.trials is not None else self.df
+        x = next((o for o in self.objectives if o.endswith("_bytes")), self.objectives[-1])
+        y = next(o for o in self.objectives if o != x)
+        plot_front(front_plot_info(trials, self.df, x, y), str(path), title)

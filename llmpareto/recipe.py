@@ -1,0 +1,120 @@
+"""Recipe: the per-module compression choices of one candidate, as plain serializable data.
+
+Keys are module names, `re:<regex>` patterns or `_default`; exact names win over patterns,
+patterns are tried in order, `_default` comes last. A value of None leaves a module as is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmpareto.errors import UserError
+
+RECIPE_VERSION = 1
+MODULE_KEYS = {"format", "sparsity", "pattern"}
+STRUCTURE_KEYS = {"layers", "mlp_ratio", "heads"}
+PATTERNS = {"unstructured", "2:4"}
+
+
+def _check_choice(key: str, choice: Any) -> dict | None:
+    if choice is None:
+        return None
+    if not isinstance(choice, dict):
+        raise UserError(f"recipe entry {key!r} must be an object like {{\"format\": \"q4_0\"}}")
+    unknown = set(choice) - MODULE_KEYS
+    if unknown:
+        raise UserError(
+            f"recipe entry {key!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(MODULE_KEYS)}"
+        )
+    if "format" in choice:
+        from llmpareto.formats import get_format
+
+        get_format(choice["format"])
+    if "sparsity" in choice and not 0.0 <= float(choice["sparsity"]) < 1.0:
+        raise UserError(f"recipe entry {key!r}: sparsity must be in [0, 1)")
+    if "pattern" in choice and choice["pattern"] not in PATTERNS:
+        raise UserError(f"recipe entry {key!r}: pattern must be one of {sorted(PATTERNS)}")
+    return dict(choice)
+
+
+@dataclass
+class Recipe:
+    modules: dict[str, dict | None] = field(default_factory=dict)
+    structure: dict[str, Any] = field(default_factory=dict)
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        self.modules = {k: _check_choice(k, v) for k, v in self.modules.items()}
+        for key in self.modules:
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except re.error as exc:
+                    raise UserError(f"recipe key {key!r} is not a valid regex: {exc}") from None
+        unknown = set(self.structure) - STRUCTURE_KEYS
+        if unknown:
+            raise UserError(
+                f"recipe structure has unknown key(s) {sorted(unknown)}; allowed: {sorted(STRUCTURE_KEYS)}"
+            )
+
+    def resolve(self, fqn: str) -> dict | None:
+        """The choice for module `fqn`: exact key, else first matching regex, else _default."""
+        if fqn in self.modules:
+            return self.modules[fqn]
+        for key, choice in self.modules.items():
+            if key.startswith("re:") and re.fullmatch(key[3:], fqn):
+                return choice
+        return self.modules.get("_default")
+
+    def format_of(self, fqn: str, default: str | None = None) -> str | None:
+        choice = self.resolve(fqn)
+        return (choice or {}).get("format", default)
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "modules": self.modules, "structure": self.structure}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        if not isinstance(data, dict):
+            raise UserError("a recipe must be a JSON object with 'version', 'modules', 'structure'")
+        unknown = set(data) - {"version", "modules", "structure"}
+        if unknown:
+            raise UserError(
+                f"recipe has unknown key(s) {sorted(unknown)}; allowed: version, modules, structure"
+            )
+        version = int(data.get("version", RECIPE_VERSION))
+        if version > RECIPE_VERSION:
+            raise UserError(
+                f"recipe version {version} is newer than this llmpareto understands "
+                f"({RECIPE_VERSION}); upgrade llmpareto"
+            )
+        return cls(dict(data.get("modules", {})), dict(data.get("structure", {})), version)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Recipe:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"recipe is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"recipe file {p} does not exist")
+        return cls.from_json(p.read_text())
+
+    @classmethod
+    def uniform(cls, fmt: str) -> Recipe:
+        return cls({"_default": {"format": fmt}})

@@ -1,0 +1,66 @@
+"""Plot data for a front, computed apart from drawing (as optuna's _get_pareto_front_info)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+
+class FrontPlotInfo(NamedTuple):
+    x_name: str
+    y_name: str
+    feasible_xy: np.ndarray  # (n, 2) feasible, completed trials not on the front
+    infeasible_xy: np.ndarray  # (n, 2) over budget (quality not measured: x only, y = nan)
+    front_xy: np.ndarray  # (n, 2) sorted by x
+    baselines: list[tuple[str, float, float]]  # (label, x, y)
+
+
+def front_plot_info(trials: pd.DataFrame, front: pd.DataFrame, x: str, y: str) -> FrontPlotInfo:
+    done = trials[trials["state"] == "COMPLETE"]
+    on_front = done["trial"].isin(front["trial"])
+    feas = done[done["feasible"] & ~on_front]
+    infeas = done[~done["feasible"]]
+    fr = front.sort_values(x)
+    base = done[done["baseline"].fillna("").astype(str) != ""]
+    return FrontPlotInfo(
+        x, y,
+        np.array(feas[[x, y]], dtype=float),
+        np.array(infeas[[x, y]], dtype=float),
+        np.array(fr[[x, y]], dtype=float),
+        [(str(r["baseline"]), float(r[x]), float(r[y])) for _, r in base.iterrows()],
+    )
+
+
+def plot_front(info: FrontPlotInfo, path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if len(info.feasible_xy):
+        ax.scatter(*info.feasible_xy.T, s=14, c="0.6", label="feasible trials")
+    finite = info.infeasible_xy[np.isfinite(info.infeasible_xy).all(axis=1)] if len(
+        info.infeasible_xy) else info.infeasible_xy
+    if len(finite):
+        ax.scatter(*finite.T, s=14, marker="x", c="tab:red", label="over budget")
+    if len(info.front_xy):
+        ax.plot(*info.front_xy.T, "-o", c="tab:blue", ms=5, drawstyle="steps-post",
+                label="Pareto front")
+    for label, bx, by in info.baselines:
+        if np.isfinite(bx) and np.isfinite(by):
+            ax.scatter([bx], [by], marker="s", s=30, facecolors="none", edgecolors="k")
+            ax.annotate(label.replace("uniform ", ""), (bx, by), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(info.x_name)
+    ax.set_ylabel(info.y_name)
+    if "perplexity" in info.y_name:
+        ax.set_yscale("log")
+    ax.set_title(title or "Pareto front (squares: uniform baselines)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,90 @@
+"""SearchSettings: every option of a search, strict and serializable (run.json holds it).
+
+CLI flags map one to one onto these fields (`--max-memory` -> `max_memory`), and so do the
+keyword arguments of `llmpareto.search(...)`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from llmpareto.errors import UserError
+
+SETTINGS_VERSION = 1
+# Options that may differ between a run and its --resume (they do not change what is searched).
+RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version"}
+_STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass
+class SearchSettings:
+    model: str = "smollm2-135m"  # embedded default; or a path / cached hub id
+    allow_pickle: bool = False  # pickle checkpoints can run code: opt in only
+    text: list[str] | None = None  # None: CPython docs (pydoc_data.topics)
+    window: int = 256  # tokens per evaluation/calibration window
+    calib_tokens: int = 512  # for KL to the base model
+    eval_tokens: int = 2048  # for perplexity; few enough that a trial takes seconds
+    space: str = "formats"
+    formats: list[str] | None = None  # None: the GGUF formats, so every point exports
+    granularity: str = "type"  # type: one format per projection kind; block; module
+    objectives: list[str] = field(default_factory=lambda: ["perplexity", "memory_bytes"])
+    max_memory: int | None = None  # bytes; candidates above never pay for a forward pass
+    context: int = 2048  # tokens of KV cache counted in memory_bytes
+    sampler: str = "nsga2"
+    population: int | None = None  # NSGA-II population; None: about trials/4, 8..50
+    trials: int = 60  # completed trials wanted, baselines included
+    study: str | None = None  # None: <model>-<timestamp>
+    runs_dir: str = "runs"
+    resume: bool = False
+    seed: int = 0
+    batch_size: int = 4  # windows per forward pass
+    baselines: bool = True  # enqueue uniform recipes first
+    country: str = "USA"  # ISO code for codecarbon's offline CO2 intensity
+    progress: bool = True
+    version: int = SETTINGS_VERSION
+
+    def __post_init__(self) -> None:
+        from llmpareto.evaluators.base import metric_names
+        from llmpareto.units import parse_bytes
+
+        if isinstance(self.text, str):
+            self.text = [self.text]
+        if isinstance(self.formats, str):
+            self.formats = [f.strip() for f in self.formats.split(",") if f.strip()]
+        self.objectives = metric_names(self.objectives)
+        if len(self.objectives) < 2:
+            raise UserError("--objectives needs two or more metrics for a Pareto front, e.g. "
+                            "perplexity,memory_bytes")
+        if self.max_memory is not None:
+            self.max_memory = parse_bytes(self.max_memory, "--max-memory")
+        for name in ("window", "eval_tokens", "context", "trials", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.calib_tokens < 0:
+            raise UserError("--calib-tokens must be 0 or more")
+        if self.study is None:
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1])
+            self.study = f"{stem.strip('-.') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not _STUDY_RE.match(self.study):
+            raise UserError(
+                f"--study {self.study!r}: use letters, digits, '.', '_' and '-' only (no path "
+                "separators), at most 100 characters; the run goes to --runs-dir/<study>/"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchSettings:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise UserError(f"unknown search setting(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide what is searched; a --resume must match them."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUMABLE}

@@ -1,0 +1,87 @@
+"""Text for calibration and evaluation: load, tokenize once, cut disjoint windows.
+
+The default text is CPython's own documentation (`pydoc_data.topics`), real prose that
+ships with every Python; `--text FILE ...` uses the user's files instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmpareto.errors import UserError
+
+DEFAULT_TEXT = "pydoc"
+
+
+@dataclass
+class TextWindows:
+    calib: np.ndarray  # (n_calib, window) int64 token ids, for KL to the base model
+    eval: np.ndarray  # (n_eval, window) int64 token ids, for perplexity; disjoint from calib
+    n_tokens: int  # tokens in the whole text
+    sha256: str  # of the text, recorded in run.json
+
+    @property
+    def window(self) -> int:
+        return self.eval.shape[1]
+
+
+def read_text(files: list[str] | None) -> tuple[str, str]:
+    """(text, description). Raises UserError for missing or empty files."""
+    if not files or list(files) == [DEFAULT_TEXT]:
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[k] for k in sorted(topics)), "pydoc_data.topics"
+    parts = []
+    for name in files:
+        p = Path(name).expanduser()
+        if not p.is_file():
+            raise UserError(f"--text {name}: no such file (give a UTF-8 text file, or omit "
+                            "--text to use the embedded CPython documentation)")
+        try:
+            content = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"--text {name} is not UTF-8 text: {exc}") from None
+        if not content.strip():
+            raise UserError(f"--text {name} is empty; give a file with some prose in it")
+        parts.append(content)
+    return "\n\n".join(parts), ", ".join(files)
+
+
+def make_windows(
+    ids: np.ndarray, window: int, calib_tokens: int, eval_tokens: int, source: str = "text"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a token stream into non-overlapping windows; eval and calib never share a token.
+
+    Eval windows are spread evenly over the whole text (so the score is not about one
+    chapter), calib windows evenly over the windows left.
+    """
+    if window < 2:
+        raise UserError(f"--window {window} must be at least 2 tokens")
+    n_eval = -(-eval_tokens // window)
+    n_calib = -(-calib_tokens // window) if calib_tokens > 0 else 0
+    n_windows = len(ids) // window
+    if n_eval + n_calib > n_windows:
+        need = (n_eval + n_calib) * window
+        raise UserError(
+            f"{source} has {len(ids)} tokens but --eval-tokens {eval_tokens} + --calib-tokens "
+            f"{calib_tokens} in windows of {window} need {need}; give a longer --text or ask "
+            "for fewer tokens"
+        )
+    all_w = ids[: n_windows * window].reshape(n_windows, window)
+    eval_idx = np.linspace(0, n_windows - 1, n_eval).round().astype(int)
+    rest = np.setdiff1d(np.arange(n_windows), eval_idx)
+    calib_idx = rest[np.linspace(0, len(rest) - 1, n_calib).round().astype(int)] if n_calib else []
+    return all_w[np.asarray(calib_idx, dtype=int)], all_w[eval_idx]
+
+
+def load_windows(
+    tokenizer, files: list[str] | None, window: int, calib_tokens: int, eval_tokens: int  # noqa: ANN001
+) -> TextWindows:
+    text, desc = read_text(files)
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    calib, evalw = make_windows(ids, window, calib_tokens, eval_tokens, source=f"--text {desc}")
+    return TextWindows(calib, evalw, len(ids), hashlib.sha256(text.encode()).hexdigest())

@@ -1,0 +1,24 @@
+"""How candidates are proposed: the Optuna driver (local, SQLite) and its samplers.
+
+Backends are chosen by name through a lazy-import map (`BACKENDS`), so optional engines
+(Ray, PostgreSQL drivers) are imported only when that backend is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from llmpareto.errors import UserError
+
+BACKENDS = {"local": "llmpareto.search.local:run_local"}
+
+
+def get_backend(name: str) -> Callable:
+    if name not in BACKENDS:
+        raise UserError(f"--backend {name!r}; available: {', '.join(BACKENDS)}")
+    module, func = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+__all__ = ["BACKENDS", "get_backend"]

@@ -1,0 +1,51 @@
+"""From an Optuna study to the run directory's files: trials.csv, front.csv/json, front.png.
+
+Shared by every backend, so a local run and a distributed one write the same columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+
+from llmpareto.evaluators.base import METRICS
+from llmpareto.front import Front
+from llmpareto.rundir import RunDir
+
+BASELINE_ATTR = "baseline"  # user attr holding the label of an enqueued uniform recipe
+
+
+def trials_frame(study: optuna.Study, rd: RunDir) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        ua = t.user_attrs
+        row = {
+            "trial": t.number,
+            "state": t.state.name,
+            "feasible": bool(ua.get("feasible", False)),
+            "baseline": ua.get(BASELINE_ATTR, ""),
+        }
+        for m in METRICS:
+            v = ua.get(m)
+            row[m] = float(v) if v is not None and math.isfinite(float(v)) else float("nan")
+        row["duration_s"] = t.duration.total_seconds() if t.duration else float("nan")
+        row["recipe"] = str(rd.recipe_path(t.number).relative_to(rd.path)) \
+            if rd.recipe_path(t.number).exists() else ""
+        row.update({f"param:{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    cols = ["trial", "state", "feasible", "baseline", *METRICS, "duration_s", "recipe"]
+    return pd.DataFrame(rows, columns=cols if not rows else None)
+
+
+def write_outputs(study: optuna.Study, rd: RunDir, objectives: list[str]) -> Front:
+    """Rewrite trials.csv and the front files from the study (the source of truth)."""
+    trials = trials_frame(study, rd)
+    trials.to_csv(rd.trials_csv, index=False)
+    front = Front.from_trials(trials, objectives, rd.path)
+    front.to_csv(rd.front_csv)
+    rd.write_json(rd.front_json, {"objectives": objectives, "points": front.to_records()})
+    if len(trials):
+        front.plot(rd.front_png, title=f"{rd.path.name}: Pareto front (squares: uniform baselines)")
+    return front

@@ -1,0 +1,121 @@
+"""TrialRunner: everything a worker holds once (model, windows, cache, evaluators) and the
+one-trial data flow: cost first, then, only if feasible, apply the recipe and score quality.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from llmpareto.arch import Arch
+from llmpareto.compress import VariantCache, apply
+from llmpareto.errors import UserError
+from llmpareto.evaluators import Candidate, KLEvaluator, MemoryEvaluator, PerplexityEvaluator
+from llmpareto.models import load_model, resolve_model
+from llmpareto.recipe import Recipe
+from llmpareto.settings import SearchSettings
+from llmpareto.spaces import build_space
+from llmpareto.text import load_windows
+
+
+@dataclass
+class TrialResult:
+    metrics: dict[str, float]
+    constraints: dict[str, float]  # <= 0 is feasible (Optuna's convention)
+    formats: dict[str, str | None]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return all(v <= 0 for v in self.constraints.values())
+
+
+class TrialRunner:
+    def __init__(self, settings: SearchSettings) -> None:
+        self.settings = settings
+        self.source = resolve_model(settings.model, settings.allow_pickle)
+        self.model, self.tokenizer = load_model(self.source)
+        self.arch = Arch.from_model(self.model)
+        self.windows = load_windows(self.tokenizer, settings.text, settings.window,
+                                    settings.calib_tokens, settings.eval_tokens)
+        self.space = build_space(settings.space, self.arch, formats=settings.formats,
+                                 granularity=settings.granularity)
+        self.cache = VariantCache(self.model, self.arch)
+        self.cost = [MemoryEvaluator(self.arch, settings.context)]
+        self.quality = []
+        wanted = set(settings.objectives)
+        if "perplexity" in wanted or "kl_nats" not in wanted:
+            self.quality.append(PerplexityEvaluator(self.windows.eval, settings.batch_size))
+        if "kl_nats" in wanted:
+            if len(self.windows.calib) == 0:
+                raise UserError("the kl objective needs calibration text: set --calib-tokens > 0")
+            kl = KLEvaluator(self.windows.calib, settings.batch_size)
+            kl.set_base(self.model)  # the model still holds its base weights here
+            self.quality.append(kl)
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Refuse a budget no candidate in the space can meet, naming the smallest possible."""
+        limit = self.settings.max_memory
+        if limit is None:
+            return
+        candidates = [p for _, p in self.space.baselines()] + [self.smallest_params()]
+        best = min(self.cost_only(self.space.recipe_from_params(p)).metrics["memory_bytes"]
+                   for p in candidates)
+        if best > limit:
+            from llmpareto.units import format_bytes
+
+            raise UserError(
+                f"--max-memory {format_bytes(limit)} is below the smallest candidate this space "
+                f"can build ({format_bytes(best)} = {int(best)} bytes, weights plus the KV cache "
+                f"at --context {self.settings.context}); raise --max-memory, lower --context, "
+                "or add smaller --formats"
+            )
+
+    def smallest_params(self) -> dict[str, str]:
+        from llmpareto.formats import get_format
+
+        return {k: min(c, key=lambda f: get_format(f).bits_per_weight)
+                for k, c in self.space.choices.items()}
+
+    def prepare_pairs(self) -> list[tuple[str, str]]:
+        """Every (tensor, effective format) the space can ask for."""
+        from llmpareto.formats import effective_format
+
+        pairs = []
+        for key, tensors in self.space.groups.items():
+            for t in tensors:
+                for fmt in self.space.choices[key]:
+                    pairs.append((t.fqn, effective_format(fmt, t.cols)))
+        return list(dict.fromkeys(pairs))
+
+    def cost_only(self, recipe: Recipe) -> TrialResult:
+        formats = self.arch.formats_for(recipe)
+        cand = Candidate(recipe, formats)
+        metrics: dict[str, float] = {}
+        for ev in self.cost:
+            metrics.update(ev.evaluate(cand))
+        constraints = {}
+        if self.settings.max_memory is not None:
+            # Relative violation, so several budgets add up on one scale in NSGA-II.
+            constraints["memory_bytes"] = metrics["memory_bytes"] / self.settings.max_memory - 1
+        return TrialResult(metrics, constraints, formats)
+
+    def run(self, recipe: Recipe) -> TrialResult:
+        t0 = time.perf_counter()
+        result = self.cost_only(recipe)
+        if not result.feasible:
+            for ev in self.quality:
+                result.metrics.update({m: math.inf for m in ev.metrics})
+            result.seconds = {"cost_s": time.perf_counter() - t0}
+            return result
+        t1 = time.perf_counter()
+        apply(self.model, recipe, self.cache)
+        t2 = time.perf_counter()
+        cand = Candidate(recipe, result.formats, self.model)
+        for ev in self.quality:
+            result.metrics.update(ev.evaluate(cand))
+        t3 = time.perf_counter()
+        result.seconds = {"cost_s": t1 - t0, "apply_s": t2 - t1, "quality_s": t3 - t2}
+        return result

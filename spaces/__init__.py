@@ -1,0 +1,9 @@
+"""What may vary in a search. A Space turns an Optuna trial into a Recipe.
+
+Spaces are registered by name (`SPACES`); `--space formats,sparsity` joins several.
+"""
+
+from llmpareto.spaces.base import SPACES, Space, build_space
+from llmpareto.spaces.formats import FormatSpace
+
+__all__ = ["SPACES", "Space", "build_space", "FormatSpace"]
