@@ -21,12 +21,9 @@ __version__ = "0.1.0"
 from llmpareto.errors import UserError  # noqa: E402
 from llmpareto.recipe import Recipe  # noqa: E402
 
-
-def search(**kwargs):  # noqa: ANN201 - thin re-export, see llmpareto.api.search
-    """Run a search; keyword arguments mirror `llmpareto search` flags. Returns a Front."""
-    from llmpareto.api import search as _search
-
-    return _search(**kwargs)
+# `llmpareto.search` is both the subpackage (search/) and the verb: the module is callable,
+# `llmpareto.search(max_memory="120MB")` runs llmpareto.api.search.
+from llmpareto import search  # noqa: E402
 
 
 def load_front(run_dir):  # noqa: ANN001, ANN201

@@ -7,7 +7,9 @@ Backends are chosen by name through a lazy-import map (`BACKENDS`), so optional 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import sys
+import types
+from typing import Any, Callable
 
 from llmpareto.errors import UserError
 
@@ -20,5 +22,16 @@ def get_backend(name: str) -> Callable:
     module, func = BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), func)
 
+
+class _CallableModule(types.ModuleType):
+    """Lets `llmpareto.search(...)` run a search while `llmpareto.search` stays a package."""
+
+    def __call__(self, backend: str = "local", **kwargs: Any):  # noqa: ANN204
+        from llmpareto.api import search
+
+        return search(backend=backend, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["BACKENDS", "get_backend"]

@@ -1,0 +1,81 @@
+"""Weight formats: bit-identical to the gguf package, exact bits per weight, fallbacks, RTN."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, quants
+
+from llmpareto.formats import FORMATS, GGUF_FORMATS, effective_format, get_format
+from llmpareto.errors import UserError
+
+EXPECTED_BPW = {"f16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5,
+                "tq2_0": 2.0625}
+GGUF_NAMES = {"f16": "F16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1",
+              "q4_0": "Q4_0", "tq2_0": "TQ2_0"}
+
+
+def _weights(rows=48, cols=512, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    w[0, :7] = [0.0, -0.0, 1e-8, -3.0, 3.0, 65000.0, -1e-3]  # edge values
+    return w
+
+
+def test_every_gguf_format_is_registered():
+    assert set(GGUF_FORMATS) == set(EXPECTED_BPW)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BPW))
+def test_gguf_format_bit_identical_to_gguf_package(name):
+    fmt = get_format(name)
+    w = _weights()
+    qtype = GGMLQuantizationType[GGUF_NAMES[name]]
+    ref_packed = quants.quantize(w, qtype)
+    packed = fmt.quantize(w)
+    assert packed.dtype == ref_packed.dtype and np.array_equal(packed.view(np.uint8),
+                                                               ref_packed.view(np.uint8))
+    ours = fmt.dequantize(packed, w.shape)
+    ref = quants.dequantize(ref_packed, qtype).reshape(w.shape)
+    assert ours.dtype == np.float32
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))  # bits, not just values
+    assert fmt.gguf_type == int(qtype)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BPW))
+def test_exact_bits_per_weight_match_stored_bytes(name):
+    fmt = get_format(name)
+    w = _weights()
+    assert fmt.bits_per_weight == EXPECTED_BPW[name]
+    assert fmt.nbytes(*w.shape) == fmt.quantize(w).nbytes
+    assert fmt.nbytes(*w.shape) * 8 == EXPECTED_BPW[name] * w.size
+
+
+def test_fallbacks_follow_llama_cpp():
+    assert effective_format("tq2_0", 576) == "q4_0"  # 576 is not a multiple of 256
+    assert effective_format("tq2_0", 1536) == "tq2_0"
+    assert effective_format("q4_0", 48) == "f16"
+    assert effective_format("int4_g128", 192) == "int4_g64"
+    assert effective_format("int4_g128", 96) == "f16"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [64, 128])
+def test_rtn_round_trip_error_and_size(bits, group):
+    fmt = get_format(f"int{bits}_g{group}")
+    w = _weights(cols=256)
+    w[0, :7] = 0.0  # keep the group range normal for the error bound below
+    deq = fmt.dequantize(fmt.quantize(w), w.shape)
+    g = w.reshape(w.shape[0], -1, group)
+    step = (g.max(2) - g.min(2)) / ((1 << bits) - 1)
+    err = np.abs(deq - w).reshape(g.shape).max(2)
+    # half a step, plus what storing scale and minimum in f16 costs
+    assert np.all(err <= 0.5 * step + 2e-3 * np.abs(g).max(2) + 1e-6)
+    assert fmt.bits_per_weight == bits + 32 / group
+    if bits < 8:
+        more = get_format(f"int{bits + 1 if bits < 4 else 8}_g{group}")
+        assert np.abs(more.dequantize(more.quantize(w), w.shape) - w).mean() < np.abs(deq - w).mean()
+
+
+def test_unknown_format_is_a_user_error():
+    with pytest.raises(UserError, match="known formats"):
+        get_format("q3_k")
+    assert len(FORMATS) == 7 + 8

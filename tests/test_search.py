@@ -1,0 +1,70 @@
+"""End to end on the tiny model: run directory, baselines, budgets, front, reproducibility."""
+
+import json
+
+import numpy as np
+import pandas as pd
+
+import llmpareto
+from llmpareto.pareto import non_dominated
+from llmpareto.recipe import Recipe
+
+
+def test_search_writes_the_run_directory_and_a_true_front(tiny_settings, tmp_path):
+    front = llmpareto.search(**tiny_settings)
+    run = tmp_path / "runs" / "t"
+    for name in ("study.db", "run.json", "trials.csv", "front.csv", "front.json", "front.png"):
+        assert (run / name).is_file(), name
+    trials = pd.read_csv(run / "trials.csv")
+    assert (trials["state"] == "COMPLETE").sum() == 10
+    # every uniform baseline ran first, in order
+    labels = trials["baseline"].fillna("").tolist()
+    assert labels[:7] == [f"uniform {f}" for f in ("f16", "q8_0", "q5_1", "q5_0", "q4_1",
+                                                   "q4_0", "tq2_0")]
+    # the front is exactly the non-dominated subset of the feasible trials
+    obj = ["perplexity", "memory_bytes"]
+    expected = set(trials["trial"][non_dominated(trials[obj].to_numpy(float))])
+    assert set(front.df["trial"]) == expected
+    # each trial's recipe is on disk and reproduces its memory
+    info = json.loads((run / "run.json").read_text())
+    assert info["settings"]["trials"] == 10 and info["versions"]["optuna"]
+    assert "energy_kwh" in info["search_energy"] or "error" in info["search_energy"]
+    r = Recipe.load(run / "recipes" / "0.json")
+    assert {c["format"] for c in r.modules.values()} == {"f16"}
+    mem = trials.set_index("baseline")["memory_bytes"]
+    assert mem["uniform f16"] > mem["uniform q8_0"] > mem["uniform q4_0"] > mem["uniform tq2_0"]
+    assert list(pd.read_csv(run / "front.csv").columns)[:4] == ["trial", "state", "feasible",
+                                                               "baseline"]
+
+
+def test_over_budget_candidates_never_run_a_forward_pass(tiny_settings, monkeypatch):
+    from llmpareto.evaluators import quality
+
+    calls = []
+    real = quality.window_nll
+    monkeypatch.setattr(quality, "window_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # tiny model at context 512: uniform f16 ~0.5 MB, q8_0 ~0.33 MB, q4_0 ~0.24 MB
+    front = llmpareto.search(**{**tiny_settings, "max_memory": "0.3MB", "trials": 12})
+    trials = front.trials
+    over = trials[~trials["feasible"]]
+    assert {"uniform f16", "uniform q8_0"} <= set(over["baseline"])
+    assert over["perplexity"].isna().all() and (over["memory_bytes"] > 0.3e6).all()
+    assert len(calls) == int(trials["feasible"].sum())
+    assert (front.df["memory_bytes"] <= 0.3e6).all() and len(front) >= 1
+
+
+def test_same_seed_same_trials(tiny_settings, tmp_path):
+    a = llmpareto.search(**{**tiny_settings, "study": "a", "baselines": False, "trials": 6})
+    b = llmpareto.search(**{**tiny_settings, "study": "b", "baselines": False, "trials": 6})
+    cols = [c for c in a.trials.columns if c.startswith("param:")] + ["perplexity"]
+    pd.testing.assert_frame_equal(a.trials[cols], b.trials[cols])
+
+
+def test_kl_objective_and_module_granularity(tiny_settings):
+    front = llmpareto.search(**{**tiny_settings, "objectives": "kl,memory_bytes",
+                                "granularity": "module", "trials": 9})
+    t = front.trials.set_index("baseline")
+    assert t.loc["uniform f16", "kl_nats"] < t.loc["uniform q4_0", "kl_nats"]
+    assert t.loc["uniform f16", "kl_nats"] >= 0 and np.isnan(t["perplexity"]).all()
+    params = [c for c in front.trials.columns if c.startswith("param:")]
+    assert len(params) == 2 * 7 + 1  # 7 projections x 2 layers + the (tied) embedding
