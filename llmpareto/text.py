@@ -78,10 +78,11 @@ def make_windows(
     return all_w[np.asarray(calib_idx, dtype=int)], all_w[eval_idx]
 
 
-def load_windows(
-    tokenizer, files: list[str] | None, window: int, calib_tokens: int, eval_tokens: int  # noqa: ANN001
+def tokenize_windows(
+    tokenizer, text: tuple[str, str], window: int, calib_tokens: int, eval_tokens: int  # noqa: ANN001
 ) -> TextWindows:
-    text, desc = read_text(files)
+    """Tokenize `text` (as read_text returns it) once and cut its windows."""
+    text, desc = text
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     calib, evalw = make_windows(ids, window, calib_tokens, eval_tokens, source=f"--text {desc}")
     return TextWindows(calib, evalw, len(ids), hashlib.sha256(text.encode()).hexdigest())

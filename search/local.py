@@ -34,7 +34,7 @@ def _emissions(country: str):  # noqa: ANN202 - yields a dict filled on exit
         from codecarbon import OfflineEmissionsTracker
 
         logging.getLogger("codecarbon").setLevel(logging.ERROR)
-        tracker = OfflineEmissionsTracker(country_iso_code=country, save_to_file=False,
+        tracker = OfflineEmissionsTracker(country_iso_code=country, output_methods=[],
                                           log_level="error", tracking_mode="process")
         tracker.start()
     except Exception as exc:  # noqa: BLE001 - measuring must never stop a search

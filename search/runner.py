@@ -16,7 +16,7 @@ from llmpareto.models import load_model, resolve_model
 from llmpareto.recipe import Recipe
 from llmpareto.settings import SearchSettings
 from llmpareto.spaces import build_space
-from llmpareto.text import load_windows
+from llmpareto.text import read_text, tokenize_windows
 
 
 @dataclass
@@ -34,11 +34,12 @@ class TrialResult:
 class TrialRunner:
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
+        text = read_text(settings.text)  # bad --text fails before the slow model load
         self.source = resolve_model(settings.model, settings.allow_pickle)
         self.model, self.tokenizer = load_model(self.source)
         self.arch = Arch.from_model(self.model)
-        self.windows = load_windows(self.tokenizer, settings.text, settings.window,
-                                    settings.calib_tokens, settings.eval_tokens)
+        self.windows = tokenize_windows(self.tokenizer, text, settings.window,
+                                        settings.calib_tokens, settings.eval_tokens)
         self.space = build_space(settings.space, self.arch, formats=settings.formats,
                                  granularity=settings.granularity)
         self.cache = VariantCache(self.model, self.arch)

@@ -1,0 +1,66 @@
+"""Resume: a search killed mid-run keeps every completed trial and repeats none."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+import llmpareto
+
+
+def _complete(db, study):
+    try:
+        s = optuna.load_study(study_name=study, storage=f"sqlite:///{db}")
+    except Exception:  # noqa: BLE001 - not created yet
+        return []
+    return s.get_trials(states=(TrialState.COMPLETE,))
+
+
+def test_killed_search_resumes_without_loss_or_duplicates(tiny_settings, tmp_path):
+    s = {**tiny_settings, "study": "k", "trials": 16, "eval_tokens": 1024}
+    argv = [sys.executable, "-m", "llmpareto.cli", "search", "--no-progress"]
+    for k, v in s.items():
+        if k != "progress":
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    db = tmp_path / "runs" / "k" / "study.db"
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while len(_complete(db, "k")) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.values, t.params) for t in _complete(db, "k")}
+    assert 5 <= len(before) < 16, "the kill should land mid-run"
+
+    front = llmpareto.search(**{**s, "resume": True})
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{db}")
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 16
+    after = {t.number: (t.values, t.params) for t in done}
+    assert all(after[n] == v for n, v in before.items())  # nothing lost or rewritten
+    labels = [t.user_attrs.get("baseline") for t in done if t.user_attrs.get("baseline")]
+    assert sorted(labels) == sorted(set(labels)) and len(labels) == 7  # each baseline once
+    trials = pd.read_csv(tmp_path / "runs" / "k" / "trials.csv")
+    assert trials["trial"].is_unique and len(trials) == len(study.trials)
+    assert set(front.df["trial"]) <= set(after)
+
+
+def test_trial_cut_off_while_running_is_failed_and_baseline_requeued(tiny_settings, tmp_path):
+    s = {**tiny_settings, "study": "cut", "trials": 3}
+    llmpareto.search(**s)  # baselines f16, q8_0, q5_1 done; 4 more still enqueued
+    db = tmp_path / "runs" / "cut" / "study.db"
+    study = optuna.load_study(study_name="cut", storage=f"sqlite:///{db}")
+    cut = study.ask()  # takes the next enqueued baseline, as a killed run would leave it
+    label = cut.user_attrs["baseline"]
+    llmpareto.search(**{**s, "trials": 7, "resume": True})
+    study = optuna.load_study(study_name="cut", storage=f"sqlite:///{db}")
+    assert study.trials[cut.number].state == TrialState.FAIL
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 7
+    labels = [t.user_attrs.get("baseline") for t in done]
+    assert labels.count(label) == 1 and len(set(labels)) == 7  # every baseline exactly once
