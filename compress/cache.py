@@ -1,39 +1,49 @@
 """Prepared-variant cache: each (tensor, format) is quantized once per run (EvoPress-style).
 
-Variants are held as their packed codes (the exact bytes a GGUF file stores), never as one
-float32 copy per format, so memory is about params x sum(bits per weight)/8 over the formats
-used. A trial dequantizes only the tensors whose format changed since the last trial.
+Two levels, both bounded: every variant is held as its packed codes (the exact bytes a GGUF
+file stores), about params x sum(bits per weight)/8 over the formats used; the most recently
+used variants are also kept dequantized (float32) up to `dense_bytes`, so a trial that reuses
+one swaps a tensor pointer instead of dequantizing again.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Iterable
 
 import numpy as np
 import torch
 
 from llmpareto.arch import Arch
+from llmpareto.compress.dequant import dequantize_torch
 from llmpareto.formats import get_format
+
+DEFAULT_DENSE_BYTES = 4 * 10**9  # all 7 GGUF variants of a 135M model fit
 
 
 class VariantCache:
     """Base weights of one model plus its prepared (tensor, format) variants."""
 
-    def __init__(self, model: torch.nn.Module, arch: Arch) -> None:
+    def __init__(self, model: torch.nn.Module, arch: Arch,
+                 dense_bytes: int = DEFAULT_DENSE_BYTES) -> None:
         self.model = model
         self.arch = arch
         self.shapes = {t.fqn: (t.rows, t.cols) for t in arch.tensors}
-        # The base weights are kept as float32 numpy views; the model's own tensors get
-        # overwritten by trials, so they are cloned once here.
-        self.base: dict[str, np.ndarray] = {
-            fqn: self.weight(fqn).detach().clone().numpy() for fqn in self.shapes
+        # Trials re-point the model's parameters at variants, so the base weights are kept
+        # here (the tensors the model was loaded with, not copies).
+        self.base: dict[str, torch.Tensor] = {
+            fqn: self.weight(fqn).detach() for fqn in self.shapes
         }
         self.packed: dict[tuple[str, str], np.ndarray] = {}
+        self.dense: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self.dense_bytes = int(dense_bytes)
+        self._dense_used = 0
         self.current: dict[str, str | None] = {fqn: None for fqn in self.shapes}
         self.prepare_seconds = 0.0
+        self.hits = self.misses = 0
 
-    def weight(self, fqn: str) -> torch.Tensor:
+    def weight(self, fqn: str) -> torch.nn.Parameter:
         return self.model.get_submodule(fqn).weight
 
     def get(self, fqn: str, fmt: str) -> np.ndarray:
@@ -41,7 +51,7 @@ class VariantCache:
         key = (fqn, fmt)
         if key not in self.packed:
             t0 = time.perf_counter()
-            self.packed[key] = get_format(fmt).quantize(self.base[fqn])
+            self.packed[key] = get_format(fmt).quantize(self.base[fqn].numpy())
             self.prepare_seconds += time.perf_counter() - t0
         return self.packed[key]
 
@@ -51,12 +61,34 @@ class VariantCache:
             if progress is not None:
                 progress.update(1)
 
-    def dequantized(self, fqn: str, fmt: str | None) -> np.ndarray:
+    def dequantized(self, fqn: str, fmt: str | None) -> torch.Tensor:
+        """float32 weights of `fqn` in format `fmt` (None: the base weights). Do not modify."""
         if fmt is None:
             return self.base[fqn]
-        return get_format(fmt).dequantize(self.get(fqn, fmt), self.shapes[fqn])
+        key = (fqn, fmt)
+        if key in self.dense:
+            self.hits += 1
+            self.dense.move_to_end(key)
+            return self.dense[key]
+        self.misses += 1
+        packed, shape = self.get(fqn, fmt), self.shapes[fqn]
+        out = dequantize_torch(fmt, packed, shape)
+        if out is None:  # formats without a torch path use the reference numpy one
+            out = torch.from_numpy(get_format(fmt).dequantize(packed, shape))
+        self._remember(key, out)
+        return out
+
+    def _remember(self, key: tuple[str, str], t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if size > self.dense_bytes:
+            return
+        while self._dense_used + size > self.dense_bytes:
+            _, old = self.dense.popitem(last=False)
+            self._dense_used -= old.numel() * old.element_size()
+        self.dense[key] = t
+        self._dense_used += size
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by prepared variants (base weights not counted)."""
+        """Bytes held by packed variants (base weights and the dense LRU not counted)."""
         return int(sum(a.nbytes for a in self.packed.values()))

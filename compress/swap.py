@@ -12,8 +12,10 @@ from llmpareto.recipe import Recipe
 def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[str, str | None]:
     """Set every searched tensor of `model` to its recipe format, in place.
 
-    Only tensors whose effective format differs from what the model holds now are touched.
-    Returns fqn -> effective format (None: base weights).
+    Only tensors whose effective format differs from what the model holds now are touched,
+    and they are re-pointed at the cached variant rather than copied (a tied embedding and
+    output head share one Parameter, so both follow). Returns fqn -> effective format
+    (None: base weights).
     """
     if cache.model is not model:
         raise ValueError("this VariantCache was prepared for another model")
@@ -21,6 +23,6 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
     for fqn, fmt in formats.items():
         if cache.current[fqn] == fmt:
             continue
-        cache.weight(fqn).copy_(torch.from_numpy(cache.dequantized(fqn, fmt)))
+        cache.weight(fqn).data = cache.dequantized(fqn, fmt)
         cache.current[fqn] = fmt
     return formats

@@ -24,7 +24,8 @@ _HELP = {
     "trials": "completed trials wanted (baselines included)",
     "study": "study name: the run goes to RUNS_DIR/STUDY", "runs_dir": "where runs are written",
     "resume": "continue an interrupted or finished study", "seed": "random seed",
-    "batch_size": "windows per forward pass", "baselines": "enqueue uniform recipes first",
+    "batch_size": "windows per forward pass",
+    "dequant_cache": "memory for dequantized variants kept between trials (LRU), e.g. 4GB", "baselines": "enqueue uniform recipes first",
     "country": "ISO country code for the CO2 estimate", "progress": "show a progress bar",
 }
 

@@ -15,7 +15,8 @@ from llmpareto.errors import UserError
 
 SETTINGS_VERSION = 1
 # Options that may differ between a run and its --resume (they do not change what is searched).
-RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version"}
+RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "dequant_cache",
+             "batch_size"}
 _STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -41,6 +42,7 @@ class SearchSettings:
     resume: bool = False
     seed: int = 0
     batch_size: int = 4  # windows per forward pass
+    dequant_cache: int = 4 * 10**9  # bytes of dequantized variants kept (LRU) between trials
     baselines: bool = True  # enqueue uniform recipes first
     country: str = "USA"  # ISO code for codecarbon's offline CO2 intensity
     progress: bool = True
@@ -60,6 +62,7 @@ class SearchSettings:
                             "perplexity,memory_bytes")
         if self.max_memory is not None:
             self.max_memory = parse_bytes(self.max_memory, "--max-memory")
+        self.dequant_cache = parse_bytes(self.dequant_cache, "--dequant-cache")
         for name in ("window", "eval_tokens", "context", "trials", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")

@@ -53,6 +53,12 @@ def _emissions(country: str):  # noqa: ANN202 - yields a dict filled on exit
                 out["error"] = f"codecarbon failed: {exc}"
 
 
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def _recover_interrupted(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a killed process FAIL; re-enqueue fixed (baseline) ones."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -123,9 +129,10 @@ def run_local(settings: SearchSettings) -> Front:
                    if t.user_attrs.get("feasible"))
     status = "finished"
     with _emissions(settings.country) as energy:
-        t0 = time.perf_counter()
+        t0, rss0 = time.perf_counter(), _peak_rss_bytes()
         runner.cache.prepare(runner.prepare_pairs())
-        info["cache"] = {"prepare_s": time.perf_counter() - t0, "bytes": runner.cache.nbytes}
+        info["cache"] = {"prepare_s": time.perf_counter() - t0, "bytes": runner.cache.nbytes,
+                         "peak_rss_before_bytes": rss0, "peak_rss_after_bytes": _peak_rss_bytes()}
         bar = _progress(settings, n_done())
         try:
             while n_done() < settings.trials:

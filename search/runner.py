@@ -42,7 +42,7 @@ class TrialRunner:
                                         settings.calib_tokens, settings.eval_tokens)
         self.space = build_space(settings.space, self.arch, formats=settings.formats,
                                  granularity=settings.granularity)
-        self.cache = VariantCache(self.model, self.arch)
+        self.cache = VariantCache(self.model, self.arch, settings.dequant_cache)
         self.cost = [MemoryEvaluator(self.arch, settings.context)]
         self.quality = []
         wanted = set(settings.objectives)

@@ -79,3 +79,15 @@ def test_unknown_format_is_a_user_error():
     with pytest.raises(UserError, match="known formats"):
         get_format("q3_k")
     assert len(FORMATS) == 7 + 8
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_BPW))
+def test_torch_dequantizer_bit_identical_to_gguf(name):
+    from llmpareto.compress.dequant import dequantize_torch
+
+    w = _weights(rows=64, cols=768, seed=3)
+    qtype = GGMLQuantizationType[GGUF_NAMES[name]]
+    packed = quants.quantize(w, qtype)
+    ref = quants.dequantize(packed, qtype).reshape(w.shape)
+    ours = dequantize_torch(name, packed, w.shape).numpy()
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
