@@ -56,8 +56,13 @@ class VariantCache:
         return self.packed[key]
 
     def prepare(self, pairs: Iterable[tuple[str, str]], progress=None) -> None:  # noqa: ANN001
+        """Quantize every pair now; also fill the dense level while it has room, so the
+        first trials swap pointers instead of dequantizing on the hot path."""
         for fqn, fmt in pairs:
             self.get(fqn, fmt)
+            size = 4 * self.shapes[fqn][0] * self.shapes[fqn][1]
+            if (fqn, fmt) not in self.dense and self._dense_used + size <= self.dense_bytes:
+                self.dequantized(fqn, fmt)
             if progress is not None:
                 progress.update(1)
 

@@ -144,6 +144,7 @@ def run_local(settings: SearchSettings) -> Front:
             status = "interrupted"
         finally:
             bar.close()
+    info["cache"].update(dense_hits=runner.cache.hits, dense_misses=runner.cache.misses)
     info.update(status=status, search_energy=energy, recovered_trials=recovered,
                 completed_trials=n_done())
     rd.write_json(rd.run_json, info)
