@@ -1,43 +1,191 @@
-"""Analytic cost evaluators: no model weights needed, microseconds per call."""
+"""Analytic cost evaluators (memory, latency, energy): no model weights, microseconds a call.
+
+Roofline per op and phase: t = max(flops / (peak[dtype] * eta_compute),
+bytes / (bandwidth * eta_mem)); every constant comes from the DeviceProfile. A weight format
+the device has no kernel for is costed as dequantized to f16 (2 bytes a weight, f16 math).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from llmpareto.arch import Arch
+from llmpareto.arch import Arch, Tensor2D
+from llmpareto.budget import Workload
+from llmpareto.device_profiles.schema import DeviceProfile
 from llmpareto.evaluators.base import Candidate
 from llmpareto.formats import get_format
 
 KV_BYTES_PER_VALUE = 2  # f16 KV cache, as llama.cpp and transformers keep it by default
+ACT_BYTES = 4  # f32 activations between ops (llama.cpp and torch on CPU)
+
+
+def weight_bytes(t: Tensor2D, fmt: str | None, arch: Arch) -> int:
+    """Stored bytes of one tensor: its format's exact size, or the source dtype's."""
+    if fmt is None:
+        return int(t.numel * arch.source_bytes_per_weight)
+    return get_format(fmt).nbytes(t.rows, t.cols)
 
 
 def weights_bytes(arch: Arch, formats: dict[str, str | None]) -> int:
-    """Exact stored bytes of all weights: searched tensors at their formats, the rest f32."""
-    total = 0
-    for t in arch.tensors:
-        fmt = formats.get(t.fqn)
-        if fmt is None:
-            total += int(t.numel * arch.source_bytes_per_weight)
-        else:
-            total += get_format(fmt).nbytes(t.rows, t.cols)
-    return total + 4 * arch.other_params  # norms stay f32 (GGUF keeps them F32 too)
+    """All weights: searched tensors at their formats, norms and biases in f32."""
+    return sum(weight_bytes(t, formats.get(t.fqn), arch) for t in arch.tensors) \
+        + 4 * arch.other_params
 
 
-def kv_cache_bytes(arch: Arch, context: int, bytes_per_value: int = KV_BYTES_PER_VALUE) -> int:
+def kv_cache_bytes(arch: Arch, context: int, batch: int = 1,
+                   bytes_per_value: int = KV_BYTES_PER_VALUE) -> int:
     """K and V for every layer and KV head: 2 * layers * kv_heads * head_dim * bytes * context."""
-    return 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * bytes_per_value * context
+    return 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * bytes_per_value * context * batch
+
+
+def activation_bytes(arch: Arch, w: Workload) -> int:
+    """Largest live f32 buffers of a prefill step: the MLP (or QKV) intermediate of every prompt
+    token, the attention scores of every head over the context, and one row of logits."""
+    widest = max([3 * arch.hidden_size] + [max(t.rows, t.cols) for t in arch.linears])
+    heads = arch.n_heads or arch.n_kv_heads
+    per_seq = w.prompt_tokens * widest + heads * w.prompt_tokens * w.context + arch.vocab_size
+    return ACT_BYTES * w.batch * per_seq
+
+
+@dataclass
+class OpCost:
+    kind: str  # projection kind (self_attn.q_proj, ...), attention, lm_head, embed, norms
+    phase: str  # decode (one token) or prefill (the whole prompt)
+    bytes: float
+    flops: float
+    seconds: float
+    bound: str  # memory | compute
+
+
+def roofline(bytes_: float, flops: float, dtype: str, p: DeviceProfile) -> tuple[float, str]:
+    t_mem = bytes_ / (p.bandwidth_Bps * p.eta_mem)
+    t_cmp = flops / (p.peak(dtype) * p.eta_compute)
+    return (t_mem, "memory") if t_mem >= t_cmp else (t_cmp, "compute")
+
+
+def _kernel(fmt: str | None, arch: Arch, p: DeviceProfile) -> tuple[str | None, str]:
+    """(format the device really reads, dtype its math runs in)."""
+    if fmt is None:
+        return None, "f32" if arch.source_bytes_per_weight >= 4 else "f16"
+    if fmt in p.fast_formats:
+        return fmt, get_format(fmt).compute_dtype
+    return "f16", "f16"  # no native kernel: dequantize to f16
+
+
+def _matmul(kind: str, phase: str, t: Tensor2D, fmt: str | None, tokens: int, arch: Arch,
+            p: DeviceProfile) -> OpCost:
+    read_fmt, dtype = _kernel(fmt, arch, p)
+    b = weight_bytes(t, read_fmt, arch) + ACT_BYTES * tokens * (t.rows + t.cols)
+    f = 2.0 * t.numel * tokens
+    sec, bound = roofline(b, f, dtype, p)
+    return OpCost(kind, phase, b, f, sec, bound)
+
+
+def op_costs(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
+             w: Workload) -> list[OpCost]:
+    """Every op of one decoded token (at context w.context) and of the prefill of the prompt."""
+    ops: list[OpCost] = []
+    heads = arch.n_heads or arch.n_kv_heads
+    head = arch.lm_head or arch.embedding
+    emb_fmt = formats.get(arch.embedding.fqn)
+    emb_row = weight_bytes(arch.embedding, emb_fmt, arch) / arch.embedding.rows
+    for phase, tokens in (("decode", w.batch), ("prefill", w.batch * w.prompt_tokens)):
+        for t in arch.linears:
+            ops.append(_matmul(t.kind, phase, t, formats.get(t.fqn), tokens, arch, p))
+        # attention: decode reads the whole KV cache and writes one row; prefill writes the
+        # prompt's rows and reads them back once, with causal (half) score math
+        kv_row = arch.n_layers * 2 * arch.n_kv_heads * arch.head_dim * KV_BYTES_PER_VALUE
+        if phase == "decode":
+            b = kv_row * (w.context + 1) * w.batch
+            f = arch.n_layers * 4.0 * heads * arch.head_dim * w.context * w.batch
+        else:
+            b = 2.0 * kv_row * w.prompt_tokens * w.batch
+            f = arch.n_layers * 4.0 * heads * arch.head_dim * w.batch * \
+                w.prompt_tokens * (w.prompt_tokens + 1) / 2
+        ops.append(OpCost("attention", phase, b, f, *roofline(b, f, "f16", p)))
+        # logits for the last position only (llama.cpp's default in prefill too)
+        ops.append(_matmul("lm_head", phase, head, formats.get(head.fqn), w.batch, arch, p))
+        b = emb_row * tokens + 4.0 * arch.other_params
+        ops.append(OpCost("embed+norms", phase, b, 0.0, *roofline(b, 0.0, "f32", p)))
+    return ops
+
+
+def summarize(ops: list[OpCost], arch: Arch, p: DeviceProfile, w: Workload) -> dict[str, float]:
+    dec = [o for o in ops if o.phase == "decode"]
+    pre = [o for o in ops if o.phase == "prefill"]
+    fixed_s = p.overhead_s_per_token + p.overhead_s_per_layer * arch.n_layers
+    decode_s = sum(o.seconds for o in dec) + fixed_s
+    prefill_s = sum(o.seconds for o in pre) + fixed_s
+    pj = sum(o.bytes for o in dec) * p.energy_pj_per_byte + sum(o.flops for o in dec) * \
+        p.energy_pj_per_flop
+    energy_j = pj * 1e-12 + p.power_idle_w * decode_s  # per decode step (w.batch tokens)
+    return {
+        "latency_ms": 1e3 * decode_s,
+        "decode_tokens_per_s": w.batch / decode_s,
+        "prefill_ms": 1e3 * prefill_s,
+        "energy_mj": 1e3 * energy_j / w.batch,
+        "decode_bytes": float(sum(o.bytes for o in dec)),
+        "decode_flops": float(sum(o.flops for o in dec)),
+    }
 
 
 @dataclass
 class MemoryEvaluator:
     arch: Arch
-    context: int
+    workload: Workload = Workload()
+    profile: DeviceProfile | None = None  # when set, also says whether it fits
 
-    metrics: ClassVar[tuple[str, ...]] = ("memory_bytes", "weights_bytes", "kv_cache_bytes")
+    metrics: ClassVar[tuple[str, ...]] = ("memory_bytes", "weights_bytes", "kv_cache_bytes",
+                                          "activation_bytes")
     needs_model: ClassVar[bool] = False
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         w = weights_bytes(self.arch, candidate.formats)
-        kv = kv_cache_bytes(self.arch, self.context)
-        return {"memory_bytes": float(w + kv), "weights_bytes": float(w), "kv_cache_bytes": float(kv)}
+        kv = kv_cache_bytes(self.arch, self.workload.context, self.workload.batch)
+        act = activation_bytes(self.arch, self.workload)
+        out = {"memory_bytes": float(w + kv + act), "weights_bytes": float(w),
+               "kv_cache_bytes": float(kv), "activation_bytes": float(act)}
+        if self.profile is not None:
+            out["fits_memory"] = float(w + kv + act <= self.profile.memory_bytes)
+        return out
+
+
+@dataclass
+class LatencyEnergyEvaluator:
+    arch: Arch
+    profile: DeviceProfile
+    workload: Workload = Workload()
+
+    metrics: ClassVar[tuple[str, ...]] = ("latency_ms", "decode_tokens_per_s", "prefill_ms",
+                                          "energy_mj")
+    needs_model: ClassVar[bool] = False
+
+    def evaluate(self, candidate: Candidate) -> dict[str, float]:
+        ops = op_costs(self.arch, candidate.formats, self.profile, self.workload)
+        s = summarize(ops, self.arch, self.profile, self.workload)
+        return {k: s[k] for k in self.metrics}
+
+
+def breakdown(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
+              w: Workload) -> list[dict]:
+    """Per (phase, kind) totals for `llmpareto cost`: bytes, FLOPs, seconds, bound."""
+    rows: dict[tuple[str, str], dict] = {}
+    for o in op_costs(arch, formats, p, w):
+        r = rows.setdefault((o.phase, o.kind), {"phase": o.phase, "kind": o.kind, "bytes": 0.0,
+                                                "flops": 0.0, "time_ms": 0.0, "memory_ms": 0.0})
+        r["bytes"] += o.bytes
+        r["flops"] += o.flops
+        r["time_ms"] += 1e3 * o.seconds
+        r["memory_ms"] += 1e3 * o.seconds if o.bound == "memory" else 0.0
+    for r in rows.values():
+        r["bound"] = "memory" if r["memory_ms"] >= r["time_ms"] / 2 else "compute"
+        r["energy_mj"] = 1e3 * 1e-12 * (r["bytes"] * p.energy_pj_per_byte
+                                        + r["flops"] * p.energy_pj_per_flop)
+        del r["memory_ms"]
+    return list(rows.values())
+
+
+__all__ = ["MemoryEvaluator", "LatencyEnergyEvaluator", "OpCost", "Workload",
+           "activation_bytes", "breakdown", "kv_cache_bytes", "op_costs", "roofline",
+           "summarize", "weights_bytes"]

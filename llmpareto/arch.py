@@ -39,6 +39,7 @@ class Arch:
     head_dim: int
     hidden_size: int
     vocab_size: int
+    n_heads: int = 0  # attention heads (query); 0 in descriptions written before it existed
     source_bytes_per_weight: float = 4.0  # what an uncompressed tensor costs (f32 in torch)
     extra: dict = field(default_factory=dict)
 
@@ -106,4 +107,16 @@ class Arch:
             head_dim=int(head_dim),
             hidden_size=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
+            n_heads=n_heads,
         )
+
+    @classmethod
+    def from_config(cls, config) -> Arch:  # noqa: ANN001 - a transformers PretrainedConfig
+        """Shapes only: the model is built on the meta device, so no memory is used and a
+        70B config costs as little as a 135M one."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return cls.from_model(model)

@@ -1,0 +1,90 @@
+"""Finding and reading profiles: shipped names, a user's TOML path, or the measured host."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from llmpareto.device_profiles.schema import DeviceProfile, profile_from_dict
+from llmpareto.errors import UserError
+
+HOST = "host"
+
+
+def profile_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in profile_dir().glob("*.toml"))
+
+
+def host_cache_path() -> Path:
+    """Where `--device host` keeps its measured profile (LLMPARETO_HOST_PROFILE overrides)."""
+    env = os.environ.get("LLMPARETO_HOST_PROFILE")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "llmpareto" / "host.toml"
+
+
+def read_toml(path: Path) -> DeviceProfile:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"device profile {path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"device profile {path}: cannot be read ({exc.strerror})") from None
+    return profile_from_dict(data, str(path))
+
+
+def load_profile(spec: str | Path, measure_host: bool = True) -> DeviceProfile:
+    """A shipped name, a path to a TOML file, or 'host' (measured on first use, then cached)."""
+    spec_s = str(spec)
+    if spec_s == HOST:
+        path = host_cache_path()
+        if not path.is_file():
+            if not measure_host:
+                raise UserError(f"no measured host profile at {path}; run "
+                                "`llmpareto profile-host` first")
+            from llmpareto.evaluators.host import measure_host_profile
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(dump_toml(measure_host_profile()))
+        return read_toml(path)
+    path = Path(spec_s).expanduser()
+    if path.suffix == ".toml" or path.is_file():
+        if not path.is_file():
+            raise UserError(f"--device {spec_s}: no such file")
+        return read_toml(path)
+    shipped = profile_dir() / f"{spec_s}.toml"
+    if shipped.is_file():
+        return read_toml(shipped)
+    raise UserError(f"--device {spec_s!r}: unknown device; use one of {', '.join(list_profiles())}, "
+                    "'host' (measured here), or a path to your own .toml profile")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+    return f'"{s}"'
+
+
+def dump_toml(profile: DeviceProfile) -> str:
+    """The profile as TOML that read_toml reads back to an equal profile."""
+    d = profile.to_dict()
+    lines = [f"# Device profile {profile.name}: {profile.description}", ""]
+    for key, value in d.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for table in ("peak_flops", "sources"):
+        lines += ["", f"[{table}]"]
+        lines += [f'"{k}" = {_toml_value(v)}' for k, v in d[table].items()]
+    return "\n".join(lines) + "\n"

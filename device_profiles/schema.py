@@ -1,0 +1,152 @@
+"""DeviceProfile: what a target device can do, as data with a cited source for every number.
+
+Strict: an unknown key, a missing field, a wrong type or a value out of range is an error
+that names the file and the field. Imports nothing heavy (tomllib and dataclasses only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from llmpareto.errors import UserError
+
+SCHEMA_VERSION = 1
+DTYPES = ("f32", "f16", "bf16", "int8")
+SPARSE_PATTERNS = ("2:4",)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    runtime: str  # the runtime whose measured efficiencies the profile carries
+    memory_bytes: int  # memory usable for the model (RAM, or VRAM for a discrete GPU)
+    bandwidth_Bps: float  # peak memory bandwidth, bytes/s
+    eta_mem: float  # fraction of bandwidth a real runtime reaches in decode
+    eta_compute: float  # fraction of peak_flops a real runtime reaches in prefill matmuls
+    overhead_s_per_token: float  # fixed per-token cost (launches, sync, sampling)
+    fast_formats: tuple[str, ...]  # weight formats with native kernels on this device
+    sparse: tuple[str, ...]  # hardware sparse patterns (e.g. "2:4"); () if none
+    power_active_w: float
+    power_idle_w: float
+    energy_pj_per_byte: float  # memory traffic energy
+    energy_pj_per_flop: float  # compute energy
+    peak_flops: dict[str, float]  # dtype -> FLOP/s (OP/s for int8)
+    sources: dict[str, str]  # field (or "peak_flops.<dtype>") -> URL or "derived: ..."
+    # Per-block launch cost of runtimes that run a kernel (or a Python module) per layer;
+    # optional, 0 for runtimes that fuse a whole token into one graph.
+    overhead_s_per_layer: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+    path: str = field(default="", compare=False)  # file it was read from, for messages
+
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s for `dtype`; a missing dtype runs at the best float rate there is."""
+        if dtype in self.peak_flops:
+            return self.peak_flops[dtype]
+        for alt in ("f16", "bf16", "f32"):
+            if alt in self.peak_flops:
+                return self.peak_flops[alt]
+        return max(self.peak_flops.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        d["fast_formats"], d["sparse"] = list(self.fast_formats), list(self.sparse)
+        return d
+
+
+_NUMBERS = {  # field -> (type, lower bound, inclusive?, upper bound)
+    "memory_bytes": (int, 0, False, math.inf),
+    "bandwidth_Bps": (float, 0, False, math.inf),
+    "eta_mem": (float, 0, False, 1.0),
+    "eta_compute": (float, 0, False, 1.0),
+    "overhead_s_per_token": (float, 0, True, math.inf),
+    "power_active_w": (float, 0, False, math.inf),
+    "power_idle_w": (float, 0, True, math.inf),
+    "energy_pj_per_byte": (float, 0, False, math.inf),
+    "energy_pj_per_flop": (float, 0, False, math.inf),
+}
+_STRINGS = ("name", "description", "runtime")
+_LISTS = ("fast_formats", "sparse")
+_TABLES = ("peak_flops", "sources")
+_OPTIONAL = {"schema_version": SCHEMA_VERSION, "overhead_s_per_layer": 0.0}
+_ALL = {*_OPTIONAL, *_NUMBERS, *_STRINGS, *_LISTS, *_TABLES}
+
+
+def _err(where: str, msg: str) -> UserError:
+    return UserError(f"device profile {where}: {msg}")
+
+
+def _number(where: str, key: str, value: Any, kind: type, lo: float, incl: bool,
+            hi: float) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(where, f"field '{key}' must be a number, got {type(value).__name__} {value!r}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise _err(where, f"field '{key}' must be a whole number of bytes, got {value!r}")
+    if not math.isfinite(value) or value < lo or (value == lo and not incl) or value > hi:
+        bound = f">= {lo}" if incl else f"> {lo}"
+        bound += f" and <= {hi}" if hi != math.inf else ""
+        raise _err(where, f"field '{key}' = {value!r} is out of range (must be {bound})")
+    return kind(value)
+
+
+def profile_from_dict(data: dict[str, Any], where: str = "<dict>") -> DeviceProfile:
+    """Validate a parsed TOML table and build the profile; errors name `where` and the field."""
+    from llmpareto.formats import FORMATS
+
+    unknown = sorted(set(data) - _ALL)
+    if unknown:
+        raise _err(where, f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_ALL))}")
+    missing = sorted((_ALL - set(_OPTIONAL)) - set(data))
+    if missing:
+        raise _err(where, f"missing field(s) {', '.join(missing)}")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise _err(where, f"schema_version {version!r} is not supported (this llmpareto reads "
+                          f"{SCHEMA_VERSION})")
+    out: dict[str, Any] = {}
+    for key in _STRINGS:
+        if not isinstance(data[key], str) or not data[key].strip():
+            raise _err(where, f"field '{key}' must be a non-empty string")
+        out[key] = data[key]
+    for key, spec in _NUMBERS.items():
+        out[key] = _number(where, key, data[key], *spec)
+    out["overhead_s_per_layer"] = _number(where, "overhead_s_per_layer",
+                                          data.get("overhead_s_per_layer", 0.0), float, 0, True,
+                                          math.inf)
+    for key, allowed in (("fast_formats", FORMATS), ("sparse", SPARSE_PATTERNS)):
+        value = data[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _err(where, f"field '{key}' must be a list of strings")
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise _err(where, f"field '{key}' has unknown value(s) {bad}; allowed: "
+                              f"{', '.join(allowed)}")
+        out[key] = tuple(value)
+    peaks = data["peak_flops"]
+    if not isinstance(peaks, dict) or not peaks:
+        raise _err(where, "field 'peak_flops' must be a table of dtype = FLOP/s")
+    bad = sorted(set(peaks) - set(DTYPES))
+    if bad:
+        raise _err(where, f"field 'peak_flops' has unknown dtype(s) {bad}; allowed: {', '.join(DTYPES)}")
+    out["peak_flops"] = {k: _number(where, f"peak_flops.{k}", v, float, 0, False, math.inf)
+                         for k, v in peaks.items()}
+    sources = data["sources"]
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise _err(where, "field 'sources' must be a table of field = \"URL or derived: ...\"")
+    needed = [*_NUMBERS, *_LISTS, *(f"peak_flops.{k}" for k in peaks)]
+    if out["overhead_s_per_layer"]:
+        needed.append("overhead_s_per_layer")
+    unsourced = [k for k in needed if not sources.get(k, "").strip()]
+    if unsourced:
+        raise _err(where, f"no source for {', '.join(unsourced)}; add a URL or a 'derived: ...' "
+                          "note under [sources]")
+    out["sources"] = dict(sources)
+    if out["power_idle_w"] > out["power_active_w"]:
+        raise _err(where, "power_idle_w is above power_active_w")
+    return DeviceProfile(**out, schema_version=SCHEMA_VERSION, path=where)
+
+
+PROFILE_FIELDS = tuple(f.name for f in fields(DeviceProfile) if f.name != "path")
