@@ -1,13 +1,12 @@
-"""How a candidate is scored. Cost evaluators need only an Arch; quality ones need the model.
-
-Evaluators are looked up by the metric they produce (`EVALUATORS`), never by if-chains.
+"""How a candidate is scored. Cost evaluators need only an Arch and a DeviceProfile;
+quality ones need the model. `METRICS` names every metric, its unit and who needs a model.
 """
 
 from llmpareto.evaluators.base import Candidate, Evaluator, METRICS, metric_names
-from llmpareto.evaluators.cost import MemoryEvaluator
+from llmpareto.evaluators.cost import LatencyEnergyEvaluator, MemoryEvaluator
 from llmpareto.evaluators.quality import KLEvaluator, PerplexityEvaluator
 
 __all__ = [
     "Candidate", "Evaluator", "METRICS", "metric_names",
-    "MemoryEvaluator", "PerplexityEvaluator", "KLEvaluator",
+    "MemoryEvaluator", "LatencyEnergyEvaluator", "PerplexityEvaluator", "KLEvaluator",
 ]

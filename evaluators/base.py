@@ -40,9 +40,16 @@ METRICS: dict[str, Metric] = {
         Metric("memory_bytes", "weights + KV cache at --context, bytes", False),
         Metric("weights_bytes", "weights at their formats' exact bits per weight, bytes", False),
         Metric("kv_cache_bytes", "f16 KV cache at --context, bytes", False),
+        Metric("activation_bytes", "largest live activation buffers of a prefill step", False),
+        Metric("latency_ms", "predicted decode time per token on --device at --context", False),
+        Metric("prefill_ms", "predicted prefill time of --prompt-tokens on --device", False),
+        Metric("energy_mj", "predicted energy per decoded token on --device, millijoules", False),
     )
 }
-ALIASES = {"kl": "kl_nats", "ppl": "perplexity", "memory": "memory_bytes"}
+ALIASES = {"kl": "kl_nats", "ppl": "perplexity", "memory": "memory_bytes",
+           "latency": "latency_ms", "energy": "energy_mj"}
+# Reported, never minimized: more is better.
+EXTRA_COLUMNS = ("decode_tokens_per_s",)
 
 
 def metric_names(names: list[str] | str, flag: str = "--objectives") -> list[str]:

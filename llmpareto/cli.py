@@ -19,7 +19,11 @@ _HELP = {
     "granularity": "module | block | type (one format per projection kind)",
     "objectives": "comma-separated metrics to minimize: perplexity, kl (kl_nats), memory_bytes",
     "max_memory": "memory budget: bytes or 120MB, 0.5GB, 300MiB",
-    "context": "context tokens whose KV cache counts in memory_bytes",
+    "context": "context tokens: KV cache held in memory and read by each decoded token",
+    "device": "target device: a shipped profile (llmpareto devices), a .toml path, or host",
+    "max_latency_ms": "budget: predicted decode ms per token on --device",
+    "max_energy_mj": "budget: predicted mJ per decoded token on --device",
+    "prompt_tokens": "prompt length for prefill_ms and activation buffers",
     "sampler": "nsga2 | tpe | random", "population": "NSGA-II population size",
     "trials": "completed trials wanted (baselines included)",
     "study": "study name: the run goes to RUNS_DIR/STUDY", "runs_dir": "where runs are written",
@@ -43,7 +47,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         elif f.name == "text":
             p.add_argument(flag, nargs="+", default=None, metavar="FILE", help=_HELP[f.name])
         elif f.name in ("window", "calib_tokens", "eval_tokens", "context", "trials", "seed",
-                        "batch_size", "population"):
+                        "batch_size", "population", "prompt_tokens"):
             p.add_argument(flag, type=int, default=None if f.name == "population" else default,
                            help=_HELP.get(f.name))
         else:

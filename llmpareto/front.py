@@ -13,7 +13,8 @@ from llmpareto.pareto import non_dominated
 from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
 
-TABLE_COLUMNS = ["trial", "baseline", "perplexity", "kl_nats", "memory_bytes", "weights_bytes"]
+TABLE_COLUMNS = ["trial", "baseline", "perplexity", "kl_nats", "memory_bytes", "weights_bytes",
+                 "latency_ms", "energy_mj"]
 
 
 def front_mask(trials: pd.DataFrame, objectives: list[str]) -> np.ndarray:

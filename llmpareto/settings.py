@@ -33,7 +33,11 @@ class SearchSettings:
     granularity: str = "type"  # type: one format per projection kind; block; module
     objectives: list[str] = field(default_factory=lambda: ["perplexity", "memory_bytes"])
     max_memory: int | None = None  # bytes; candidates above never pay for a forward pass
-    context: int = 2048  # tokens of KV cache counted in memory_bytes
+    device: str = "raspberry-pi-5"  # profile name, TOML path, or "host" (measured here)
+    max_latency_ms: float | None = None  # per decoded token on --device
+    max_energy_mj: float | None = None  # per decoded token on --device
+    context: int = 2048  # tokens of KV cache: counted in memory, read by each decoded token
+    prompt_tokens: int = 128  # prefill length for prefill_ms and activation buffers
     sampler: str = "nsga2"
     population: int | None = None  # NSGA-II population; None: about trials/4, 8..50
     trials: int = 60  # completed trials wanted, baselines included
@@ -63,7 +67,18 @@ class SearchSettings:
         if self.max_memory is not None:
             self.max_memory = parse_bytes(self.max_memory, "--max-memory")
         self.dequant_cache = parse_bytes(self.dequant_cache, "--dequant-cache")
-        for name in ("window", "eval_tokens", "context", "trials", "batch_size"):
+        for name in ("max_latency_ms", "max_energy_mj"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    value = -1.0
+                if value <= 0:
+                    raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be "
+                                    "a positive number")
+                setattr(self, name, value)
+        for name in ("window", "eval_tokens", "context", "trials", "batch_size", "prompt_tokens"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.calib_tokens < 0:

@@ -10,7 +10,7 @@ import math
 import optuna
 import pandas as pd
 
-from llmpareto.evaluators.base import METRICS
+from llmpareto.evaluators.base import EXTRA_COLUMNS, METRICS
 from llmpareto.front import Front
 from llmpareto.rundir import RunDir
 
@@ -27,7 +27,7 @@ def trials_frame(study: optuna.Study, rd: RunDir) -> pd.DataFrame:
             "feasible": bool(ua.get("feasible", False)),
             "baseline": ua.get(BASELINE_ATTR, ""),
         }
-        for m in METRICS:
+        for m in (*METRICS, *EXTRA_COLUMNS):
             v = ua.get(m)
             row[m] = float(v) if v is not None and math.isfinite(float(v)) else float("nan")
         row["duration_s"] = t.duration.total_seconds() if t.duration else float("nan")
@@ -35,7 +35,8 @@ def trials_frame(study: optuna.Study, rd: RunDir) -> pd.DataFrame:
             if rd.recipe_path(t.number).exists() else ""
         row.update({f"param:{k}": v for k, v in t.params.items()})
         rows.append(row)
-    cols = ["trial", "state", "feasible", "baseline", *METRICS, "duration_s", "recipe"]
+    cols = ["trial", "state", "feasible", "baseline", *METRICS, *EXTRA_COLUMNS, "duration_s",
+            "recipe"]
     return pd.DataFrame(rows, columns=cols if not rows else None)
 
 

@@ -11,12 +11,21 @@ from dataclasses import dataclass, field
 from llmpareto.arch import Arch
 from llmpareto.compress import VariantCache, apply
 from llmpareto.errors import UserError
-from llmpareto.evaluators import Candidate, KLEvaluator, MemoryEvaluator, PerplexityEvaluator
+from llmpareto.budget import Budget, Workload
+from llmpareto.device_profiles import load_profile
+from llmpareto.evaluators import (
+    Candidate,
+    KLEvaluator,
+    LatencyEnergyEvaluator,
+    MemoryEvaluator,
+    PerplexityEvaluator,
+)
 from llmpareto.models import load_model, resolve_model
 from llmpareto.recipe import Recipe
 from llmpareto.settings import SearchSettings
 from llmpareto.spaces import build_space
 from llmpareto.text import read_text, tokenize_windows
+from llmpareto.units import format_bytes
 
 
 @dataclass
@@ -43,7 +52,15 @@ class TrialRunner:
         self.space = build_space(settings.space, self.arch, formats=settings.formats,
                                  granularity=settings.granularity)
         self.cache = VariantCache(self.model, self.arch, settings.dequant_cache)
-        self.cost = [MemoryEvaluator(self.arch, settings.context)]
+        self.profile = load_profile(settings.device)
+        self.workload = Workload(prompt_tokens=settings.prompt_tokens, context=settings.context)
+        limit = settings.max_memory
+        if limit is None or limit > self.profile.memory_bytes:
+            limit = self.profile.memory_bytes  # a candidate must fit the device in any case
+        self.budget = Budget(settings.device, self.workload, limit, settings.max_latency_ms,
+                             settings.max_energy_mj)
+        self.cost = [MemoryEvaluator(self.arch, self.workload, self.profile),
+                     LatencyEnergyEvaluator(self.arch, self.profile, self.workload)]
         self.quality = []
         wanted = set(settings.objectives)
         if "perplexity" in wanted or "kl_nats" not in wanted:
@@ -57,22 +74,24 @@ class TrialRunner:
         self._check_budget()
 
     def _check_budget(self) -> None:
-        """Refuse a budget no candidate in the space can meet, naming the smallest possible."""
-        limit = self.settings.max_memory
-        if limit is None:
-            return
+        """Refuse a budget no candidate in the space can meet, naming the best achievable."""
         candidates = [p for _, p in self.space.baselines()] + [self.smallest_params()]
-        best = min(self.cost_only(self.space.recipe_from_params(p)).metrics["memory_bytes"]
-                   for p in candidates)
-        if best > limit:
-            from llmpareto.units import format_bytes
-
-            raise UserError(
-                f"--max-memory {format_bytes(limit)} is below the smallest candidate this space "
-                f"can build ({format_bytes(best)} = {int(best)} bytes, weights plus the KV cache "
-                f"at --context {self.settings.context}); raise --max-memory, lower --context, "
-                "or add smaller --formats"
-            )
+        results = [self.cost_only(self.space.recipe_from_params(p)) for p in candidates]
+        for key, flag, fmt in (("memory_bytes", "--max-memory", format_bytes),
+                               ("latency_ms", "--max-latency-ms", lambda v: f"{v:.3g} ms"),
+                               ("energy_mj", "--max-energy-mj", lambda v: f"{v:.3g} mJ")):
+            if key not in self.budget.constraints(results[0].metrics):
+                continue
+            best = min(r.metrics[key] for r in results)
+            if min(r.constraints[key] for r in results) > 0:
+                what = "device memory" if (key == "memory_bytes" and self.settings.max_memory is None
+                                          ) else flag
+                raise UserError(
+                    f"{what} is below the smallest candidate this space can build on "
+                    f"{self.profile.name} ({fmt(best)}" + (f" = {int(best)} bytes" if key ==
+                    "memory_bytes" else "") + f", at --context {self.settings.context}); relax "
+                    f"{flag}, lower --context, or add smaller --formats"
+                )
 
     def smallest_params(self) -> dict[str, str]:
         from llmpareto.formats import get_format
@@ -97,11 +116,7 @@ class TrialRunner:
         metrics: dict[str, float] = {}
         for ev in self.cost:
             metrics.update(ev.evaluate(cand))
-        constraints = {}
-        if self.settings.max_memory is not None:
-            # Relative violation, so several budgets add up on one scale in NSGA-II.
-            constraints["memory_bytes"] = metrics["memory_bytes"] / self.settings.max_memory - 1
-        return TrialResult(metrics, constraints, formats)
+        return TrialResult(metrics, self.budget.constraints(metrics), formats)
 
     def run(self, recipe: Recipe) -> TrialResult:
         t0 = time.perf_counter()

@@ -60,6 +60,8 @@ def run_info(settings: SearchSettings, runner, population: int) -> dict:  # noqa
                  "eval_windows": int(len(runner.windows.eval)),
                  "calib_windows": int(len(runner.windows.calib))},
         "space": runner.space.describe(),
+        "device": runner.profile.to_dict(),
+        "workload": vars(runner.workload),
         "sampler": {"name": settings.sampler, "population": population, "seed": settings.seed},
         "versions": versions,
         "python": sys.version.split()[0],

@@ -11,6 +11,7 @@ import math
 import pytest
 
 from llmpareto.arch import Arch
+from llmpareto.budget import Workload
 from llmpareto.compress import VariantCache, apply
 from llmpareto.evaluators import Candidate, MemoryEvaluator, PerplexityEvaluator
 from llmpareto.models import load_model, resolve_model
@@ -54,10 +55,11 @@ def test_uniform_formats_rank_as_expected(smollm):
 
 def test_memory_of_uniform_recipes(smollm):
     model, arch, _, _ = smollm
-    ev = MemoryEvaluator(arch, context=2048)
+    ev = MemoryEvaluator(arch, Workload(context=2048))
     kv = 2 * 30 * 3 * 64 * 2 * 2048
     f16 = ev.evaluate(Candidate(Recipe.uniform("f16"), arch.formats_for(Recipe.uniform("f16"))))
     assert f16["kv_cache_bytes"] == kv
+    assert f16["memory_bytes"] == f16["weights_bytes"] + kv + f16["activation_bytes"]
     searched = sum(t.numel for t in arch.tensors)
     assert f16["weights_bytes"] == 2 * searched + 4 * arch.other_params
     q8 = ev.evaluate(Candidate(Recipe.uniform("q8_0"), arch.formats_for(Recipe.uniform("q8_0"))))

@@ -37,20 +37,35 @@ def test_search_writes_the_run_directory_and_a_true_front(tiny_settings, tmp_pat
                                                                "baseline"]
 
 
+def _uniform_memory(model_dir, fmt, settings):
+    from transformers import AutoConfig
+
+    from llmpareto.arch import Arch
+    from llmpareto.budget import Workload
+    from llmpareto.evaluators import Candidate, MemoryEvaluator
+
+    arch = Arch.from_config(AutoConfig.from_pretrained(model_dir))
+    w = Workload(prompt_tokens=settings.get("prompt_tokens", 128), context=settings["context"])
+    r = Recipe.uniform(fmt)
+    return MemoryEvaluator(arch, w).evaluate(Candidate(r, arch.formats_for(r)))["memory_bytes"]
+
+
 def test_over_budget_candidates_never_run_a_forward_pass(tiny_settings, monkeypatch):
     from llmpareto.evaluators import quality
 
     calls = []
     real = quality.window_nll
     monkeypatch.setattr(quality, "window_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
-    # tiny model at context 512: uniform f16 ~0.5 MB, q8_0 ~0.33 MB, q4_0 ~0.24 MB
-    front = llmpareto.search(**{**tiny_settings, "max_memory": "0.3MB", "trials": 12})
+    limit = (_uniform_memory(tiny_settings["model"], "q8_0", tiny_settings)
+             + _uniform_memory(tiny_settings["model"], "q5_1", tiny_settings)) / 2
+    front = llmpareto.search(**{**tiny_settings, "max_memory": int(limit), "trials": 12})
     trials = front.trials
     over = trials[~trials["feasible"]]
     assert {"uniform f16", "uniform q8_0"} <= set(over["baseline"])
-    assert over["perplexity"].isna().all() and (over["memory_bytes"] > 0.3e6).all()
+    assert "uniform q5_1" not in set(over["baseline"])
+    assert over["perplexity"].isna().all() and (over["memory_bytes"] > limit).all()
     assert len(calls) == int(trials["feasible"].sum())
-    assert (front.df["memory_bytes"] <= 0.3e6).all() and len(front) >= 1
+    assert (front.df["memory_bytes"] <= limit).all() and len(front) >= 1
 
 
 def test_same_seed_same_trials(tiny_settings, tmp_path):

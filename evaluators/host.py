@@ -1,0 +1,260 @@
+"""Measure this machine as a DeviceProfile (`--device host`): memory bandwidth, GEMV and matmul
+efficiency in torch on the CPU, and the fixed per-token and per-layer cost of eager decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from llmpareto.device_profiles.schema import DeviceProfile, profile_from_dict
+from llmpareto.errors import UserError
+
+MiB = 2**20
+RUNTIMES = ("torch",)
+# A dtype whose 256^3 matmul runs this many times slower than f32 is emulated in scalar code;
+# no runtime would choose it, so it gets no peak_flops entry (cost.py then falls back).
+SLOW_DTYPE_FACTOR = 10.0
+# Decode GEMVs read weights in the layouts of a small LLM's MLP block (the default model's
+# 576 -> 1536 -> 576): on CPUs the GEMV rate depends on in_features, so shapes matter.
+GEMV_SHAPES = ((1536, 576), (1536, 576), (576, 1536))  # (out_features, in_features)
+PREFILL_TOKENS = 128
+# Tiny random Llama blocks: their weights sit in cache, so a decode step costs almost only
+# the Python and dispatch work that the per-token and per-layer overheads stand for.
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024)
+FIT_CONTEXT = 128  # KV positions held while timing the tiny models' decode steps
+WATTS_PER_THREAD = 4.0  # codecarbon's DEFAULT_POWER_PER_CORE, used if codecarbon is missing
+IDLE_FRACTION = 0.1  # codecarbon's CPU load model: power = TDP * (0.1 + 0.9 * load**3)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    stream_bytes: int  # buffer streamed for bandwidth; far larger than any L3
+    gemv_bytes: int  # total weights cycled through in the GEMV test
+    repeats: int
+    square_n: tuple[int, ...]  # square matmul sizes for peak FLOP/s
+    layer_counts: tuple[int, ...]  # tiny models' depths for the overhead fit
+    decode_steps: int
+
+
+FULL = _Plan(512 * MiB, 256 * MiB, 7, (1024, 2048), (1, 2, 4, 8, 16), 60)
+QUICK = _Plan(128 * MiB, 128 * MiB, 3, (1024,), (1, 8), 25)
+
+
+def _times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of `repeats` calls after `warmup` untimed ones (caches, thread pools)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def stream_bandwidth(nbytes: int, repeats: int) -> float:
+    """Best-of-N read bandwidth (B/s): a reduction over an f32 buffer much larger than caches."""
+    import torch
+
+    x = torch.ones(nbytes // 4)
+    return nbytes / min(_times(x.sum, repeats))
+
+
+def gemv_bandwidth(total_bytes: int, repeats: int) -> float:
+    """Weight bytes per second of f32 F.linear on one token, cycling through distinct matrices
+    (GEMV_SHAPES) so that every pass streams `total_bytes` from memory, as decode does."""
+    import torch
+    import torch.nn.functional as F
+
+    per_set = sum(4 * o * i for o, i in GEMV_SHAPES)
+    weights = [torch.full((o, i), 0.01) for _ in range(max(1, total_bytes // per_set))
+               for o, i in GEMV_SHAPES]
+    xs = {i: torch.full((1, 1, i), 0.5) for _, i in GEMV_SHAPES}
+
+    def run() -> None:
+        for w in weights:
+            F.linear(xs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        best = min(_times(run, repeats))
+    return sum(4 * w.numel() for w in weights) / best
+
+
+def matmul_flops(dtype: str, n: int, repeats: int) -> float:
+    """Best-of-N FLOP/s of an n x n x n matmul in `dtype` (f32, bf16 or f16)."""
+    import torch
+
+    dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    a, b = torch.full((n, n), 0.5, dtype=dt), torch.full((n, n), 0.25, dtype=dt)
+    return 2.0 * n**3 / min(_times(lambda: a @ b, repeats))
+
+
+def prefill_flops(repeats: int) -> float:
+    """FLOP/s of f32 F.linear on PREFILL_TOKENS tokens with GEMV_SHAPES weights (prefill)."""
+    import torch
+    import torch.nn.functional as F
+
+    pairs = [(torch.full((1, PREFILL_TOKENS, i), 0.5), torch.full((o, i), 0.01))
+             for o, i in GEMV_SHAPES]
+    flops = sum(2.0 * PREFILL_TOKENS * w.numel() for _, w in pairs)
+    with torch.inference_mode():
+        best = min(_times(lambda: [F.linear(x, w) for x, w in pairs], repeats, warmup=2))
+    return flops / best
+
+
+def _peak_flops(plan: _Plan) -> tuple[dict[str, float], dict[str, str]]:
+    """f32 always; bf16/f16 only where this torch build runs them at a usable speed."""
+    f32_probe = matmul_flops("f32", 256, 3)
+    peaks = {"f32": max(matmul_flops("f32", n, plan.repeats) for n in plan.square_n)}
+    notes = {"f32": f"best of {plan.repeats} square f32 matmuls, n in {list(plan.square_n)}"}
+    for dtype in ("bf16", "f16"):
+        try:
+            probe = matmul_flops(dtype, 256, 3)
+        except RuntimeError as exc:  # dtype not implemented for CPU matmul in this build
+            logging.getLogger(__name__).info("host profile: no %s matmul (%s)", dtype, exc)
+            continue
+        if probe * SLOW_DTYPE_FACTOR < f32_probe:
+            continue  # emulated: e.g. f16 without AVX512-FP16 runs at ~1% of f32
+        peaks[dtype] = max(matmul_flops(dtype, n, plan.repeats) for n in plan.square_n)
+        notes[dtype] = f"best of {plan.repeats} square {dtype} matmuls, n in {list(plan.square_n)}"
+    return peaks, notes
+
+
+def time_decode_steps(model, context: int, steps: int) -> list[float]:  # noqa: ANN001
+    """Wall seconds of single-token decode steps (KV cache, eager) with exactly `context` KV
+    positions before each step: the cache is cropped back after every step, untimed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, context + 1), generator=gen)
+    out: list[float] = []
+    with torch.inference_mode():
+        cache = model(input_ids=ids[:, :context], use_cache=True).past_key_values
+        step = ids[:, context:]
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            model(input_ids=step, past_key_values=cache, use_cache=True)
+            if i >= 2:  # the first steps warm allocator and thread pool
+                out.append(time.perf_counter() - t0)
+            cache.crop(context)
+    return out
+
+
+def _tiny_llama(n_layers: int):  # noqa: ANN202 - a LlamaForCausalLM
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**TINY_LLAMA, num_hidden_layers=n_layers)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _fit_overheads(plan: _Plan, base: DeviceProfile) -> tuple[float, float, str]:
+    """(s per token, s per layer): median decode step of tiny models minus their roofline
+    time, fitted by least squares as a + b * layers (both clamped at 0)."""
+    from llmpareto.arch import Arch
+    from llmpareto.budget import Workload
+    from llmpareto.evaluators.cost import op_costs, summarize
+
+    work = Workload(prompt_tokens=FIT_CONTEXT, context=FIT_CONTEXT)
+    xs, ys = [], []
+    for n in plan.layer_counts:
+        model = _tiny_llama(n)
+        arch = Arch.from_model(model)
+        fmts = {t.fqn: None for t in arch.tensors}
+        roof_s = summarize(op_costs(arch, fmts, base, work), arch, base, work)["latency_ms"] / 1e3
+        xs.append(n)
+        ys.append(statistics.median(time_decode_steps(model, FIT_CONTEXT, plan.decode_steps))
+                  - roof_s)
+    per_layer, per_token = _line(xs, ys)
+    pts = ", ".join(f"{n} layers {1e3 * y:.3f} ms" for n, y in zip(xs, ys))
+    note = (f"median single-token decode step (KV cache {FIT_CONTEXT} positions, "
+            f"{plan.decode_steps} steps) of tiny random LlamaForCausalLM ({_tiny_desc()}) minus "
+            f"its roofline time: {pts}; least-squares fit a + b * layers")
+    return per_token, per_layer, note
+
+
+def _tiny_desc() -> str:
+    return ", ".join(f"{k}={v}" for k, v in TINY_LLAMA.items()
+                     if k in ("hidden_size", "intermediate_size", "vocab_size"))
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of y over x, both kept >= 0 (a cost is never negative)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    intercept = my - slope * mx
+    if slope < 0:
+        return 0.0, max(my, 0.0)
+    if intercept < 0:  # refit through the origin
+        return max(sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0), 0.0
+    return slope, intercept
+
+
+def memory_bytes() -> tuple[int, str]:
+    """RAM this process may use: MemTotal, or a smaller cgroup limit (containers)."""
+    total, how = 0, ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total, how = int(line.split()[1]) * 1024, "MemTotal in /proc/meminfo"
+    except OSError:
+        pass
+    if not total:
+        import psutil
+
+        total, how = int(psutil.virtual_memory().total), "psutil.virtual_memory().total"
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and 0 < int(limit) < total:
+            total, how = int(limit), f"cgroup limit {limit_file} (below MemTotal)"
+    return total, how
+
+
+def cpu_power_w() -> tuple[float, str]:
+    """Package power estimate: codecarbon's offline TDP table lookup (no network)."""
+    threads = os.cpu_count() or 1
+    try:
+        logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its "unknown CPU" warnings
+        from codecarbon.core.cpu import TDP
+
+        tdp = TDP()
+        if tdp.tdp:
+            return float(tdp.tdp), (f"codecarbon {_version('codecarbon')} TDP lookup "
+                                    f"(offline table) for CPU '{tdp.model}': {tdp.tdp} W, which "
+                                    "is codecarbon's 4 W per thread when the model is not in "
+                                    "its table")
+    except Exception:  # noqa: BLE001 - codecarbon missing or failing: fall back, said so below
+        pass
+    return WATTS_PER_THREAD * threads, (f"{WATTS_PER_THREAD} W per thread x {threads} threads "
+                                        "(codecarbon's default for unknown CPUs)")
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
