@@ -33,6 +33,12 @@ def weights_bytes(arch: Arch, formats: dict[str, str | None]) -> int:
         + 4 * arch.other_params
 
 
+def scale_overhead_bytes(arch: Arch, formats: dict[str, str | None]) -> int:
+    """How much of weights_bytes is block scales and minimums rather than weight codes."""
+    return sum(get_format(f).scale_bytes(t.rows, t.cols)
+               for t in arch.tensors if (f := formats.get(t.fqn)) is not None)
+
+
 def kv_cache_bytes(arch: Arch, context: int, batch: int = 1,
                    bytes_per_value: int = KV_BYTES_PER_VALUE) -> int:
     """K and V for every layer and KV head: 2 * layers * kv_heads * head_dim * bytes * context."""
@@ -89,7 +95,7 @@ def op_costs(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
     heads = arch.n_heads or arch.n_kv_heads
     head = arch.lm_head or arch.embedding
     emb_fmt = formats.get(arch.embedding.fqn)
-    emb_row = weight_bytes(arch.embedding, emb_fmt, arch) / arch.embedding.rows
+    emb_row = weight_bytes(arch.embedding, emb_fmt, arch) / max(arch.embedding.rows, 1)
     for phase, tokens in (("decode", w.batch), ("prefill", w.batch * w.prompt_tokens)):
         for t in arch.linears:
             ops.append(_matmul(t.kind, phase, t, formats.get(t.fqn), tokens, arch, p))
@@ -137,7 +143,7 @@ class MemoryEvaluator:
     profile: DeviceProfile | None = None  # when set, also says whether it fits
 
     metrics: ClassVar[tuple[str, ...]] = ("memory_bytes", "weights_bytes", "kv_cache_bytes",
-                                          "activation_bytes")
+                                          "activation_bytes", "scale_overhead_bytes")
     needs_model: ClassVar[bool] = False
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
@@ -145,7 +151,8 @@ class MemoryEvaluator:
         kv = kv_cache_bytes(self.arch, self.workload.context, self.workload.batch)
         act = activation_bytes(self.arch, self.workload)
         out = {"memory_bytes": float(w + kv + act), "weights_bytes": float(w),
-               "kv_cache_bytes": float(kv), "activation_bytes": float(act)}
+               "kv_cache_bytes": float(kv), "activation_bytes": float(act),
+               "scale_overhead_bytes": float(scale_overhead_bytes(self.arch, candidate.formats))}
         if self.profile is not None:
             out["fits_memory"] = float(w + kv + act <= self.profile.memory_bytes)
         return out

@@ -12,13 +12,18 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmpareto.device_profiles.schema import DeviceProfile, profile_from_dict
+
 from llmpareto.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 MiB = 2**20
 RUNTIMES = ("torch",)
-# A dtype whose 256^3 matmul runs this many times slower than f32 is emulated in scalar code;
+# A dtype whose 256^3 matmul runs this many times below the f32 peak is emulated in scalar code;
 # no runtime would choose it, so it gets no peak_flops entry (cost.py then falls back).
 SLOW_DTYPE_FACTOR = 10.0
 # Decode GEMVs read weights in the layouts of a small LLM's MLP block (the default model's
@@ -27,10 +32,11 @@ GEMV_SHAPES = ((1536, 576), (1536, 576), (576, 1536))  # (out_features, in_featu
 PREFILL_TOKENS = 128
 # Tiny random Llama blocks: their weights sit in cache, so a decode step costs almost only
 # the Python and dispatch work that the per-token and per-layer overheads stand for.
-TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024)
+TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 1024}
 FIT_CONTEXT = 128  # KV positions held while timing the tiny models' decode steps
 WATTS_PER_THREAD = 4.0  # codecarbon's DEFAULT_POWER_PER_CORE, used if codecarbon is missing
+BUSY_WARN = 0.25  # CPU share taken by other processes above which the timings are suspect
 IDLE_FRACTION = 0.1  # codecarbon's CPU load model: power = TDP * (0.1 + 0.9 * load**3)
 
 
@@ -112,23 +118,22 @@ def prefill_flops(repeats: int) -> float:
 
 def _peak_flops(plan: _Plan) -> tuple[dict[str, float], dict[str, str]]:
     """f32 always; bf16/f16 only where this torch build runs them at a usable speed."""
-    f32_probe = matmul_flops("f32", 256, 3)
     peaks = {"f32": max(matmul_flops("f32", n, plan.repeats) for n in plan.square_n)}
     notes = {"f32": f"best of {plan.repeats} square f32 matmuls, n in {list(plan.square_n)}"}
     for dtype in ("bf16", "f16"):
         try:
-            probe = matmul_flops(dtype, 256, 3)
+            probe = matmul_flops(dtype, 256, 2)
         except RuntimeError as exc:  # dtype not implemented for CPU matmul in this build
             logging.getLogger(__name__).info("host profile: no %s matmul (%s)", dtype, exc)
             continue
-        if probe * SLOW_DTYPE_FACTOR < f32_probe:
+        if probe * SLOW_DTYPE_FACTOR < peaks["f32"]:
             continue  # emulated: e.g. f16 without AVX512-FP16 runs at ~1% of f32
         peaks[dtype] = max(matmul_flops(dtype, n, plan.repeats) for n in plan.square_n)
         notes[dtype] = f"best of {plan.repeats} square {dtype} matmuls, n in {list(plan.square_n)}"
     return peaks, notes
 
 
-def time_decode_steps(model, context: int, steps: int) -> list[float]:  # noqa: ANN001
+def time_decode_steps(model: torch.nn.Module, context: int, steps: int) -> list[float]:
     """Wall seconds of single-token decode steps (KV cache, eager) with exactly `context` KV
     positions before each step: the cache is cropped back after every step, untimed."""
     import torch
@@ -144,11 +149,11 @@ def time_decode_steps(model, context: int, steps: int) -> list[float]:  # noqa: 
             model(input_ids=step, past_key_values=cache, use_cache=True)
             if i >= 2:  # the first steps warm allocator and thread pool
                 out.append(time.perf_counter() - t0)
-            cache.crop(context)
+            cache.crop(-1)  # back to `context` positions
     return out
 
 
-def _tiny_llama(n_layers: int):  # noqa: ANN202 - a LlamaForCausalLM
+def _tiny_llama(n_layers: int) -> torch.nn.Module:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -160,9 +165,10 @@ def _tiny_llama(n_layers: int):  # noqa: ANN202 - a LlamaForCausalLM
 def _fit_overheads(plan: _Plan, base: DeviceProfile) -> tuple[float, float, str]:
     """(s per token, s per layer): median decode step of tiny models minus their roofline
     time, fitted by least squares as a + b * layers (both clamped at 0)."""
+    from llmpareto.evaluators.cost import op_costs, summarize
+
     from llmpareto.arch import Arch
     from llmpareto.budget import Workload
-    from llmpareto.evaluators.cost import op_costs, summarize
 
     work = Workload(prompt_tokens=FIT_CONTEXT, context=FIT_CONTEXT)
     xs, ys = [], []
@@ -227,19 +233,39 @@ def cpu_power_w() -> tuple[float, str]:
     """Package power estimate: codecarbon's offline TDP table lookup (no network)."""
     threads = os.cpu_count() or 1
     try:
-        logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its "unknown CPU" warnings
         from codecarbon.core.cpu import TDP
 
-        tdp = TDP()
+        cc_log = logging.getLogger("codecarbon")
+        level, _ = cc_log.level, cc_log.setLevel(logging.ERROR)  # its "unknown CPU" warnings
+        try:
+            tdp = TDP()
+        finally:
+            cc_log.setLevel(level)
         if tdp.tdp:
             return float(tdp.tdp), (f"codecarbon {_version('codecarbon')} TDP lookup "
                                     f"(offline table) for CPU '{tdp.model}': {tdp.tdp} W, which "
                                     "is codecarbon's 4 W per thread when the model is not in "
                                     "its table")
-    except Exception:  # noqa: BLE001 - codecarbon missing or failing: fall back, said so below
-        pass
+    except Exception as exc:  # noqa: BLE001 - codecarbon missing or failing: fall back
+        logging.getLogger(__name__).info("host profile: codecarbon TDP lookup failed (%s)", exc)
     return WATTS_PER_THREAD * threads, (f"{WATTS_PER_THREAD} W per thread x {threads} threads "
                                         "(codecarbon's default for unknown CPUs)")
+
+
+def cpu_busy_fraction(seconds: float = 0.3) -> float | None:
+    """Share of all CPUs busy over `seconds` (from /proc/stat); None where it cannot be read.
+    Called while this process idles, so it is what other processes take."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
 def _version(pkg: str) -> str:
@@ -258,3 +284,87 @@ def _cpu_name() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def _base_profile(plan: _Plan, today: str) -> tuple[DeviceProfile, dict[str, str]]:
+    """Everything but the fixed overheads (fitted afterwards against this profile's roofline)."""
+    import torch
+
+    stream = stream_bandwidth(plan.stream_bytes, plan.repeats)
+    gemv = gemv_bandwidth(plan.gemv_bytes, plan.repeats)
+    peaks, peak_notes = _peak_flops(plan)
+    prefill = prefill_flops(plan.repeats)
+    # a rate above the "peak" only means the peak test was the slower one: take the best seen
+    bandwidth, peaks["f32"] = max(stream, gemv), max(peaks["f32"], prefill)
+    mem, mem_how = memory_bytes()
+    power, power_how = cpu_power_w()
+    idle = IDLE_FRACTION * power
+    threads = torch.get_num_threads()
+    shapes = ", ".join(f"{o}x{i}" for o, i in GEMV_SHAPES)
+    m = f"derived: measured on {today} with torch {torch.__version__} ({threads} threads):"
+    sources = {
+        "memory_bytes": f"derived: {mem_how}, read on {today}",
+        "bandwidth_Bps": f"{m} best of {plan.repeats} reductions (sum) over a "
+                         f"{plan.stream_bytes // MiB} MiB f32 buffer = {stream / 1e9:.1f} GB/s"
+                         + (" (the GEMV test was faster and is used)" if gemv > stream else ""),
+        "eta_mem": f"{m} f32 F.linear on one token (decode GEMV) cycling through "
+                   f"{plan.gemv_bytes // MiB} MiB of distinct [{shapes}] weights (out x in), "
+                   f"best of {plan.repeats}: {gemv / 1e9:.1f} GB/s / bandwidth_Bps",
+        "eta_compute": f"{m} f32 F.linear on {PREFILL_TOKENS} tokens with [{shapes}] weights "
+                       f"(prefill), best of {plan.repeats}: {prefill / 1e9:.1f} GFLOP/s / "
+                       "peak_flops.f32",
+        "fast_formats": "derived: torch has no kernels for GGUF block formats; quantized "
+                        "weights are dequantized before the matmul, so none are fast",
+        "sparse": "derived: torch CPU dense matmuls skip no zeros; no structured sparsity",
+        "power_active_w": f"derived: estimate, the true power of this host is not measurable "
+                          f"here; {power_how}",
+        "power_idle_w": f"derived: estimate, {IDLE_FRACTION} x power_active_w, the idle floor "
+                        "of codecarbon's CPU load model (TDP * (0.1 + 0.9 * load^3))",
+        "energy_pj_per_byte": "derived: estimate, (power_active_w - power_idle_w) / achieved "
+                              f"decode GEMV rate {gemv / 1e9:.1f} GB/s (device-level upper bound)",
+        "energy_pj_per_flop": "derived: estimate, (power_active_w - power_idle_w) / achieved "
+                              f"prefill rate {prefill / 1e9:.1f} GFLOP/s (device-level upper bound)",
+    }
+    sources.update({f"peak_flops.{k}": f"{m} {v}" for k, v in peak_notes.items()})
+    if prefill >= peaks["f32"]:
+        sources["peak_flops.f32"] += "; the prefill-shape matmul was faster and is used"
+    profile = DeviceProfile(
+        name="host", description=f"this machine: {_cpu_name()}, {os.cpu_count()} CPUs, "
+                                 f"{mem / 2**30:.1f} GiB, measured on {today}",
+        runtime=f"torch {torch.__version__} CPU, {threads} threads (transformers eager)",
+        memory_bytes=mem, bandwidth_Bps=bandwidth, eta_mem=gemv / bandwidth,
+        eta_compute=prefill / peaks["f32"], overhead_s_per_token=0.0, fast_formats=(),
+        sparse=(), power_active_w=power, power_idle_w=idle,
+        energy_pj_per_byte=1e12 * (power - idle) / gemv,
+        energy_pj_per_flop=1e12 * (power - idle) / prefill, peak_flops=peaks, sources=sources)
+    return profile, sources
+
+
+def measure_host_profile(runtime: str = "torch", quick: bool = False) -> DeviceProfile:
+    """Measure this machine (about a minute; `quick`: a few seconds, coarser) as a profile for
+    the given runtime. Thread settings are left as torch has them: they are part of the host."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"cannot measure a host profile for runtime {runtime!r}; supported: "
+                        f"{', '.join(RUNTIMES)}. For another runtime write a profile TOML by hand "
+                        "(see the shipped ones in llmpareto/device_profiles/)")
+    plan = QUICK if quick else FULL
+    today = datetime.date.today().isoformat()
+    busy = cpu_busy_fraction()
+    if busy is not None and busy > BUSY_WARN:
+        # timings under load are slower than the machine is, and threads wait on each other
+        logging.getLogger(__name__).warning(
+            "other processes keep %.0f%% of the CPUs busy; the host profile measured now will "
+            "be slower than this machine is when idle. Measure again when it is idle (delete "
+            "the cached host profile, LLMPARETO_HOST_PROFILE or ~/.cache/llmpareto/host.toml)",
+            100 * busy)
+    base, sources = _base_profile(plan, today)
+    if busy is not None:
+        base = dataclasses.replace(base, description=f"{base.description}; other processes "
+                                                     f"kept {100 * busy:.0f}% of the CPUs busy")
+    per_token, per_layer, note = _fit_overheads(plan, base)
+    fit = f"derived: measured on {today}: {note}"
+    sources = {**sources, "overhead_s_per_token": f"{fit}; intercept a",
+               "overhead_s_per_layer": f"{fit}; slope b"}
+    data = dataclasses.replace(base, overhead_s_per_token=per_token,
+                               overhead_s_per_layer=per_layer, sources=sources).to_dict()
+    return profile_from_dict(data, "host (measured)")

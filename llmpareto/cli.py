@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--backend", default="local", help="local (Optuna + SQLite)")
     _add_settings_flags(ps)
     ps.set_defaults(func=_cmd_search)
+    from llmpareto.cli_devices import add_device_commands
+
+    add_device_commands(sub)
     return parser
 
 

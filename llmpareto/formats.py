@@ -28,6 +28,7 @@ class WeightFormat:
     fallback: str | None  # used where a row is not a multiple of block_size (as llama.cpp does)
     gguf_type: int | None = None  # GGMLQuantizationType value when GGUF can hold it
     compute_dtype: str = "int8"  # the kernel dtype a device needs to run it natively
+    payload_bits: int = 16  # bits of the weight codes alone, scales and minimums excluded
 
     @property
     def bits_per_weight(self) -> float:
@@ -39,6 +40,10 @@ class WeightFormat:
     def nbytes(self, rows: int, cols: int) -> int:
         """Exact stored bytes of a (rows, cols) weight in this format."""
         return rows * (cols // self.block_size) * self.block_bytes
+
+    def scale_bytes(self, rows: int, cols: int) -> int:
+        """The part of nbytes that is scales and minimums, not weight codes."""
+        return self.nbytes(rows, cols) - rows * cols * self.payload_bits // 8
 
 
 FORMATS: dict[str, WeightFormat] = {}
@@ -72,7 +77,8 @@ def effective_format(name: str, cols: int) -> str:
 
 # --- GGUF block formats (the gguf package is the reference implementation) --------------
 
-def _gguf_format(name: str, type_name: str, fallback: str | None, compute: str) -> WeightFormat:
+def _gguf_format(name: str, type_name: str, fallback: str | None, compute: str,
+                 payload_bits: int) -> WeightFormat:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
     qtype = GGMLQuantizationType[type_name]
@@ -85,20 +91,20 @@ def _gguf_format(name: str, type_name: str, fallback: str | None, compute: str) 
         return quants.dequantize(packed, qtype).reshape(shape)
 
     return WeightFormat(name, block_size, block_bytes, quantize, dequantize, fallback,
-                        int(qtype), compute)
+                        int(qtype), compute, payload_bits)
 
 
-for _name, _type, _fallback, _compute in (
-    ("f16", "F16", None, "f16"),
-    ("q8_0", "Q8_0", "f16", "int8"),
-    ("q5_1", "Q5_1", "f16", "int8"),
-    ("q5_0", "Q5_0", "f16", "int8"),
-    ("q4_1", "Q4_1", "f16", "int8"),
-    ("q4_0", "Q4_0", "f16", "int8"),
+for _name, _type, _fallback, _compute, _bits in (
+    ("f16", "F16", None, "f16", 16),
+    ("q8_0", "Q8_0", "f16", "int8", 8),
+    ("q5_1", "Q5_1", "f16", "int8", 5),
+    ("q5_0", "Q5_0", "f16", "int8", 5),
+    ("q4_1", "Q4_1", "f16", "int8", 4),
+    ("q4_0", "Q4_0", "f16", "int8", 4),
     # llama.cpp converts a tq2_0 tensor whose rows are not a multiple of 256 to q4_0.
-    ("tq2_0", "TQ2_0", "q4_0", "int8"),
+    ("tq2_0", "TQ2_0", "q4_0", "int8", 2),
 ):
-    register(_gguf_format(_name, _type, _fallback, _compute))
+    register(_gguf_format(_name, _type, _fallback, _compute, _bits))
 
 GGUF_FORMATS = tuple(FORMATS)
 
@@ -140,7 +146,7 @@ def _rtn_format(bits: int, group: int) -> WeightFormat:
         f"int{bits}_g{group}", group, block_bytes,
         lambda w: rtn_quantize(w, bits, group),
         lambda p, s: rtn_dequantize(p, s, group),
-        fallback, None, "int8" if bits <= 8 else "f16",
+        fallback, None, "int8" if bits <= 8 else "f16", bits,
     )
 
 

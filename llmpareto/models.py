@@ -132,3 +132,24 @@ def load_model(source: ModelSource):  # noqa: ANN201 - (PreTrainedModel, tokeniz
     model.eval()
     model.requires_grad_(False)
     return model, tok
+
+
+def load_arch(spec: str, allow_pickle: bool = False):  # noqa: ANN201 - llmpareto.arch.Arch
+    """Shapes of a model without its weights: a folder holding only config.json is enough,
+    so models far too large to load here (7B, 70B) can still be costed."""
+    from transformers import AutoConfig
+
+    from llmpareto.arch import Arch
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        folder, gguf = str(path.resolve()), None
+    else:
+        source = resolve_model(spec, allow_pickle)
+        folder, gguf = source.directory, source.gguf_file
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                            **({"gguf_file": gguf} if gguf else {}))
+        return Arch.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"--model {spec}: cannot read its config ({exc})") from None

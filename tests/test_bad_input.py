@@ -105,3 +105,12 @@ def test_cli_process_prints_no_traceback(tmp_path):
                            "ten", "--runs-dir", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "--max-memory 'ten'" in proc.stderr
+
+
+def test_unknown_device_and_impossible_latency(capsys, tmp_path, tiny_model_dir):
+    code, err = run_cli(capsys, *tiny_args(tiny_model_dir, tmp_path, "--device", "toaster"))
+    assert code == 2 and "unknown device" in err and "raspberry-pi-5" in err
+    code, err = run_cli(capsys, *tiny_args(tiny_model_dir, tmp_path, "--max-latency-ms", "1e-6"))
+    assert code == 2 and "--max-latency-ms" in err and "smallest candidate" in err
+    code, err = run_cli(capsys, *tiny_args(tiny_model_dir, tmp_path, "--max-energy-mj", "x"))
+    assert code == 2 and "--max-energy-mj" in err

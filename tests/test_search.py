@@ -83,3 +83,19 @@ def test_kl_objective_and_module_granularity(tiny_settings):
     assert t.loc["uniform f16", "kl_nats"] >= 0 and np.isnan(t["perplexity"]).all()
     params = [c for c in front.trials.columns if c.startswith("param:")]
     assert len(params) == 2 * 7 + 1  # 7 projections x 2 layers + the (tied) embedding
+
+
+def test_device_latency_objective_and_budget(tiny_settings):
+    base = llmpareto.search(**{**tiny_settings, "study": "lat0", "trials": 7,
+                               "device": "raspberry-pi-5",
+                               "objectives": "perplexity,latency_ms"})
+    lat = base.trials.set_index("baseline")["latency_ms"]
+    assert lat["uniform q4_0"] < lat["uniform q8_0"] < lat["uniform f16"]
+    limit = (lat["uniform q8_0"] + lat["uniform q5_1"]) / 2
+    front = llmpareto.search(**{**tiny_settings, "study": "lat1", "trials": 9,
+                                "device": "raspberry-pi-5", "max_latency_ms": limit,
+                                "objectives": "perplexity,latency_ms,energy_mj"})
+    t = front.trials
+    assert not t.set_index("baseline").loc["uniform q8_0", "feasible"]
+    assert (front.df["latency_ms"] <= limit).all() and front.df["energy_mj"].gt(0).all()
+    assert t.loc[~t["feasible"], "perplexity"].isna().all()

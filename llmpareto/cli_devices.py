@@ -1,0 +1,118 @@
+"""`llmpareto devices`, `llmpareto cost` and `llmpareto profile-host`: the device verbs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pandas as pd
+
+from llmpareto.errors import UserError
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from llmpareto.device_profiles import list_profiles, load_profile
+
+    if args.name:
+        p = load_profile(args.name, measure_host=False)
+        d = p.to_dict()
+        if args.json:
+            print(json.dumps(d, indent=2))
+            return 0
+        print(f"{p.name}: {p.description}\nruntime: {p.runtime}\nfile: {p.path}\n")
+        for key, value in d.items():
+            if key in ("name", "description", "runtime", "sources"):
+                continue
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                field = f"{key}.{sub}" if sub else key
+                print(f"{field:<22} {v!s:<28} {p.sources.get(field, '')}")
+        return 0
+    rows = []
+    for name in list_profiles():
+        p = load_profile(name)
+        rows.append({"device": name, "memory_GB": p.memory_bytes / 1e9,
+                     "bandwidth_GBps": p.bandwidth_Bps / 1e9, "eta_mem": p.eta_mem,
+                     "f16_TFLOPs": p.peak("f16") / 1e12, "power_active_w": p.power_active_w,
+                     "runtime": p.runtime[:40]})
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print("\n`llmpareto devices NAME` shows every field with its source; `--device host` "
+          "measures this machine.")
+    return 0
+
+
+def cmd_profile_host(args: argparse.Namespace) -> int:
+    from llmpareto.device_profiles import dump_toml
+    from llmpareto.evaluators.host import measure_host_profile
+
+    profile = measure_host_profile(quick=args.quick)
+    text = dump_toml(profile)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {args.out}: bandwidth {profile.bandwidth_Bps / 1e9:.1f} GB/s, eta_mem "
+              f"{profile.eta_mem:.2f}, f32 peak {profile.peak('f32') / 1e9:.0f} GFLOP/s")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from llmpareto.budget import Workload
+    from llmpareto.device_profiles import load_profile
+    from llmpareto.evaluators.cost import breakdown, op_costs, summarize
+    from llmpareto.evaluators.cost import MemoryEvaluator
+    from llmpareto.evaluators.base import Candidate
+    from llmpareto.models import load_arch
+    from llmpareto.recipe import Recipe
+
+    if args.recipe and args.format:
+        raise UserError("give --recipe or --format, not both")
+    recipe = Recipe.load(args.recipe) if args.recipe else Recipe.uniform(args.format or "f16")
+    arch = load_arch(args.model)
+    profile = load_profile(args.device)
+    w = Workload(prompt_tokens=args.prompt_tokens, batch=args.batch, context=args.context)
+    formats = arch.formats_for(recipe)
+    mem = MemoryEvaluator(arch, w, profile).evaluate(Candidate(recipe, formats))
+    totals = summarize(op_costs(arch, formats, profile, w), arch, profile, w)
+    totals.update(mem)
+    rows = breakdown(arch, formats, profile, w)
+    if args.json:
+        print(json.dumps({"model": args.model, "device": profile.name, "workload": vars(w),
+                          "totals": totals, "breakdown": rows}, indent=2))
+        return 0
+    print(f"{args.model} on {profile.name} ({profile.runtime}); context {w.context}, prompt "
+          f"{w.prompt_tokens}, batch {w.batch}\n")
+    df = pd.DataFrame(rows)
+    df["bytes"] /= 1e6
+    df["flops"] /= 1e9
+    df = df.rename(columns={"bytes": "MB", "flops": "GFLOP"})
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"\ndecode: {totals['latency_ms']:.3g} ms/token = {totals['decode_tokens_per_s']:.3g} "
+          f"tokens/s, {totals['energy_mj']:.3g} mJ/token; prefill {totals['prefill_ms']:.4g} ms")
+    print(f"memory: {mem['memory_bytes']:.0f} bytes (weights {mem['weights_bytes']:.0f}, KV "
+          f"{mem['kv_cache_bytes']:.0f}, activations {mem['activation_bytes']:.0f}); fits "
+          f"{profile.memory_bytes} bytes: {'yes' if mem['fits_memory'] else 'NO'}")
+    return 0
+
+
+def add_device_commands(sub) -> None:  # noqa: ANN001 - argparse subparsers
+    pd_ = sub.add_parser("devices", help="list device profiles, or show one with its sources")
+    pd_.add_argument("name", nargs="?", help="profile name or .toml path")
+    pd_.add_argument("--json", action="store_true")
+    pd_.set_defaults(func=cmd_devices)
+    ph = sub.add_parser("profile-host", help="measure this machine and write a device profile")
+    ph.add_argument("--out", help="TOML file to write (default: print)")
+    ph.add_argument("--quick", action="store_true", help="smaller, faster measurements")
+    ph.set_defaults(func=cmd_profile_host)
+    pc = sub.add_parser("cost", help="per-layer-kind bytes, FLOPs, time and energy on a device")
+    pc.add_argument("--model", default="smollm2-135m",
+                    help="as in search, or a folder holding only config.json")
+    pc.add_argument("--device", default="raspberry-pi-5")
+    pc.add_argument("--recipe", help="recipe JSON (e.g. runs/<study>/recipes/<n>.json)")
+    pc.add_argument("--format", help="uniform weight format (default f16)")
+    pc.add_argument("--context", type=int, default=2048)
+    pc.add_argument("--prompt-tokens", type=int, default=128)
+    pc.add_argument("--batch", type=int, default=1)
+    pc.add_argument("--json", action="store_true")
+    pc.set_defaults(func=cmd_cost)

@@ -1,0 +1,100 @@
+"""Cost model: the survey's arithmetic exactly, and the roofline behaving as physics says."""
+
+import dataclasses
+
+import pytest
+
+from llmpareto.arch import Arch, Tensor2D
+from llmpareto.budget import Workload
+from llmpareto.device_profiles import load_profile
+from llmpareto.evaluators import Candidate, LatencyEnergyEvaluator, MemoryEvaluator
+from llmpareto.evaluators.cost import kv_cache_bytes, op_costs, summarize
+from llmpareto.recipe import Recipe
+
+
+def synthetic(layers: int, rows: int, cols: int, kv_heads: int = 32,
+              head_dim: int = 128) -> Arch:
+    """Linears only, one (rows x cols) per layer; the embedding holds no parameters."""
+    lin = [Tensor2D(f"model.layers.{i}.mlp.proj", rows, cols, i, "mlp.proj")
+           for i in range(layers)]
+    return Arch(linears=lin, embedding=Tensor2D("model.embed_tokens", 0, cols, None, "embed"),
+                lm_head=None, other_params=0, n_layers=layers, n_kv_heads=kv_heads,
+                head_dim=head_dim, hidden_size=kv_heads * head_dim, vocab_size=1,
+                n_heads=kv_heads)
+
+
+def mem(arch, fmt, context=2048):
+    r = Recipe.uniform(fmt)
+    return MemoryEvaluator(arch, Workload(context=context)).evaluate(
+        Candidate(r, arch.formats_for(r)))
+
+
+def test_survey_weights_7b():
+    arch = synthetic(56, 31250, 4000)
+    assert sum(t.numel for t in arch.linears) == 7_000_000_000
+    assert mem(arch, "f16")["weights_bytes"] == 14.0e9
+    q8, q4 = mem(arch, "q8_0"), mem(arch, "q4_0")
+    assert q8["weights_bytes"] - q8["scale_overhead_bytes"] == 7.0e9
+    assert q4["weights_bytes"] - q4["scale_overhead_bytes"] == 3.5e9
+    assert q8["scale_overhead_bytes"] == q4["scale_overhead_bytes"] == 7e9 / 32 * 2  # f16 scales
+
+
+def test_survey_kv_cache_llama7b():
+    arch = synthetic(32, 4096, 4096)  # hidden 4096 = 32 heads x 128, 32 layers
+    assert kv_cache_bytes(arch, 1) == 524_288
+    assert kv_cache_bytes(arch, 2048) == 1_073_741_824
+    assert mem(arch, "f16", context=2048)["kv_cache_bytes"] == 1_073_741_824
+
+
+def test_survey_flops_per_token_2_7b():
+    arch = synthetic(27, 10000, 10000)
+    p = load_profile("raspberry-pi-5")
+    ops = op_costs(arch, arch.formats_for(Recipe.uniform("f16")), p, Workload(context=1))
+    matmul = sum(o.flops for o in ops if o.phase == "decode" and o.kind not in ("attention",))
+    assert matmul == 5.4e9
+
+
+def test_decode_on_a_bandwidth_bound_device_scales_with_bytes():
+    arch = synthetic(32, 53248, 4096)  # 7e9 parameters
+    p = load_profile("raspberry-pi-5")
+    w = Workload(context=16)
+    lat = {f: LatencyEnergyEvaluator(arch, p, w).evaluate(
+        Candidate(Recipe.uniform(f), arch.formats_for(Recipe.uniform(f))))["latency_ms"]
+        for f in ("f16", "q8_0", "q4_0")}
+    assert 0.5 < lat["q8_0"] / lat["f16"] < 0.56  # 8.5 / 16 bits = 0.53
+    assert 0.5 < lat["q4_0"] / lat["q8_0"] < 0.56  # 4.5 / 8.5 bits = 0.53
+
+
+def test_compute_bound_prefill_ignores_format_unless_a_kernel_is_faster():
+    arch = synthetic(16, 15360, 4096)
+    w = Workload(prompt_tokens=2048, context=2048)
+    base = load_profile("raspberry-pi-5")
+
+    def prefill(profile, fmt):
+        r = Recipe.uniform(fmt)
+        return summarize(op_costs(arch, arch.formats_for(r), profile, w), arch, profile, w)[
+            "prefill_ms"]
+
+    # q8_0 and q4_0 both run int8 dot kernels: same compute-bound prefill
+    assert prefill(base, "q8_0") == pytest.approx(prefill(base, "q4_0"), rel=1e-3)
+    # no native kernel (int4_g128 on llama.cpp): costed as dequantized f16, like f16 itself
+    assert prefill(base, "int4_g128") == pytest.approx(prefill(base, "f16"), rel=1e-3)
+    # a device whose int8 kernel is no faster than f16: the format stops mattering at all
+    flat = dataclasses.replace(base, peak_flops={"f16": base.peak("f16"), "int8": base.peak("f16")})
+    assert prefill(flat, "q8_0") == pytest.approx(prefill(flat, "f16"), rel=1e-3)
+    assert prefill(base, "q8_0") < 0.6 * prefill(base, "f16")  # int8 peak is 2x f16 on the Pi
+
+
+def test_energy_traces_to_the_profile():
+    arch = synthetic(16, 15360, 4096)
+    p = load_profile("raspberry-pi-5")
+    w = Workload(context=128)
+    r = Recipe.uniform("q4_0")
+    ops = op_costs(arch, arch.formats_for(r), p, w)
+    s = summarize(ops, arch, p, w)
+    dec = [o for o in ops if o.phase == "decode"]
+    joules = (sum(o.bytes for o in dec) * p.energy_pj_per_byte
+              + sum(o.flops for o in dec) * p.energy_pj_per_flop) * 1e-12 \
+        + p.power_idle_w * s["latency_ms"] / 1e3
+    assert s["energy_mj"] == pytest.approx(joules * 1e3)
+    assert s["decode_tokens_per_s"] == pytest.approx(1e3 / s["latency_ms"])
