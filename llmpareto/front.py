@@ -37,7 +37,10 @@ class Front:
     @classmethod
     def from_trials(cls, trials: pd.DataFrame, objectives: list[str],
                     run_dir: Path | None = None) -> Front:
-        df = trials[front_mask(trials, objectives)].sort_values(objectives[-1])
+        df = trials[front_mask(trials, objectives)]
+        # a sampler may propose one recipe several times: show each point once
+        same = [c for c in df.columns if c.startswith("param:")] + list(objectives)
+        df = df.drop_duplicates(subset=same, keep="first").sort_values(objectives[-1])
         return cls(df.reset_index(drop=True), list(objectives), trials, run_dir)
 
     @classmethod

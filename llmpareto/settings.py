@@ -39,7 +39,7 @@ class SearchSettings:
     context: int = 2048  # tokens of KV cache: counted in memory, read by each decoded token
     prompt_tokens: int = 128  # prefill length for prefill_ms and activation buffers
     sampler: str = "nsga2"
-    population: int | None = None  # NSGA-II population; None: about trials/4, 8..50
+    population: int | None = None  # NSGA-II population; None: about trials/8, 8..50
     trials: int = 60  # completed trials wanted, baselines included
     study: str | None = None  # None: <model>-<timestamp>
     runs_dir: str = "runs"

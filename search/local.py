@@ -95,6 +95,8 @@ def run_one(study: optuna.Study, runner: TrialRunner, rd: RunDir, objectives: li
     for key, value in result.seconds.items():
         trial.set_user_attr(key, value)
     trial.set_user_attr("feasible", result.feasible)
+    if result.reused:
+        trial.set_user_attr("reused", True)
     study.tell(trial, [result.metrics[o] for o in objectives])
     return result.feasible
 

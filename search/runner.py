@@ -34,6 +34,7 @@ class TrialResult:
     constraints: dict[str, float]  # <= 0 is feasible (Optuna's convention)
     formats: dict[str, str | None]
     seconds: dict[str, float] = field(default_factory=dict)
+    reused: bool = False  # same effective formats as an earlier trial: its scores, no new pass
 
     @property
     def feasible(self) -> bool:
@@ -72,6 +73,7 @@ class TrialRunner:
             kl.set_base(self.model)  # the model still holds its base weights here
             self.quality.append(kl)
         self._check_budget()
+        self._seen: dict[tuple, TrialResult] = {}
 
     def _check_budget(self) -> None:
         """Refuse a budget no candidate in the space can meet, naming the best achievable."""
@@ -119,6 +121,16 @@ class TrialRunner:
         return TrialResult(metrics, self.budget.constraints(metrics), formats)
 
     def run(self, recipe: Recipe) -> TrialResult:
+        """Score a recipe; a samplers' repeat of an earlier candidate costs nothing."""
+        key = tuple(sorted(self.arch.formats_for(recipe).items(), key=lambda kv: kv[0]))
+        if key in self._seen:
+            old = self._seen[key]
+            return TrialResult(dict(old.metrics), dict(old.constraints), old.formats, {}, True)
+        result = self._run(recipe)
+        self._seen[key] = result
+        return result
+
+    def _run(self, recipe: Recipe) -> TrialResult:
         t0 = time.perf_counter()
         result = self.cost_only(recipe)
         if not result.feasible:

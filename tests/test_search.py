@@ -99,3 +99,21 @@ def test_device_latency_objective_and_budget(tiny_settings):
     assert not t.set_index("baseline").loc["uniform q8_0", "feasible"]
     assert (front.df["latency_ms"] <= limit).all() and front.df["energy_mj"].gt(0).all()
     assert t.loc[~t["feasible"], "perplexity"].isna().all()
+
+
+def test_a_repeated_candidate_is_scored_once(tiny_settings, monkeypatch):
+    from llmpareto.evaluators import quality
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.settings import SearchSettings
+
+    runner = TrialRunner(SearchSettings.from_dict(tiny_settings))
+    calls = []
+    real = quality.window_nll
+    monkeypatch.setattr(quality, "window_nll", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = runner.run(Recipe.uniform("q4_0"))
+    # written differently, same effective formats: the same candidate
+    again = runner.run(Recipe({"re:.*": {"format": "q4_0"}}))
+    assert len(calls) == 1 and again.reused and not first.reused
+    assert again.metrics == first.metrics
+    other = runner.run(Recipe.uniform("q8_0"))
+    assert len(calls) == 2 and not other.reused
