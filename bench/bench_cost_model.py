@@ -90,17 +90,14 @@ def get_profile(path: str | None) -> DeviceProfile:
 
 
 def main() -> None:
-    from llmpareto.evaluators.host import cpu_busy_fraction
+    from llmpareto.evaluators.host import other_cpu_meter
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--context", type=int, default=256, help="KV positions per decode step")
     ap.add_argument("--steps", type=int, default=30, help="decode steps timed per model")
     ap.add_argument("--profile", default=None, help="use this profile TOML, do not measure")
     args = ap.parse_args()
-    busy = cpu_busy_fraction()
-    if busy is not None:
-        print(f"other processes kept {100 * busy:.0f}% of the CPUs busy at start"
-              + (" - timings below are not this machine's idle speed" if busy > 0.25 else ""))
+    meter = other_cpu_meter()
     t0 = time.perf_counter()
     p = get_profile(args.profile)
     print(f"profile: bandwidth {p.bandwidth_Bps / 1e9:.1f} GB/s x eta_mem {p.eta_mem:.2f}, "
@@ -116,7 +113,10 @@ def main() -> None:
     mape = df["error_%"].abs().mean()
     print(f"decode at context {args.context}, median of {args.steps} steps: Spearman rank "
           f"correlation {rho:.3f} (aim >= 0.9), MAPE {mape:.1f}% (aim <= 20%)")
-    print(f"bench wall {time.perf_counter() - t0:.0f} s")
+    busy = meter()
+    print(f"bench wall {time.perf_counter() - t0:.0f} s; other processes used "
+          + (f"{100 * busy:.0f}% of the CPUs meanwhile" if busy is not None else "unknown CPU")
+          + (" - the timings are not this machine's idle speed" if (busy or 0) > 0.1 else ""))
 
 
 if __name__ == "__main__":

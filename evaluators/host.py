@@ -36,7 +36,7 @@ TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads"
               "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 1024}
 FIT_CONTEXT = 128  # KV positions held while timing the tiny models' decode steps
 WATTS_PER_THREAD = 4.0  # codecarbon's DEFAULT_POWER_PER_CORE, used if codecarbon is missing
-BUSY_WARN = 0.25  # CPU share taken by other processes above which the timings are suspect
+BUSY_WARN = 0.1  # CPU share taken by other processes above which the timings are suspect
 IDLE_FRACTION = 0.1  # codecarbon's CPU load model: power = TDP * (0.1 + 0.9 * load**3)
 
 
@@ -47,11 +47,12 @@ class _Plan:
     repeats: int
     square_n: tuple[int, ...]  # square matmul sizes for peak FLOP/s
     layer_counts: tuple[int, ...]  # tiny models' depths for the overhead fit
-    decode_steps: int
+    decode_steps: int  # timed per depth, over all rounds
+    fit_rounds: int
 
 
-FULL = _Plan(512 * MiB, 256 * MiB, 7, (1024, 2048), (1, 2, 4, 8, 16), 60)
-QUICK = _Plan(128 * MiB, 128 * MiB, 3, (1024,), (1, 8), 25)
+FULL = _Plan(512 * MiB, 256 * MiB, 9, (1024, 2048), (1, 2, 4, 8, 16), 90, 3)
+QUICK = _Plan(128 * MiB, 128 * MiB, 3, (1024,), (1, 8), 30, 1)
 
 
 def _times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -171,15 +172,18 @@ def _fit_overheads(plan: _Plan, base: DeviceProfile) -> tuple[float, float, str]
     from llmpareto.budget import Workload
 
     work = Workload(prompt_tokens=FIT_CONTEXT, context=FIT_CONTEXT)
+    models = {n: _tiny_llama(n) for n in plan.layer_counts}
+    steps: dict[int, list[float]] = {n: [] for n in models}
+    for _ in range(plan.fit_rounds):  # interleaved, so a burst of load hits every depth alike
+        for n, model in models.items():
+            steps[n] += time_decode_steps(model, FIT_CONTEXT, plan.decode_steps // plan.fit_rounds)
     xs, ys = [], []
-    for n in plan.layer_counts:
-        model = _tiny_llama(n)
+    for n, model in models.items():
         arch = Arch.from_model(model)
         fmts = {t.fqn: None for t in arch.tensors}
         roof_s = summarize(op_costs(arch, fmts, base, work), arch, base, work)["latency_ms"] / 1e3
         xs.append(n)
-        ys.append(statistics.median(time_decode_steps(model, FIT_CONTEXT, plan.decode_steps))
-                  - roof_s)
+        ys.append(statistics.median(steps[n]) - roof_s)
     per_layer, per_token = _line(xs, ys)
     pts = ", ".join(f"{n} layers {1e3 * y:.3f} ms" for n, y in zip(xs, ys))
     note = (f"median single-token decode step (KV cache {FIT_CONTEXT} positions, "
@@ -252,20 +256,26 @@ def cpu_power_w() -> tuple[float, str]:
                                         "(codecarbon's default for unknown CPUs)")
 
 
-def cpu_busy_fraction(seconds: float = 0.3) -> float | None:
-    """Share of all CPUs busy over `seconds` (from /proc/stat); None where it cannot be read.
-    Called while this process idles, so it is what other processes take."""
-    def sample() -> tuple[int, int]:
+def other_cpu_meter() -> Callable[[], float | None]:
+    """Start a meter; calling it gives the share of all CPUs that other processes used since
+    (from /proc/stat, minus this process's CPU time), or None where that cannot be read."""
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def sample() -> tuple[float, float, float]:
         values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
+        busy = sum(values) - values[3] - values[4]  # minus idle and iowait
+        return sum(values) / hz, busy / hz, time.process_time()
 
     try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
+        start = sample()
     except (OSError, ValueError, IndexError):
-        return None
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+        return lambda: None
+
+    def other() -> float | None:
+        total, busy, own = (b - a for a, b in zip(start, sample()))
+        return min(max((busy - own) / total, 0.0), 1.0) if total > 0 else None
+
+    return other
 
 
 def _version(pkg: str) -> str:
@@ -349,22 +359,22 @@ def measure_host_profile(runtime: str = "torch", quick: bool = False) -> DeviceP
                         "(see the shipped ones in llmpareto/device_profiles/)")
     plan = QUICK if quick else FULL
     today = datetime.date.today().isoformat()
-    busy = cpu_busy_fraction()
-    if busy is not None and busy > BUSY_WARN:
-        # timings under load are slower than the machine is, and threads wait on each other
-        logging.getLogger(__name__).warning(
-            "other processes keep %.0f%% of the CPUs busy; the host profile measured now will "
-            "be slower than this machine is when idle. Measure again when it is idle (delete "
-            "the cached host profile, LLMPARETO_HOST_PROFILE or ~/.cache/llmpareto/host.toml)",
-            100 * busy)
+    meter = other_cpu_meter()
     base, sources = _base_profile(plan, today)
-    if busy is not None:
-        base = dataclasses.replace(base, description=f"{base.description}; other processes "
-                                                     f"kept {100 * busy:.0f}% of the CPUs busy")
     per_token, per_layer, note = _fit_overheads(plan, base)
     fit = f"derived: measured on {today}: {note}"
     sources = {**sources, "overhead_s_per_token": f"{fit}; intercept a",
                "overhead_s_per_layer": f"{fit}; slope b"}
     data = dataclasses.replace(base, overhead_s_per_token=per_token,
                                overhead_s_per_layer=per_layer, sources=sources).to_dict()
+    busy = meter()
+    if busy is not None:
+        data["description"] += f"; other processes used {100 * busy:.0f}% of the CPUs meanwhile"
+    if busy is not None and busy > BUSY_WARN:
+        # timings under load are slower than the machine is, and threads wait on each other
+        logging.getLogger(__name__).warning(
+            "other processes used %.0f%% of the CPUs while the host profile was measured, so "
+            "it is slower than this machine is when idle. Measure again when it is idle (delete "
+            "the cached profile: $LLMPARETO_HOST_PROFILE or ~/.cache/llmpareto/host.toml)",
+            100 * busy)
     return profile_from_dict(data, "host (measured)")

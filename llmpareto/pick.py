@@ -1,0 +1,153 @@
+"""`pick`: take a point from a run's front and export it (GGUF for llama.cpp, HF safetensors).
+
+The model is rebuilt exactly as the search evaluated it: same source, same prepared variants,
+the trial's recipe applied with compress.apply.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from llmpareto.errors import UserError
+from llmpareto.front import Front
+from llmpareto.query import where
+from llmpareto.recipe import Recipe
+from llmpareto.rundir import RunDir
+
+EXPORT_FORMATS = ("gguf", "hf")
+
+
+@dataclass
+class Built:
+    """A model with a recipe applied, and what the exporters need next to it."""
+
+    model: object
+    tokenizer: object
+    cache: object
+    formats: dict[str, str | None]
+    source: object
+
+
+def build(run_dir: Path, recipe: Recipe) -> Built:
+    from llmpareto.arch import Arch
+    from llmpareto.compress import VariantCache, apply
+    from llmpareto.models import load_model, resolve_model
+
+    settings = RunDir(run_dir).read_run_json()["settings"]
+    source = resolve_model(settings["model"], settings.get("allow_pickle", False))
+    model, tok = load_model(source)
+    cache = VariantCache(model, Arch.from_model(model), dense_bytes=0)
+    formats = apply(model, recipe, cache)
+    return Built(model, tok, cache, formats, source)
+
+
+def choose(front: Front, trial: int | None, best: str | None, expr: str | None) -> pd.Series:
+    """The front point to export; a trial off the front is refused with the nearest one."""
+    if trial is not None:
+        if trial in set(front.df["trial"]):
+            return front.pick(trial=trial)
+        trials = front.trials if front.trials is not None else front.df
+        if trial not in set(trials["trial"]):
+            raise UserError(f"trial {trial} does not exist in {front.run_dir}; front trials: "
+                            f"{', '.join(map(str, front.df['trial']))}")
+        row = trials[trials["trial"] == trial].iloc[0]
+        why = "is not feasible" if not bool(row["feasible"]) else "is not on the Pareto front"
+        x = next(o for o in front.objectives if o.endswith("_bytes") or o.endswith("_ms"))
+        near = front.df.iloc[(front.df[x] - row[x]).abs().argsort()[:1]]
+        raise UserError(f"trial {trial} {why}; the nearest front point by {x} is trial "
+                        f"{int(near['trial'].iloc[0])} (pass --trial {int(near['trial'].iloc[0])})")
+    if best is None:
+        raise UserError("say which point: --trial N, or --best METRIC [--where EXPR]")
+    rows = where(front.df, expr)
+    if rows.empty:
+        raise UserError(f"no front point satisfies --where {expr!r}")
+    if best not in rows.columns:
+        raise UserError(f"--best {best!r} is not a column; try perplexity, memory_bytes, latency_ms")
+    return rows.loc[rows[best].idxmin()]
+
+
+def model_card(run_dir: Path, row: pd.Series, recipe: Recipe, formats: dict, written: list[str],
+               command: str) -> str:
+    info = RunDir(run_dir).read_run_json()
+    s = info["settings"]
+    counts = pd.Series([f or "unchanged (f32)" for f in formats.values()]).value_counts()
+    metrics = [c for c in ("perplexity", "kl_nats", "memory_bytes", "weights_bytes", "latency_ms",
+                           "prefill_ms", "energy_mj", "decode_tokens_per_s") if c in row.index
+               and pd.notna(row[c])]
+    lines = [
+        f"# {Path(info['model']['source']).name} compressed by llmpareto (trial {int(row['trial'])})",
+        "", f"- Source model: `{s['model']}` ({info['model']['source']})",
+        f"- Device: `{s.get('device', 'none')}`; budget: max_memory={s.get('max_memory')}, "
+        f"max_latency_ms={s.get('max_latency_ms')}, max_energy_mj={s.get('max_energy_mj')}, "
+        f"context={s['context']}",
+        f"- Run: `{run_dir}`, study `{s['study']}`, seed {s['seed']}",
+        "", "## Recipe (tensors per format)", "",
+        *[f"- {fmt}: {n}" for fmt, n in counts.items()],
+        "", "Full recipe: `recipe.json`.", "", "## Predicted metrics (search time)", "",
+        *[f"- {m}: {row[m]:.6g}" for m in metrics],
+        "", "## Files", "",
+        *[f"- `{w}`" for w in written],
+        "", "The GGUF file holds each tensor in its recipe's format and is the compressed "
+        "artifact (llama.cpp, transformers' GGUF loader). The `hf/` folder stores the same "
+        "weights dequantized to float32: it is for research and fine-tuning, not deployment.",
+        "", "## Reproduce", "", f"```\n{command}\n```", "",
+    ]
+    return "\n".join(lines)
+
+
+def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: str | None = None,
+         where_expr: str | None = None, formats: str | list[str] = "gguf,hf",
+         force: bool = False) -> Path:
+    """Export one front point of `run_dir` into `out`; returns `out`."""
+    from llmpareto.export_gguf import write_gguf
+
+    run_dir, out = Path(run_dir), Path(out)
+    kinds = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
+    bad = [k for k in kinds if k not in EXPORT_FORMATS]
+    if bad or not kinds:
+        raise UserError(f"--format {','.join(kinds)}: choose from {', '.join(EXPORT_FORMATS)}")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
+    front = Front.load(run_dir)
+    row = choose(front, trial, best, where_expr)
+    recipe = front.recipe(int(row["trial"]))
+    built = build(run_dir, recipe)
+    if "gguf" in kinds:  # refuse before writing anything
+        from llmpareto.export_gguf import _check_gguf_formats
+
+        _check_gguf_formats(built.formats)
+    if out.exists() and force:
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    written = ["recipe.json", "README.md"]
+    recipe.save(out / "recipe.json")
+    if "gguf" in kinds:
+        write_gguf(out / "model.gguf", built.model, built.cache, built.formats, built.source,
+                   built.tokenizer)
+        written.append("model.gguf")
+    if "hf" in kinds:
+        write_hf(out / "hf", built)
+        written.append("hf/")
+    command = "llmpareto pick " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if sys.argv[1:2] == ["pick"] else \
+        f"llmpareto pick {run_dir} --trial {int(row['trial'])} --out {out} --format {','.join(kinds)}"
+    (out / "README.md").write_text(model_card(run_dir, row, recipe, built.formats, written,
+                                              command))
+    return out
+
+
+def write_hf(folder: Path, built: Built) -> None:
+    """safetensors + config + tokenizer that AutoModelForCausalLM.from_pretrained loads offline."""
+    model = built.model
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # the GGUF loader's note, not ours to keep
+    model.save_pretrained(folder, safe_serialization=True)
+    built.tokenizer.save_pretrained(folder)
+    (folder / "recipe.json").write_text(Recipe.to_json(Recipe.from_dict(
+        {"modules": {k: ({"format": v} if v else None) for k, v in built.formats.items()}})))
