@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_flags(ps)
     ps.set_defaults(func=_cmd_search)
     from llmpareto.cli_devices import add_device_commands
+    from llmpareto.cli_front import add_front_commands
 
     add_device_commands(sub)
+    add_front_commands(sub)
     return parser
 
 

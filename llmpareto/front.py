@@ -84,9 +84,12 @@ class Front:
                 r["recipe"] = self.recipe(r["trial"]).to_dict()
         return recs
 
-    def table(self) -> str:
-        cols = [c for c in TABLE_COLUMNS if c in self.df.columns and self.df[c].notna().any()]
+    def table(self, extra: list[str] | tuple[str, ...] = ()) -> str:
+        cols = [c for c in [*TABLE_COLUMNS, *extra]
+                if c in self.df.columns and self.df[c].notna().any()]
         view = self.df[cols].copy()
+        if "baseline" in view:
+            view["baseline"] = view["baseline"].fillna("")
         for c in ("memory_bytes", "weights_bytes"):
             if c in view:
                 view[c.replace("_bytes", "_MB")] = view.pop(c) / 1e6

@@ -6,6 +6,7 @@ the trial's recipe applied with compress.apply.
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import sys
@@ -34,17 +35,35 @@ class Built:
     source: object
 
 
-def build(run_dir: Path, recipe: Recipe) -> Built:
-    from llmpareto.arch import Arch
-    from llmpareto.compress import VariantCache, apply
-    from llmpareto.models import load_model, resolve_model
+class Rebuilder:
+    """Loads a run's model once; `build(recipe)` applies a recipe exactly as the search did."""
 
-    settings = RunDir(run_dir).read_run_json()["settings"]
-    source = resolve_model(settings["model"], settings.get("allow_pickle", False))
-    model, tok = load_model(source)
-    cache = VariantCache(model, Arch.from_model(model), dense_bytes=0)
-    formats = apply(model, recipe, cache)
-    return Built(model, tok, cache, formats, source)
+    def __init__(self, run_dir: Path) -> None:
+        from llmpareto.arch import Arch
+        from llmpareto.compress import VariantCache
+        from llmpareto.models import load_model, resolve_model
+
+        self.settings = RunDir(run_dir).read_run_json()["settings"]
+        self.source = resolve_model(self.settings["model"], self.settings.get("allow_pickle", False))
+        self.model, self.tokenizer = load_model(self.source)
+        self.cache = VariantCache(self.model, Arch.from_model(self.model), dense_bytes=0)
+
+    def build(self, recipe: Recipe) -> Built:
+        from llmpareto.compress import apply
+
+        formats = apply(self.model, recipe, self.cache)
+        return Built(self.model, self.tokenizer, self.cache, formats, self.source)
+
+    def eval_windows(self):  # noqa: ANN201 - np.ndarray
+        from llmpareto.text import read_text, tokenize_windows
+
+        s = self.settings
+        return tokenize_windows(self.tokenizer, read_text(s["text"]), s["window"],
+                                s["calib_tokens"], s["eval_tokens"]).eval
+
+
+def build(run_dir: Path, recipe: Recipe) -> Built:
+    return Rebuilder(run_dir).build(recipe)
 
 
 def choose(front: Front, trial: int | None, best: str | None, expr: str | None) -> pd.Series:
@@ -122,32 +141,50 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
         from llmpareto.export_gguf import _check_gguf_formats
 
         _check_gguf_formats(built.formats)
-    if out.exists() and force:
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    # Write next to the target and move into place at the end, so a failure never leaves a
+    # half-written export (or, with --force, destroys the old one first).
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     written = ["recipe.json", "README.md"]
-    recipe.save(out / "recipe.json")
+    recipe.save(tmp / "recipe.json")
     if "gguf" in kinds:
-        write_gguf(out / "model.gguf", built.model, built.cache, built.formats, built.source,
+        write_gguf(tmp / "model.gguf", built.model, built.cache, built.formats, built.source,
                    built.tokenizer)
         written.append("model.gguf")
     if "hf" in kinds:
-        write_hf(out / "hf", built)
+        write_hf(tmp / "hf", built)
         written.append("hf/")
     command = "llmpareto pick " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if sys.argv[1:2] == ["pick"] else \
         f"llmpareto pick {run_dir} --trial {int(row['trial'])} --out {out} --format {','.join(kinds)}"
-    (out / "README.md").write_text(model_card(run_dir, row, recipe, built.formats, written,
+    (tmp / "README.md").write_text(model_card(run_dir, row, recipe, built.formats, written,
                                               command))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
     return out
 
 
 def write_hf(folder: Path, built: Built) -> None:
-    """safetensors + config + tokenizer that AutoModelForCausalLM.from_pretrained loads offline."""
+    """safetensors + config + tokenizer that AutoModelForCausalLM.from_pretrained loads offline.
+
+    Written by hand rather than save_pretrained, which refuses models that came through the
+    GGUF loader; the weights are the dequantized ones the search evaluated.
+    """
+    from safetensors.torch import save_file
+
     model = built.model
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # the GGUF loader's note, not ours to keep
-    model.save_pretrained(folder, safe_serialization=True)
+    folder.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied: the loader points it at the embedding
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)  # the GGUF loader's note: these weights are plain
+    cfg["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     built.tokenizer.save_pretrained(folder)
     (folder / "recipe.json").write_text(Recipe.to_json(Recipe.from_dict(
         {"modules": {k: ({"format": v} if v else None) for k, v in built.formats.items()}})))

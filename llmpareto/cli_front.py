@@ -1,0 +1,107 @@
+"""`llmpareto front` (show, filter, plot, measure a run's front) and `llmpareto pick` (export)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from llmpareto.errors import UserError
+
+
+def measure_front(run_dir: Path, df: pd.DataFrame, threads: int | None = None) -> pd.DataFrame:
+    """Export each front point to GGUF (kept under exports/) and measure it in llama.cpp."""
+    from llmpareto.evaluators.llamacpp import LlamaCppEvaluator
+    from llmpareto.export_gguf import write_gguf
+    from llmpareto.front import Front
+    from llmpareto.pick import Rebuilder
+
+    front = Front.load(run_dir)
+    rb = Rebuilder(run_dir)
+    ev = LlamaCppEvaluator(rb.eval_windows(), threads)
+    rows = []
+    for _, row in df.iterrows():
+        path = run_dir / "exports" / f"trial-{int(row['trial'])}.gguf"
+        if not path.is_file():
+            built = rb.build(front.recipe(int(row["trial"])))
+            path.parent.mkdir(exist_ok=True)
+            write_gguf(path, built.model, built.cache, built.formats, built.source, built.tokenizer)
+        rows.append({"trial": row["trial"], **ev.evaluate_file(str(path))})
+    return df.merge(pd.DataFrame(rows), on="trial", how="left")
+
+
+def _html(df: pd.DataFrame, png: Path, title: str) -> str:
+    img = base64.b64encode(png.read_bytes()).decode()
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+            f"<body><h1>{title}</h1><img src='data:image/png;base64,{img}'>"
+            f"{df.to_html(index=False, float_format=lambda v: f'{v:.4g}')}</body></html>")
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from llmpareto.front import Front
+    from llmpareto.query import where
+
+    run = Path(args.run)
+    front = Front.load(run)
+    df = where(front.df, args.where)
+    if args.sort:
+        if args.sort not in df.columns:
+            raise UserError(f"--sort {args.sort!r}: unknown column; columns: "
+                            f"{', '.join(c for c in df.columns if not c.startswith('param:'))}")
+        df = df.sort_values(args.sort)
+    if args.measure:
+        df = measure_front(run, df, args.threads)
+    shown = Front(df, front.objectives, front.trials, front.run_dir)
+    if args.plot:
+        out = Path(args.plot)
+        if out.suffix not in (".png", ".html"):
+            raise UserError(f"--plot {out}: give a .png or .html file name")
+        png = out if out.suffix == ".png" else out.with_suffix(".png")
+        shown.plot(png, title=f"{run.name}: Pareto front")
+        if out.suffix == ".html":
+            out.write_text(_html(df.drop(columns=[c for c in df if c.startswith("param:")]), png,
+                                 f"{run.name}: Pareto front"))
+    if args.format == "csv":
+        print(df.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(json.dumps(df.replace({float("nan"): None}).to_dict(orient="records"), indent=2))
+    else:
+        measured = [c for c in df.columns if c.startswith("measured_")]
+        print(shown.table(extra=measured))
+    return 0
+
+
+def cmd_pick(args: argparse.Namespace) -> int:
+    from llmpareto.pick import pick
+
+    if args.trial is None and args.best is None:
+        raise UserError("say which point: --trial N, or --best METRIC [--where EXPR]")
+    out = pick(args.run, args.out, trial=args.trial, best=args.best, where_expr=args.where,
+               formats=args.format, force=args.force)
+    print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+def add_front_commands(sub) -> None:  # noqa: ANN001 - argparse subparsers
+    pf = sub.add_parser("front", help="show a run's Pareto front (filter, sort, plot, measure)")
+    pf.add_argument("run", help="run directory, e.g. runs/<study>")
+    pf.add_argument("--sort", help="column to sort by")
+    pf.add_argument("--where", help='filter, e.g. "latency_ms<=20 and memory_bytes<=150e6"')
+    pf.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    pf.add_argument("--plot", help="write a plot: out.png or out.html")
+    pf.add_argument("--measure", action="store_true",
+                    help="export each point to GGUF and measure it in llama.cpp on this host")
+    pf.add_argument("--threads", type=int, help="llama.cpp threads for --measure")
+    pf.set_defaults(func=cmd_front)
+    pp = sub.add_parser("pick", help="export one front point (GGUF for llama.cpp, HF safetensors)")
+    pp.add_argument("run", help="run directory, e.g. runs/<study>")
+    pp.add_argument("--trial", type=int)
+    pp.add_argument("--best", help="metric to be best in, e.g. perplexity")
+    pp.add_argument("--where", help="with --best: restrict the front first")
+    pp.add_argument("--out", required=True, help="output directory")
+    pp.add_argument("--format", default="gguf,hf", help="gguf, hf or gguf,hf")
+    pp.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    pp.set_defaults(func=cmd_pick)
