@@ -51,8 +51,8 @@ class _Plan:
     fit_rounds: int
 
 
-FULL = _Plan(512 * MiB, 256 * MiB, 9, (1024, 2048), (1, 2, 4, 8, 16), 90, 3)
-QUICK = _Plan(128 * MiB, 128 * MiB, 3, (1024,), (1, 8), 30, 1)
+FULL = _Plan(512 * MiB, 256 * MiB, 9, (1024, 2048), (1, 2, 4, 8, 16), 150, 5)
+QUICK = _Plan(128 * MiB, 128 * MiB, 3, (1024,), (1, 8), 40, 2)
 
 
 def _times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -164,8 +164,8 @@ def _tiny_llama(n_layers: int) -> torch.nn.Module:
 
 
 def _fit_overheads(plan: _Plan, base: DeviceProfile) -> tuple[float, float, str]:
-    """(s per token, s per layer): median decode step of tiny models minus their roofline
-    time, fitted by least squares as a + b * layers (both clamped at 0)."""
+    """(s per token, s per layer): decode step time of tiny models minus their roofline time,
+    fitted by least squares as a + b * layers (both clamped at 0)."""
     from llmpareto.evaluators.cost import op_costs, summarize
 
     from llmpareto.arch import Arch
@@ -173,22 +173,24 @@ def _fit_overheads(plan: _Plan, base: DeviceProfile) -> tuple[float, float, str]
 
     work = Workload(prompt_tokens=FIT_CONTEXT, context=FIT_CONTEXT)
     models = {n: _tiny_llama(n) for n in plan.layer_counts}
-    steps: dict[int, list[float]] = {n: [] for n in models}
+    rounds: dict[int, list[float]] = {n: [] for n in models}
     for _ in range(plan.fit_rounds):  # interleaved, so a burst of load hits every depth alike
         for n, model in models.items():
-            steps[n] += time_decode_steps(model, FIT_CONTEXT, plan.decode_steps // plan.fit_rounds)
+            steps = time_decode_steps(model, FIT_CONTEXT, plan.decode_steps // plan.fit_rounds)
+            rounds[n].append(statistics.median(steps))
     xs, ys = [], []
     for n, model in models.items():
         arch = Arch.from_model(model)
         fmts = {t.fqn: None for t in arch.tensors}
         roof_s = summarize(op_costs(arch, fmts, base, work), arch, base, work)["latency_ms"] / 1e3
         xs.append(n)
-        ys.append(statistics.median(steps[n]) - roof_s)
+        ys.append(min(rounds[n]) - roof_s)  # the least disturbed round (shared machines)
     per_layer, per_token = _line(xs, ys)
     pts = ", ".join(f"{n} layers {1e3 * y:.3f} ms" for n, y in zip(xs, ys))
-    note = (f"median single-token decode step (KV cache {FIT_CONTEXT} positions, "
-            f"{plan.decode_steps} steps) of tiny random LlamaForCausalLM ({_tiny_desc()}) minus "
-            f"its roofline time: {pts}; least-squares fit a + b * layers")
+    note = (f"single-token decode step (KV cache {FIT_CONTEXT} positions; best of "
+            f"{plan.fit_rounds} interleaved rounds of the median of "
+            f"{plan.decode_steps // plan.fit_rounds} steps) of tiny random LlamaForCausalLM "
+            f"({_tiny_desc()}) minus its roofline time: {pts}; least-squares fit a + b * layers")
     return per_token, per_layer, note
 
 
@@ -296,7 +298,27 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _base_profile(plan: _Plan, today: str) -> tuple[DeviceProfile, dict[str, str]]:
+def _estimate_sources(mem_how: str, power_how: str, gemv_Bps: float, prefill_flops_s: float,
+                      today: str) -> dict[str, str]:
+    """Sources of the fields that are read or estimated rather than timed."""
+    upper = "(device-level upper bound)"
+    return {
+        "memory_bytes": f"derived: {mem_how}, read on {today}",
+        "fast_formats": "derived: torch has no kernels for GGUF block formats; quantized "
+                        "weights are dequantized before the matmul, so none are fast",
+        "sparse": "derived: torch CPU dense matmuls skip no zeros; no structured sparsity",
+        "power_active_w": f"derived: estimate, the true power of this host is not measurable "
+                          f"here; {power_how}",
+        "power_idle_w": f"derived: estimate, {IDLE_FRACTION} x power_active_w, the idle floor "
+                        "of codecarbon's CPU load model (TDP * (0.1 + 0.9 * load^3))",
+        "energy_pj_per_byte": "derived: estimate, (power_active_w - power_idle_w) / achieved "
+                              f"decode GEMV rate {gemv_Bps / 1e9:.1f} GB/s {upper}",
+        "energy_pj_per_flop": "derived: estimate, (power_active_w - power_idle_w) / achieved "
+                              f"prefill rate {prefill_flops_s / 1e9:.1f} GFLOP/s {upper}",
+    }
+
+
+def _base_profile(plan: _Plan, today: str) -> DeviceProfile:
     """Everything but the fixed overheads (fitted afterwards against this profile's roofline)."""
     import torch
 
@@ -313,7 +335,6 @@ def _base_profile(plan: _Plan, today: str) -> tuple[DeviceProfile, dict[str, str
     shapes = ", ".join(f"{o}x{i}" for o, i in GEMV_SHAPES)
     m = f"derived: measured on {today} with torch {torch.__version__} ({threads} threads):"
     sources = {
-        "memory_bytes": f"derived: {mem_how}, read on {today}",
         "bandwidth_Bps": f"{m} best of {plan.repeats} reductions (sum) over a "
                          f"{plan.stream_bytes // MiB} MiB f32 buffer = {stream / 1e9:.1f} GB/s"
                          + (" (the GEMV test was faster and is used)" if gemv > stream else ""),
@@ -323,19 +344,9 @@ def _base_profile(plan: _Plan, today: str) -> tuple[DeviceProfile, dict[str, str
         "eta_compute": f"{m} f32 F.linear on {PREFILL_TOKENS} tokens with [{shapes}] weights "
                        f"(prefill), best of {plan.repeats}: {prefill / 1e9:.1f} GFLOP/s / "
                        "peak_flops.f32",
-        "fast_formats": "derived: torch has no kernels for GGUF block formats; quantized "
-                        "weights are dequantized before the matmul, so none are fast",
-        "sparse": "derived: torch CPU dense matmuls skip no zeros; no structured sparsity",
-        "power_active_w": f"derived: estimate, the true power of this host is not measurable "
-                          f"here; {power_how}",
-        "power_idle_w": f"derived: estimate, {IDLE_FRACTION} x power_active_w, the idle floor "
-                        "of codecarbon's CPU load model (TDP * (0.1 + 0.9 * load^3))",
-        "energy_pj_per_byte": "derived: estimate, (power_active_w - power_idle_w) / achieved "
-                              f"decode GEMV rate {gemv / 1e9:.1f} GB/s (device-level upper bound)",
-        "energy_pj_per_flop": "derived: estimate, (power_active_w - power_idle_w) / achieved "
-                              f"prefill rate {prefill / 1e9:.1f} GFLOP/s (device-level upper bound)",
     }
     sources.update({f"peak_flops.{k}": f"{m} {v}" for k, v in peak_notes.items()})
+    sources.update(_estimate_sources(mem_how, power_how, gemv, prefill, today))
     if prefill >= peaks["f32"]:
         sources["peak_flops.f32"] += "; the prefill-shape matmul was faster and is used"
     profile = DeviceProfile(
@@ -347,7 +358,7 @@ def _base_profile(plan: _Plan, today: str) -> tuple[DeviceProfile, dict[str, str
         sparse=(), power_active_w=power, power_idle_w=idle,
         energy_pj_per_byte=1e12 * (power - idle) / gemv,
         energy_pj_per_flop=1e12 * (power - idle) / prefill, peak_flops=peaks, sources=sources)
-    return profile, sources
+    return profile
 
 
 def measure_host_profile(runtime: str = "torch", quick: bool = False) -> DeviceProfile:
@@ -360,10 +371,10 @@ def measure_host_profile(runtime: str = "torch", quick: bool = False) -> DeviceP
     plan = QUICK if quick else FULL
     today = datetime.date.today().isoformat()
     meter = other_cpu_meter()
-    base, sources = _base_profile(plan, today)
+    base = _base_profile(plan, today)
     per_token, per_layer, note = _fit_overheads(plan, base)
     fit = f"derived: measured on {today}: {note}"
-    sources = {**sources, "overhead_s_per_token": f"{fit}; intercept a",
+    sources = {**base.sources, "overhead_s_per_token": f"{fit}; intercept a",
                "overhead_s_per_layer": f"{fit}; slope b"}
     data = dataclasses.replace(base, overhead_s_per_token=per_token,
                                overhead_s_per_layer=per_layer, sources=sources).to_dict()

@@ -64,3 +64,19 @@ def test_memory_of_uniform_recipes(smollm):
     assert f16["weights_bytes"] == 2 * searched + 4 * arch.other_params
     q8 = ev.evaluate(Candidate(Recipe.uniform("q8_0"), arch.formats_for(Recipe.uniform("q8_0"))))
     assert q8["weights_bytes"] == searched * 34 // 32 + 4 * arch.other_params
+
+
+def test_mixed_export_runs_in_llama_cpp_with_the_search_time_perplexity(smollm, tmp_path):
+    from llmpareto.evaluators.llamacpp import gguf_perplexity
+    from llmpareto.export_gguf import write_gguf
+
+    model, arch, windows, cache = smollm
+    recipe = Recipe({"re:.*mlp.*": {"format": "q4_0"}, "re:.*self_attn.*": {"format": "q8_0"},
+                     "model.layers.3.mlp.down_proj": {"format": "tq2_0"},
+                     "model.embed_tokens": {"format": "q5_1"}})
+    formats = apply(model, recipe, cache)
+    searched = PerplexityEvaluator(windows.eval[:4]).evaluate(Candidate(recipe, formats, model))
+    path = write_gguf(tmp_path / "m.gguf", model, cache, formats, resolve_model("smollm2-135m"),
+                      None)
+    measured = gguf_perplexity(str(path), windows.eval[:4])
+    assert abs(measured - searched["perplexity"]) / searched["perplexity"] < 0.01

@@ -1,0 +1,148 @@
+"""pick / front: exported GGUF and HF files are the searched model, and run for real."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import llmpareto
+from llmpareto.cli import main
+from llmpareto.errors import UserError
+from llmpareto.export_gguf import gguf_name, unpermute_rows
+from llmpareto.pick import Rebuilder, pick
+from llmpareto.query import where
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    front = llmpareto.search(model=str(tiny_model_dir), runs_dir=str(runs), study="e", window=64,
+                             eval_tokens=256, calib_tokens=0, trials=12, progress=False,
+                             context=512, granularity="module", seed=1)
+    return runs / "e", front
+
+
+def _mixed_trial(front):
+    """A front point whose recipe mixes several formats (the interesting case to export)."""
+    best = None
+    for t in front.df["trial"]:
+        n = len({c.get("format") for c in front.recipe(int(t)).modules.values()})
+        if best is None or n > best[0]:
+            best = (n, int(t))
+    return best[1]
+
+
+def test_gguf_export_is_bit_identical_and_runs_in_llama_cpp(run, tmp_path):
+    from llmpareto.evaluators.llamacpp import gguf_perplexity
+
+    run_dir, front = run
+    trial = _mixed_trial(front)
+    out = pick(run_dir, tmp_path / "x", trial=trial, formats="gguf")
+    rb = Rebuilder(run_dir)
+    built = rb.build(front.recipe(trial))
+    cfg = built.model.config
+    reader = gguf.GGUFReader(out / "model.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    types = set()
+    for name, p in built.model.named_parameters():
+        t = tensors[gguf_name(name, cfg.num_hidden_layers)]
+        types.add(t.tensor_type.name)
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape)
+        if "q_proj" in name:
+            w = unpermute_rows(w, cfg.num_attention_heads)
+        if "k_proj" in name:
+            w = unpermute_rows(w, cfg.num_key_value_heads)
+        assert np.array_equal(w.view(np.uint32), p.detach().numpy().view(np.uint32)), name
+    assert len(types - {"F32"}) >= 2  # really mixed precision
+    searched = float(front.df.set_index("trial").loc[trial, "perplexity"])
+    measured = gguf_perplexity(str(out / "model.gguf"), rb.eval_windows())
+    assert abs(measured - searched) / searched < 0.01
+
+
+def test_hf_export_reloads_with_the_same_logits(run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, front = run
+    trial = _mixed_trial(front)
+    out = pick(run_dir, tmp_path / "h", trial=trial, formats="hf")
+    assert not (out / "model.gguf").exists() and (out / "README.md").is_file()
+    card = (out / "README.md").read_text()
+    assert f"trial {trial}" in card and "llmpareto pick" in card and "perplexity" in card
+    rb = Rebuilder(run_dir)
+    built = rb.build(front.recipe(trial))
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True)
+    ids = torch.from_numpy(rb.eval_windows()[:2])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, built.model(ids).logits)
+    assert json.loads((out / "hf" / "recipe.json").read_text())["version"] == 1
+
+
+def test_formats_gguf_cannot_hold_export_to_hf_only(tiny_model_dir, tmp_path):
+    front = llmpareto.search(model=str(tiny_model_dir), runs_dir=str(tmp_path), study="i",
+                             window=64, eval_tokens=128, calib_tokens=0, trials=2,
+                             progress=False, context=256, formats="int4_g64,int8_g64")
+    trial = int(front.df["trial"].iloc[0])
+    with pytest.raises(UserError, match="GGUF cannot hold.*--format hf"):
+        pick(tmp_path / "i", tmp_path / "o", trial=trial, formats="gguf")
+    assert not (tmp_path / "o").exists()
+    pick(tmp_path / "i", tmp_path / "o", trial=trial, formats="hf")
+    assert (tmp_path / "o" / "hf" / "model.safetensors").is_file()
+
+
+def test_pick_refuses_bad_requests(run, tmp_path, capsys):
+    run_dir, front = run
+    trial = int(front.df["trial"].iloc[0])
+    off = sorted(set(front.trials["trial"]) - set(front.df["trial"]))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    code = main(["pick", str(run_dir), "--trial", str(trial), "--out", str(tmp_path / "full")])
+    assert code == 2 and "--force" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    code = main(["pick", str(run_dir), "--trial", "999", "--out", str(tmp_path / "n")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    if off:
+        code = main(["pick", str(run_dir), "--trial", str(off[0]), "--out", str(tmp_path / "n")])
+        err = capsys.readouterr().err
+        assert code == 2 and "nearest front point" in err and "--trial" in err
+    code = main(["pick", str(run_dir), "--best", "perplexity", "--where", "nope > 1",
+                 "--out", str(tmp_path / "n")])
+    assert code == 2 and "unknown column 'nope'" in capsys.readouterr().err
+    assert main(["pick", str(run_dir), "--trial", str(trial), "--out", str(tmp_path / "full"),
+                 "--format", "gguf", "--force"]) == 0
+    assert not (tmp_path / "full" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("expr", ["__import__('os').system('true')", "perplexity.real > 1",
+                                  "open('x') == 1", "[c for c in 'ab']", "perplexity < (1).bit_length()",
+                                  "lambda: 1", "perplexity <"])
+def test_where_never_runs_code(expr):
+    import pandas as pd
+
+    with pytest.raises(UserError, match="--where"):
+        where(pd.DataFrame({"perplexity": [1.0, 2.0]}), expr)
+
+
+def test_where_filters():
+    import pandas as pd
+
+    df = pd.DataFrame({"latency_ms": [10, 20, 30], "memory_bytes": [3e8, 1e8, 2e8],
+                       "baseline": ["uniform f16", "", ""]})
+    assert where(df, "latency_ms<=20 and memory_bytes<=150e6").index.tolist() == [1]
+    assert where(df, "latency_ms < 15 or not memory_bytes > 1.5e8").index.tolist() == [0, 1]
+    assert where(df, "10 < latency_ms <= 30").index.tolist() == [1, 2]
+    assert where(df, "baseline == 'uniform f16'").index.tolist() == [0]
+
+
+def test_front_command_formats_plot_and_measure(run, tmp_path, capsys):
+    run_dir, front = run
+    assert main(["front", str(run_dir), "--format", "json", "--sort", "perplexity"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["trial"] for r in rows] == front.df.sort_values("perplexity")["trial"].tolist()
+    assert main(["front", str(run_dir), "--where", "perplexity > 0", "--plot",
+                 str(tmp_path / "f.html"), "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "measured_latency_ms" in out and "measured_perplexity" in out
+    assert "<img src='data:image/png;base64," in (tmp_path / "f.html").read_text()
+    assert list((run_dir / "exports").glob("trial-*.gguf"))
