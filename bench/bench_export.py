@@ -1,0 +1,102 @@
+"""Benchmark for issue 4: predicted vs measured decode of exported front points in llama.cpp.
+
+Runs a search on the default model, exports at least 8 front points (distinct recipes) to
+GGUF, measures decode ms/token in llama.cpp on this host and compares with the `host`
+profile calibrated for llama.cpp on tiny random models (not these points). Prints Spearman
+rank correlation, mean absolute percentage error, and writes a predicted-vs-measured plot.
+
+Run: python -m llmpareto.bench.bench_export [--trials 60] [--out bench-runs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import pandas as pd
+
+CONTEXT = 256
+
+
+def main() -> None:
+    import llmpareto
+    from llmpareto.budget import Workload
+    from llmpareto.evaluators.cost import op_costs, summarize
+    from llmpareto.evaluators.host import measure_host_profile
+    from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp
+    from llmpareto.evaluators.llamacpp import gguf_speed
+    from llmpareto.export_gguf import write_gguf
+    from llmpareto.pick import Rebuilder
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=60)
+    ap.add_argument("--points", type=int, default=10)
+    ap.add_argument("--out", default="bench-runs")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    profile = calibrate_llamacpp(measure_host_profile())
+    print(f"host profile (llama.cpp): eta_mem {profile.eta_mem:.3f}, eta_compute "
+          f"{profile.eta_compute:.3f}, overhead {1e3 * profile.overhead_s_per_token:.3f} ms/token "
+          f"+ {1e6 * profile.overhead_s_per_layer:.1f} us/layer, bandwidth "
+          f"{profile.bandwidth_Bps / 1e9:.1f} GB/s ({time.perf_counter() - t0:.0f} s)")
+    study = f"bench-export-{time.strftime('%Y%m%d-%H%M%S')}"
+    front = llmpareto.search(trials=args.trials, study=study, runs_dir=args.out,
+                             granularity="module", eval_tokens=512, progress=False)
+    run = Path(args.out) / study
+    trials = front.trials[front.trials["state"] == "COMPLETE"]
+    # the front first, then other feasible trials spread over memory, to reach --points
+    chosen = list(front.df["trial"])
+    rest = trials[trials["feasible"] & ~trials["trial"].isin(chosen)].sort_values("memory_bytes")
+    extra = max(0, args.points - len(chosen))
+    if extra and len(rest):
+        step = max(1, len(rest) // extra)
+        chosen += list(rest["trial"].iloc[::step][:extra])
+    print(f"{len(front)} front points; measuring {len(chosen)} exported recipes")
+    rb = Rebuilder(run)
+    rows = []
+    for trial in chosen:
+        built = rb.build(front.recipe(int(trial)))
+        path = run / "exports" / f"trial-{int(trial)}.gguf"
+        path.parent.mkdir(exist_ok=True)
+        write_gguf(path, built.model, built.cache, built.formats, built.source, built.tokenizer)
+        w = Workload(prompt_tokens=128, context=CONTEXT)
+        pred = summarize(op_costs(rb.cache.arch, built.formats, profile, w), rb.cache.arch,
+                         profile, w)["latency_ms"]
+        meas = gguf_speed(str(path), context=CONTEXT)["measured_latency_ms"]
+        rows.append({"trial": int(trial), "on_front": trial in set(front.df["trial"]),
+                     "file_MB": path.stat().st_size / 1e6, "predicted_ms": pred,
+                     "measured_ms": meas})
+    df = pd.DataFrame(rows).sort_values("file_MB")
+    df["error_%"] = 100 * (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    rho = df["predicted_ms"].corr(df["measured_ms"], method="spearman")
+    mape = df["error_%"].abs().mean()
+    print(f"Spearman rank correlation {rho:.3f} (aim >= 0.9); MAPE {mape:.1f}% (aim <= 15%)")
+    _plot(df, run / "predicted_vs_measured.png")
+    print(f"plot: {run / 'predicted_vs_measured.png'}")
+
+
+def _plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    ax.scatter(df["measured_ms"], df["predicted_ms"], c=df["on_front"].map({True: "tab:blue",
+                                                                            False: "0.5"}))
+    lo, hi = df[["measured_ms", "predicted_ms"]].min().min(), df[["measured_ms",
+                                                                   "predicted_ms"]].max().max()
+    ax.plot([lo, hi], [lo, hi], "--", c="k", lw=1, label="predicted = measured")
+    ax.set_xlabel("measured decode ms/token (llama.cpp, this host)")
+    ax.set_ylabel("predicted decode ms/token (host profile)")
+    ax.set_title("exported recipes: predicted vs measured")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
