@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 MiB = 2**20
-RUNTIMES = ("torch",)
+RUNTIMES = ("torch", "llamacpp")
 # A dtype whose 256^3 matmul runs this many times below the f32 peak is emulated in scalar code;
 # no runtime would choose it, so it gets no peak_flops entry (cost.py then falls back).
 SLOW_DTYPE_FACTOR = 10.0
@@ -388,4 +388,9 @@ def measure_host_profile(runtime: str = "torch", quick: bool = False) -> DeviceP
             "it is slower than this machine is when idle. Measure again when it is idle (delete "
             "the cached profile: $LLMPARETO_HOST_PROFILE or ~/.cache/llmpareto/host.toml)",
             100 * busy)
-    return profile_from_dict(data, "host (measured)")
+    profile = profile_from_dict(data, "host (measured)")
+    if runtime == "llamacpp":  # same machine numbers, llama.cpp's own efficiencies and kernels
+        from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp
+
+        profile = calibrate_llamacpp(profile, quick=quick)
+    return profile

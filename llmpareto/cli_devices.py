@@ -45,7 +45,7 @@ def cmd_profile_host(args: argparse.Namespace) -> int:
     from llmpareto.device_profiles import dump_toml
     from llmpareto.evaluators.host import measure_host_profile
 
-    profile = measure_host_profile(quick=args.quick)
+    profile = measure_host_profile(runtime=args.runtime, quick=args.quick)
     text = dump_toml(profile)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
@@ -104,6 +104,9 @@ def add_device_commands(sub) -> None:  # noqa: ANN001 - argparse subparsers
     ph = sub.add_parser("profile-host", help="measure this machine and write a device profile")
     ph.add_argument("--out", help="TOML file to write (default: print)")
     ph.add_argument("--quick", action="store_true", help="smaller, faster measurements")
+    ph.add_argument("--runtime", choices=("torch", "llamacpp"), default="torch",
+                    help="whose efficiencies to measure: torch (transformers eager, what the "
+                         "search runs) or llamacpp (calibrated on tiny random GGUF models)")
     ph.set_defaults(func=cmd_profile_host)
     pc = sub.add_parser("cost", help="per-layer-kind bytes, FLOPs, time and energy on a device")
     pc.add_argument("--model", default="smollm2-135m",

@@ -78,3 +78,13 @@ def test_overhead_line_fit_is_exact_and_never_negative() -> None:
     assert host._line([1, 8], [0.5, 0.1]) == (0.0, pytest.approx(0.3))  # falling: no slope
     slope, intercept = host._line([1, 8], [0.05, 1.6])  # negative intercept: through origin
     assert intercept == 0.0 and slope > 0
+
+
+def test_llamacpp_runtime_calibration_is_fitted_from_gguf_models():
+    from llmpareto.evaluators.host import measure_host_profile
+
+    p = measure_host_profile(runtime="llamacpp", quick=True)
+    assert p.runtime.startswith("llama.cpp")
+    assert set(p.fast_formats) == {"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "tq2_0"}
+    assert 0 < p.eta_mem <= 1 and 0 < p.eta_compute <= 1
+    assert "calibration GGUFs" in p.sources["eta_mem"]
