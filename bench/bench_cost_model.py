@@ -18,6 +18,7 @@ import pandas as pd
 
 if TYPE_CHECKING:
     import torch
+
     from llmpareto.device_profiles.schema import DeviceProfile
 
 T = TypeVar("T")
@@ -47,10 +48,9 @@ def quietly(fn: Callable[[], T], tries: int = 3, wait_s: float = 20.0) -> tuple[
 
 def predict(model: torch.nn.Module, profile: DeviceProfile, context: int) -> dict[str, float]:
     """Predicted decode cost of the unquantized (f32) model at `context` KV positions."""
-    from llmpareto.evaluators.cost import op_costs, summarize
-
     from llmpareto.arch import Arch
     from llmpareto.budget import Workload
+    from llmpareto.evaluators.cost import op_costs, summarize
 
     arch = Arch.from_model(model)
     work = Workload(prompt_tokens=context, context=context)

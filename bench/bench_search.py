@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 
-def plain_forward_seconds(settings, repeats: int = 3) -> float:  # noqa: ANN001
+def plain_forward_seconds(settings, repeats: int = 3) -> float:
     from llmpareto.evaluators.quality import window_nll
     from llmpareto.models import load_model, resolve_model
     from llmpareto.text import read_text, tokenize_windows

@@ -4,7 +4,7 @@ The tensor math lives in pure functions (llmpareto.formats for quantization); th
 holds the prepared-variant cache and the glue that puts variants into a torch model.
 """
 
-from llmpareto.compress.swap import apply
 from llmpareto.compress.cache import VariantCache
+from llmpareto.compress.swap import apply
 
-__all__ = ["apply", "VariantCache"]
+__all__ = ["VariantCache", "apply"]

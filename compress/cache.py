@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class VariantCache:
             self.prepare_seconds += time.perf_counter() - t0
         return self.packed[key]
 
-    def prepare(self, pairs: Iterable[tuple[str, str]], progress=None) -> None:  # noqa: ANN001
+    def prepare(self, pairs: Iterable[tuple[str, str]], progress=None) -> None:
         """Quantize every pair now; also fill the dense level while it has room, so the
         first trials swap pointers instead of dequantizing on the hot path."""
         for fqn, fmt in pairs:

@@ -7,7 +7,7 @@ this time on every tensor whose format changed, so it sits on the search's hot p
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -13,5 +13,12 @@ from llmpareto.device_profiles.loader import (
 )
 from llmpareto.device_profiles.schema import DeviceProfile, profile_from_dict
 
-__all__ = ["DeviceProfile", "HOST", "dump_toml", "list_profiles", "load_profile",
-           "profile_dir", "profile_from_dict"]
+__all__ = [
+    "HOST",
+    "DeviceProfile",
+    "dump_toml",
+    "list_profiles",
+    "load_profile",
+    "profile_dir",
+    "profile_from_dict",
+]

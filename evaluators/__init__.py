@@ -2,11 +2,17 @@
 quality ones need the model. `METRICS` names every metric, its unit and who needs a model.
 """
 
-from llmpareto.evaluators.base import Candidate, Evaluator, METRICS, metric_names
+from llmpareto.evaluators.base import METRICS, Candidate, Evaluator, metric_names
 from llmpareto.evaluators.cost import LatencyEnergyEvaluator, MemoryEvaluator
 from llmpareto.evaluators.quality import KLEvaluator, PerplexityEvaluator
 
 __all__ = [
-    "Candidate", "Evaluator", "METRICS", "metric_names",
-    "MemoryEvaluator", "LatencyEnergyEvaluator", "PerplexityEvaluator", "KLEvaluator",
+    "METRICS",
+    "Candidate",
+    "Evaluator",
+    "KLEvaluator",
+    "LatencyEnergyEvaluator",
+    "MemoryEvaluator",
+    "PerplexityEvaluator",
+    "metric_names",
 ]

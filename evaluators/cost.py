@@ -7,7 +7,7 @@ the device has no kernel for is costed as dequantized to f16 (2 bytes a weight, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from llmpareto.arch import Arch, Tensor2D
@@ -139,7 +139,7 @@ def summarize(ops: list[OpCost], arch: Arch, p: DeviceProfile, w: Workload) -> d
 @dataclass
 class MemoryEvaluator:
     arch: Arch
-    workload: Workload = Workload()
+    workload: Workload = field(default_factory=Workload)
     profile: DeviceProfile | None = None  # when set, also says whether it fits
 
     metrics: ClassVar[tuple[str, ...]] = ("memory_bytes", "weights_bytes", "kv_cache_bytes",
@@ -162,7 +162,7 @@ class MemoryEvaluator:
 class LatencyEnergyEvaluator:
     arch: Arch
     profile: DeviceProfile
-    workload: Workload = Workload()
+    workload: Workload = field(default_factory=Workload)
 
     metrics: ClassVar[tuple[str, ...]] = ("latency_ms", "decode_tokens_per_s", "prefill_ms",
                                           "energy_mj")
@@ -193,6 +193,16 @@ def breakdown(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
     return list(rows.values())
 
 
-__all__ = ["MemoryEvaluator", "LatencyEnergyEvaluator", "OpCost", "Workload",
-           "activation_bytes", "breakdown", "kv_cache_bytes", "op_costs", "roofline",
-           "summarize", "weights_bytes"]
+__all__ = [
+    "LatencyEnergyEvaluator",
+    "MemoryEvaluator",
+    "OpCost",
+    "Workload",
+    "activation_bytes",
+    "breakdown",
+    "kv_cache_bytes",
+    "op_costs",
+    "roofline",
+    "summarize",
+    "weights_bytes",
+]

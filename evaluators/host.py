@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmpareto.device_profiles.schema import DeviceProfile, profile_from_dict
-
 from llmpareto.errors import UserError
 
 if TYPE_CHECKING:
@@ -166,10 +165,9 @@ def _tiny_llama(n_layers: int) -> torch.nn.Module:
 def _fit_overheads(plan: _Plan, base: DeviceProfile) -> tuple[float, float, str]:
     """(s per token, s per layer): decode step time of tiny models minus their roofline time,
     fitted by least squares as a + b * layers (both clamped at 0)."""
-    from llmpareto.evaluators.cost import op_costs, summarize
-
     from llmpareto.arch import Arch
     from llmpareto.budget import Workload
+    from llmpareto.evaluators.cost import op_costs, summarize
 
     work = Workload(prompt_tokens=FIT_CONTEXT, context=FIT_CONTEXT)
     models = {n: _tiny_llama(n) for n in plan.layer_counts}

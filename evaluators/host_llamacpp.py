@@ -26,7 +26,7 @@ CAL_FORMATS = ("f16", "q8_0", "q4_0")
 CONTEXT = 256
 
 
-def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:  # noqa: ANN001
+def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
     """Export each calibration model in each format; returns (path, arch, formats)."""
     from llmpareto.arch import Arch
     from llmpareto.compress import VariantCache, apply
@@ -52,7 +52,7 @@ def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
     return out
 
 
-def _predicted_parts(arch, formats, profile: DeviceProfile, context: int):  # noqa: ANN001, ANN202
+def _predicted_parts(arch, formats, profile: DeviceProfile, context: int):
     """(decode bytes, prefill FLOPs by dtype time at eta 1) from the cost model's op list."""
     from llmpareto.budget import Workload
     from llmpareto.evaluators.cost import op_costs

@@ -17,7 +17,7 @@ import numpy as np
 from llmpareto.errors import UserError
 
 
-def _llama(path: str, n_ctx: int, threads: int | None, logits_all: bool = False):  # noqa: ANN202
+def _llama(path: str, n_ctx: int, threads: int | None, logits_all: bool = False):
     try:
         from llama_cpp import Llama
     except ImportError:

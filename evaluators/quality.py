@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from llmpareto.evaluators.base import Candidate
 
 
-def _batches(windows: np.ndarray, batch_size: int):  # noqa: ANN202
+def _batches(windows: np.ndarray, batch_size: int):
     for i in range(0, len(windows), batch_size):
         yield torch.from_numpy(windows[i : i + batch_size])
 

@@ -12,25 +12,24 @@ from pathlib import Path as _Path
 # (cwd on sys.path, `python -m ...`), the mapping is bypassed; adding the checkout root to
 # __path__ lets `llmpareto.search` resolve to ../search there too.
 _root = _Path(__file__).resolve().parent.parent
-if (_root / "pyproject.toml").is_file() and (_root / "search" / "__init__.py").is_file():
-    if str(_root) not in __path__:
-        __path__.append(str(_root))
+if ((_root / "pyproject.toml").is_file() and (_root / "search" / "__init__.py").is_file()
+        and str(_root) not in __path__):
+    __path__.append(str(_root))
 
 __version__ = "0.1.0"
 
-from llmpareto.errors import UserError  # noqa: E402
-from llmpareto.recipe import Recipe  # noqa: E402
-
 # `llmpareto.search` is both the subpackage (search/) and the verb: the module is callable,
 # `llmpareto.search(max_memory="120MB")` runs llmpareto.api.search.
-from llmpareto import search  # noqa: E402
+from llmpareto import search
+from llmpareto.errors import UserError
+from llmpareto.recipe import Recipe
 
 
-def load_front(run_dir):  # noqa: ANN001, ANN201
+def load_front(run_dir):
     """Load the Front of a finished run directory."""
     from llmpareto.front import Front
 
     return Front.load(run_dir)
 
 
-__all__ = ["Recipe", "UserError", "search", "load_front", "__version__"]
+__all__ = ["Recipe", "UserError", "__version__", "load_front", "search"]

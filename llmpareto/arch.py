@@ -73,7 +73,7 @@ class Arch:
         return cls(**d)
 
     @classmethod
-    def from_model(cls, model) -> Arch:  # noqa: ANN001 - a transformers PreTrainedModel
+    def from_model(cls, model) -> Arch:
         import torch
 
         cfg = model.config
@@ -111,7 +111,7 @@ class Arch:
         )
 
     @classmethod
-    def from_config(cls, config) -> Arch:  # noqa: ANN001 - a transformers PretrainedConfig
+    def from_config(cls, config) -> Arch:
         """Shapes only: the model is built on the meta device, so no memory is used and a
         70B config costs as little as a 135M one."""
         import torch

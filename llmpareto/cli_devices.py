@@ -60,9 +60,8 @@ def cmd_profile_host(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     from llmpareto.budget import Workload
     from llmpareto.device_profiles import load_profile
-    from llmpareto.evaluators.cost import breakdown, op_costs, summarize
-    from llmpareto.evaluators.cost import MemoryEvaluator
     from llmpareto.evaluators.base import Candidate
+    from llmpareto.evaluators.cost import MemoryEvaluator, breakdown, op_costs, summarize
     from llmpareto.models import load_arch
     from llmpareto.recipe import Recipe
 
@@ -96,7 +95,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_device_commands(sub) -> None:  # noqa: ANN001 - argparse subparsers
+def add_device_commands(sub) -> None:
     pd_ = sub.add_parser("devices", help="list device profiles, or show one with its sources")
     pd_.add_argument("name", nargs="?", help="profile name or .toml path")
     pd_.add_argument("--json", action="store_true")

@@ -85,7 +85,7 @@ def cmd_pick(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_front_commands(sub) -> None:  # noqa: ANN001 - argparse subparsers
+def add_front_commands(sub) -> None:
     pf = sub.add_parser("front", help="show a run's Pareto front (filter, sort, plot, measure)")
     pf.add_argument("run", help="run directory, e.g. runs/<study>")
     pf.add_argument("--sort", help="column to sort by")

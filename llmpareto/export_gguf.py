@@ -52,7 +52,7 @@ def _check_gguf_formats(formats: dict[str, str | None]) -> None:
         )
 
 
-def _copy_metadata(writer, source_gguf: str, n_blocks: int) -> None:  # noqa: ANN001
+def _copy_metadata(writer, source_gguf: str, n_blocks: int) -> None:
     import gguf
 
     reader = gguf.GGUFReader(source_gguf)
@@ -65,7 +65,7 @@ def _copy_metadata(writer, source_gguf: str, n_blocks: int) -> None:  # noqa: AN
     writer.add_block_count(n_blocks)
 
 
-def _hf_metadata(writer, cfg, tokenizer, n_blocks: int) -> None:  # noqa: ANN001
+def _hf_metadata(writer, cfg, tokenizer, n_blocks: int) -> None:
     if getattr(cfg, "model_type", "") != "llama":
         raise UserError(f"GGUF export supports llama-family models; this one is "
                         f"{getattr(cfg, 'model_type', '?')!r}: use --format hf")
@@ -83,7 +83,7 @@ def _hf_metadata(writer, cfg, tokenizer, n_blocks: int) -> None:  # noqa: ANN001
     _bpe_tokenizer(writer, tokenizer, cfg)
 
 
-def _bpe_tokenizer(writer, tokenizer, cfg) -> None:  # noqa: ANN001
+def _bpe_tokenizer(writer, tokenizer, cfg) -> None:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
@@ -108,8 +108,8 @@ def _bpe_tokenizer(writer, tokenizer, cfg) -> None:  # noqa: ANN001
     writer.add_add_bos_token(False)
 
 
-def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,  # noqa: ANN001
-               tokenizer) -> Path:  # noqa: ANN001
+def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
+               tokenizer) -> Path:
     """Write `model` (its recipe already applied through `cache`) as one GGUF file."""
     import gguf
 

@@ -7,8 +7,8 @@ All functions here are pure numpy on 2-D float32 arrays (rows x columns, blocks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

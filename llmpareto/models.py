@@ -110,14 +110,14 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> ModelSource:
     raise UserError(f"--model {spec!r}: no such model or path; accepted forms: {MODEL_FORMS}")
 
 
-def load_model(source: ModelSource):  # noqa: ANN201 - (PreTrainedModel, tokenizer)
+def load_model(source: ModelSource):
     """Load model (float32, eval mode, no grad) and tokenizer from resolved local files."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
-    kwargs = dict(local_files_only=True, trust_remote_code=False)
+    kwargs = {"local_files_only": True, "trust_remote_code": False}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
@@ -134,7 +134,7 @@ def load_model(source: ModelSource):  # noqa: ANN201 - (PreTrainedModel, tokeniz
     return model, tok
 
 
-def load_arch(spec: str, allow_pickle: bool = False):  # noqa: ANN201 - llmpareto.arch.Arch
+def load_arch(spec: str, allow_pickle: bool = False):
     """Shapes of a model without its weights: a folder holding only config.json is enough,
     so models far too large to load here (7B, 70B) can still be costed."""
     from transformers import AutoConfig

@@ -54,7 +54,7 @@ class Rebuilder:
         formats = apply(self.model, recipe, self.cache)
         return Built(self.model, self.tokenizer, self.cache, formats, self.source)
 
-    def eval_windows(self):  # noqa: ANN201 - np.ndarray
+    def eval_windows(self):
         from llmpareto.text import read_text, tokenize_windows
 
         s = self.settings
@@ -77,7 +77,7 @@ def choose(front: Front, trial: int | None, best: str | None, expr: str | None) 
                             f"{', '.join(map(str, front.df['trial']))}")
         row = trials[trials["trial"] == trial].iloc[0]
         why = "is not feasible" if not bool(row["feasible"]) else "is not on the Pareto front"
-        x = next(o for o in front.objectives if o.endswith("_bytes") or o.endswith("_ms"))
+        x = next(o for o in front.objectives if o.endswith(("_bytes", "_ms")))
         near = front.df.iloc[(front.df[x] - row[x]).abs().argsort()[:1]]
         raise UserError(f"trial {trial} {why}; the nearest front point by {x} is trial "
                         f"{int(near['trial'].iloc[0])} (pass --trial {int(near['trial'].iloc[0])})")
@@ -102,9 +102,9 @@ def model_card(run_dir: Path, row: pd.Series, recipe: Recipe, formats: dict, wri
     lines = [
         f"# {Path(info['model']['source']).name} compressed by llmpareto (trial {int(row['trial'])})",
         "", f"- Source model: `{s['model']}` ({info['model']['source']})",
-        f"- Device: `{s.get('device', 'none')}`; budget: max_memory={s.get('max_memory')}, "
-        f"max_latency_ms={s.get('max_latency_ms')}, max_energy_mj={s.get('max_energy_mj')}, "
-        f"context={s['context']}",
+        (f"- Device: `{s.get('device', 'none')}`; budget: max_memory={s.get('max_memory')}, "
+         f"max_latency_ms={s.get('max_latency_ms')}, max_energy_mj={s.get('max_energy_mj')}, "
+         f"context={s['context']}"),
         f"- Run: `{run_dir}`, study `{s['study']}`, seed {s['seed']}",
         "", "## Recipe (tensors per format)", "",
         *[f"- {fmt}: {n}" for fmt, n in counts.items()],
@@ -112,9 +112,10 @@ def model_card(run_dir: Path, row: pd.Series, recipe: Recipe, formats: dict, wri
         *[f"- {m}: {row[m]:.6g}" for m in metrics],
         "", "## Files", "",
         *[f"- `{w}`" for w in written],
-        "", "The GGUF file holds each tensor in its recipe's format and is the compressed "
-        "artifact (llama.cpp, transformers' GGUF loader). The `hf/` folder stores the same "
-        "weights dequantized to float32: it is for research and fine-tuning, not deployment.",
+        "", ("The GGUF file holds each tensor in its recipe's format and is the compressed "
+             "artifact (llama.cpp, transformers' GGUF loader). The `hf/` folder stores the same "
+             "weights dequantized to float32: it is for research and fine-tuning, not "
+             "deployment."),
         "", "## Reproduce", "", f"```\n{command}\n```", "",
     ]
     return "\n".join(lines)

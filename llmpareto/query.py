@@ -18,7 +18,7 @@ _CMP = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE:
 FORMS = "e.g. \"latency_ms<=20 and memory_bytes<=150e6\" or \"perplexity < 20 or trial == 3\""
 
 
-def _operand(node: ast.AST, df: pd.DataFrame, expr: str):  # noqa: ANN202
+def _operand(node: ast.AST, df: pd.DataFrame, expr: str):
     if isinstance(node, ast.Name):
         if node.id not in df.columns:
             raise UserError(f"--where {expr!r}: unknown column {node.id!r}; columns: "

@@ -79,7 +79,7 @@ def make_windows(
 
 
 def tokenize_windows(
-    tokenizer, text: tuple[str, str], window: int, calib_tokens: int, eval_tokens: int  # noqa: ANN001
+    tokenizer, text: tuple[str, str], window: int, calib_tokens: int, eval_tokens: int
 ) -> TextWindows:
     """Tokenize `text` (as read_text returns it) once and cut its windows."""
     text, desc = text

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512)
+TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+        "max_position_embeddings": 512}
 
 
 def build_tiny_model(folder: Path, seed: int = 0, tie: bool = True, **config) -> Path:
     """A random LlamaForCausalLM (safetensors) plus a BPE trained on the CPython docs."""
-    import torch
     from pydoc_data.topics import topics
+
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

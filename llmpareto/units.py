@@ -15,7 +15,7 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", 
 SIZE_FORMS = "a number of bytes (120000000 or 1.2e8) or a number with a unit: 120MB, 0.5GB, 300MiB, 2GiB"
 
 
-def parse_bytes(text: str | int | float, flag: str = "--max-memory") -> int:
+def parse_bytes(text: str | float, flag: str = "--max-memory") -> int:
     """'120MB' -> 120_000_000; decimal units are powers of 1000, *iB units powers of 1024."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value, unit = float(text), ""
@@ -24,7 +24,7 @@ def parse_bytes(text: str | int | float, flag: str = "--max-memory") -> int:
         if not m or m.group(2).lower() not in _SIZE_UNITS:
             raise UserError(f"{flag} {text!r} is not a size; use {SIZE_FORMS}.")
         value, unit = float(m.group(1)), m.group(2).lower()
-    result = int(round(value * _SIZE_UNITS[unit]))
+    result = round(value * _SIZE_UNITS[unit])
     if result <= 0:
         raise UserError(f"{flag} {text!r} must be more than 0 bytes; use {SIZE_FORMS}.")
     return result

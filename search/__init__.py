@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from llmpareto.errors import UserError
 
@@ -26,7 +27,7 @@ def get_backend(name: str) -> Callable:
 class _CallableModule(types.ModuleType):
     """Lets `llmpareto.search(...)` run a search while `llmpareto.search` stays a package."""
 
-    def __call__(self, backend: str = "local", **kwargs: Any):  # noqa: ANN204
+    def __call__(self, backend: str = "local", **kwargs: Any):
         from llmpareto.api import search
 
         return search(backend=backend, **kwargs)

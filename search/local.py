@@ -26,7 +26,7 @@ from llmpareto.settings import SearchSettings
 
 
 @contextmanager
-def _emissions(country: str):  # noqa: ANN202 - yields a dict filled on exit
+def _emissions(country: str):
     """Energy and CO2 of the search itself (codecarbon, offline: never a network call)."""
     out: dict = {}
     tracker = None
@@ -75,7 +75,7 @@ def _enqueue_baselines(study: optuna.Study, runner: TrialRunner) -> None:
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
 
 
-def _progress(settings: SearchSettings, done: int):  # noqa: ANN202
+def _progress(settings: SearchSettings, done: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=settings.trials, initial=done, desc="trials", unit="trial",

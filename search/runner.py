@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, field
 
 from llmpareto.arch import Arch
-from llmpareto.compress import VariantCache, apply
-from llmpareto.errors import UserError
 from llmpareto.budget import Budget, Workload
+from llmpareto.compress import VariantCache, apply
 from llmpareto.device_profiles import load_profile
+from llmpareto.errors import UserError
 from llmpareto.evaluators import (
     Candidate,
     KLEvaluator,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 
@@ -32,7 +32,7 @@ def default_population(trials: int) -> int:
     return max(8, min(50, trials // 8))
 
 
-def make_sampler(name: str, seed: int, population: int | None, trials: int):  # noqa: ANN201
+def make_sampler(name: str, seed: int, population: int | None, trials: int):
     if name not in SAMPLERS:
         raise UserError(f"--sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name](seed, population or default_population(trials))

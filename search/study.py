@@ -45,7 +45,7 @@ def _damaged(rd: RunDir, why: str) -> UserError:
     )
 
 
-def run_info(settings: SearchSettings, runner, population: int) -> dict:  # noqa: ANN001
+def run_info(settings: SearchSettings, runner, population: int) -> dict:
     versions = {}
     for name in _VERSIONED:
         try:
@@ -57,8 +57,8 @@ def run_info(settings: SearchSettings, runner, population: int) -> dict:  # noqa
         "model": {"source": runner.source.describe(), "n_params": runner.arch.n_params,
                   "arch": runner.arch.to_dict()},
         "text": {"n_tokens": runner.windows.n_tokens, "sha256": runner.windows.sha256,
-                 "eval_windows": int(len(runner.windows.eval)),
-                 "calib_windows": int(len(runner.windows.calib))},
+                 "eval_windows": len(runner.windows.eval),
+                 "calib_windows": len(runner.windows.calib)},
         "space": runner.space.describe(),
         "device": runner.profile.to_dict(),
         "workload": vars(runner.workload),

@@ -6,4 +6,4 @@ Spaces are registered by name (`SPACES`); `--space formats,sparsity` joins sever
 from llmpareto.spaces.base import SPACES, Space, build_space
 from llmpareto.spaces.formats import FormatSpace
 
-__all__ = ["SPACES", "Space", "build_space", "FormatSpace"]
+__all__ = ["SPACES", "FormatSpace", "Space", "build_space"]

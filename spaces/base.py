@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from llmpareto.arch import Arch
 from llmpareto.errors import UserError
@@ -24,7 +25,7 @@ class Space(Protocol):
 SPACES: dict[str, Callable[..., Space]] = {}
 
 
-def register_space(name: str):  # noqa: ANN201
+def register_space(name: str):
     def deco(factory: Callable[..., Space]) -> Callable[..., Space]:
         SPACES[name] = factory
         return factory

@@ -10,13 +10,13 @@ from llmpareto.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:  # noqa: ANN001
+def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture
-def tiny_settings(tiny_model_dir, tmp_path) -> dict:  # noqa: ANN001
+def tiny_settings(tiny_model_dir, tmp_path) -> dict:
     """Keyword arguments for a fast search on the tiny model."""
-    return dict(model=str(tiny_model_dir), runs_dir=str(tmp_path / "runs"), study="t",
-                window=64, eval_tokens=256, calib_tokens=128, trials=10, progress=False,
-                context=512)
+    return {"model": str(tiny_model_dir), "runs_dir": str(tmp_path / "runs"), "study": "t",
+            "window": 64, "eval_tokens": 256, "calib_tokens": 128, "trials": 10,
+            "progress": False, "context": 512}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from llmpareto.formats import FORMATS, GGUF_FORMATS, effective_format, get_format
 from llmpareto.errors import UserError
+from llmpareto.formats import FORMATS, GGUF_FORMATS, effective_format, get_format
 
 EXPECTED_BPW = {"f16": 16.0, "q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5,
                 "tq2_0": 2.0625}

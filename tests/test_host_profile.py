@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from llmpareto.device_profiles import loader
 from llmpareto.device_profiles.schema import PROFILE_FIELDS, DeviceProfile, profile_from_dict
 from llmpareto.evaluators import host

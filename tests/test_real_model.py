@@ -30,7 +30,7 @@ def smollm():
 
 
 def _ppl(smollm, fmt):
-    model, arch, windows, cache = smollm
+    model, _, windows, cache = smollm
     recipe = Recipe.uniform(fmt)
     formats = apply(model, recipe, cache)
     return PerplexityEvaluator(windows.eval).evaluate(Candidate(recipe, formats, model))[
@@ -54,7 +54,7 @@ def test_uniform_formats_rank_as_expected(smollm):
 
 
 def test_memory_of_uniform_recipes(smollm):
-    model, arch, _, _ = smollm
+    _, arch, _, _ = smollm
     ev = MemoryEvaluator(arch, Workload(context=2048))
     kv = 2 * 30 * 3 * 64 * 2 * 2048
     f16 = ev.evaluate(Candidate(Recipe.uniform("f16"), arch.formats_for(Recipe.uniform("f16"))))
@@ -70,7 +70,7 @@ def test_mixed_export_runs_in_llama_cpp_with_the_search_time_perplexity(smollm, 
     from llmpareto.evaluators.llamacpp import gguf_perplexity
     from llmpareto.export_gguf import write_gguf
 
-    model, arch, windows, cache = smollm
+    model, _, windows, cache = smollm
     recipe = Recipe({"re:.*mlp.*": {"format": "q4_0"}, "re:.*self_attn.*": {"format": "q8_0"},
                      "model.layers.3.mlp.down_proj": {"format": "tq2_0"},
                      "model.embed_tokens": {"format": "q5_1"}})
