@@ -30,6 +30,8 @@ class VariantCache:
         self.model = model
         self.arch = arch
         self.shapes = {t.fqn: (t.rows, t.cols) for t in arch.tensors}
+        # Found once by name: dropping blocks renames modules, the Parameters stay the same.
+        self.params = {fqn: model.get_submodule(fqn).weight for fqn in self.shapes}
         # Trials re-point the model's parameters at variants, so the base weights are kept
         # here (the tensors the model was loaded with, not copies).
         self.base: dict[str, torch.Tensor] = {
@@ -40,11 +42,18 @@ class VariantCache:
         self.dense_bytes = int(dense_bytes)
         self._dense_used = 0
         self.current: dict[str, str | None] = {fqn: None for fqn in self.shapes}
+        # Parameters keep their identity when a trial re-points their data, and when blocks
+        # are dropped their names shift; this maps each searched weight back to its tensor.
+        self.fqn_of_param = {id(self.weight(fqn)): fqn for fqn in self.shapes}
+        inner = getattr(model, "model", None)
+        self.all_layers = list(getattr(inner, "layers", []) or [])
+        self.n_layers = len(self.all_layers)
+        self.layer_types = list(getattr(model.config, "layer_types", None) or [])
         self.prepare_seconds = 0.0
         self.hits = self.misses = 0
 
     def weight(self, fqn: str) -> torch.nn.Parameter:
-        return self.model.get_submodule(fqn).weight
+        return self.params[fqn]
 
     def get(self, fqn: str, fmt: str) -> np.ndarray:
         """Packed variant of tensor `fqn` in format `fmt`, quantized on first use."""

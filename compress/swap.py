@@ -19,6 +19,7 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
     """
     if cache.model is not model:
         raise ValueError("this VariantCache was prepared for another model")
+    _set_layers(model, recipe.structure.get("layers"), cache)
     formats = cache.arch.formats_for(recipe)
     for fqn, fmt in formats.items():
         if cache.current[fqn] == fmt:
@@ -26,3 +27,23 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
         cache.weight(fqn).data = cache.dequantized(fqn, fmt)
         cache.current[fqn] = fmt
     return formats
+
+
+def _set_layers(model: torch.nn.Module, layers: list[int] | None, cache: VariantCache) -> None:
+    """Keep only the listed transformer blocks (None: all), renumbered for the KV cache."""
+    if not cache.all_layers:
+        if layers is not None:
+            raise ValueError("this model has no model.layers to drop blocks from")
+        return
+    kept = list(range(cache.n_layers)) if layers is None else layers
+    current = getattr(model, "_llmpareto_layers", list(range(cache.n_layers)))
+    if kept == current:
+        return
+    model.model.layers = torch.nn.ModuleList(cache.all_layers[i] for i in kept)
+    for new, block in enumerate(model.model.layers):
+        if hasattr(getattr(block, "self_attn", None), "layer_idx"):
+            block.self_attn.layer_idx = new
+    model.config.num_hidden_layers = len(kept)
+    if cache.layer_types:
+        model.config.layer_types = [cache.layer_types[i] for i in kept]
+    model._llmpareto_layers = kept

@@ -147,12 +147,13 @@ class MemoryEvaluator:
     needs_model: ClassVar[bool] = False
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
-        w = weights_bytes(self.arch, candidate.formats)
-        kv = kv_cache_bytes(self.arch, self.workload.context, self.workload.batch)
-        act = activation_bytes(self.arch, self.workload)
+        arch = self.arch.restructure(candidate.recipe.structure)
+        w = weights_bytes(arch, candidate.formats)
+        kv = kv_cache_bytes(arch, self.workload.context, self.workload.batch)
+        act = activation_bytes(arch, self.workload)
         out = {"memory_bytes": float(w + kv + act), "weights_bytes": float(w),
                "kv_cache_bytes": float(kv), "activation_bytes": float(act),
-               "scale_overhead_bytes": float(scale_overhead_bytes(self.arch, candidate.formats))}
+               "scale_overhead_bytes": float(scale_overhead_bytes(arch, candidate.formats))}
         if self.profile is not None:
             out["fits_memory"] = float(w + kv + act <= self.profile.memory_bytes)
         return out
@@ -169,8 +170,9 @@ class LatencyEnergyEvaluator:
     needs_model: ClassVar[bool] = False
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
-        ops = op_costs(self.arch, candidate.formats, self.profile, self.workload)
-        s = summarize(ops, self.arch, self.profile, self.workload)
+        arch = self.arch.restructure(candidate.recipe.structure)
+        ops = op_costs(arch, candidate.formats, self.profile, self.workload)
+        s = summarize(ops, arch, self.profile, self.workload)
         return {k: s[k] for k in self.metrics}
 
 

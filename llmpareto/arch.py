@@ -7,8 +7,9 @@ Recipe into the effective per-tensor formats (with the llama.cpp-style fallbacks
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from llmpareto.errors import UserError
 from llmpareto.formats import effective_format
 from llmpareto.recipe import Recipe
 
@@ -40,6 +41,7 @@ class Arch:
     hidden_size: int
     vocab_size: int
     n_heads: int = 0  # attention heads (query); 0 in descriptions written before it existed
+    layer_other_params: int = 0  # norms/biases inside one block (dropped with the block)
     source_bytes_per_weight: float = 4.0  # what an uncompressed tensor costs (f32 in torch)
     extra: dict = field(default_factory=dict)
 
@@ -53,10 +55,27 @@ class Arch:
     def n_params(self) -> int:
         return sum(t.numel for t in self.tensors) + self.other_params
 
+    def restructure(self, structure: dict | None) -> Arch:
+        """The architecture a recipe's `structure` leaves (kept blocks); self if none."""
+        layers = (structure or {}).get("layers")
+        unsupported = sorted(set(structure or {}) - {"layers"})
+        if unsupported:
+            raise UserError(f"recipe structure {unsupported} is not supported yet; only "
+                            "'layers' (the blocks to keep) is")
+        if layers is None:
+            return self
+        check_layers(layers, self.n_layers)
+        kept = set(layers)
+        dropped = self.n_layers - len(kept)
+        return replace(self, linears=[t for t in self.linears if t.layer in kept],
+                       n_layers=len(kept),
+                       other_params=self.other_params - dropped * self.layer_other_params)
+
     def formats_for(self, recipe: Recipe) -> dict[str, str | None]:
-        """fqn -> the format each tensor really gets (None: left as it is)."""
+        """fqn -> the format each tensor really gets (None: left as it is), for the tensors
+        the recipe's structure keeps."""
         out: dict[str, str | None] = {}
-        for t in self.tensors:
+        for t in self.restructure(recipe.structure).tensors:
             fmt = recipe.format_of(t.fqn)
             out[t.fqn] = effective_format(fmt, t.cols) if fmt else None
         return out
@@ -94,6 +113,10 @@ class Arch:
                                         int(m.group(1)), kind))
                 covered.add(id(mod.weight))
         other = sum(p.numel() for p in model.parameters() if id(p) not in covered)
+        layers = _find_layers(model)
+        per_layer = 0
+        if layers is not None and len(layers):
+            per_layer = sum(p.numel() for p in layers[0].parameters() if id(p) not in covered)
         n_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         return cls(
@@ -108,6 +131,7 @@ class Arch:
             hidden_size=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
             n_heads=n_heads,
+            layer_other_params=int(per_layer),
         )
 
     @classmethod
@@ -120,3 +144,15 @@ class Arch:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return cls.from_model(model)
+
+
+def _find_layers(model):
+    inner = getattr(model, "model", None)
+    return getattr(inner, "layers", None)
+
+
+def check_layers(layers: list, n_layers: int) -> None:
+    if (not isinstance(layers, list) or not layers or any(not isinstance(i, int) for i in layers)
+            or sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= n_layers):
+        raise UserError(f"recipe structure 'layers' must be a non-empty, increasing list of "
+                        f"block indices in 0..{n_layers - 1}; got {layers!r}")

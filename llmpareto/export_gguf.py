@@ -132,7 +132,7 @@ def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
         if id(param) in seen:
             continue  # a tied output head is the embedding itself
         seen.add(id(param))
-        fqn = name.rsplit(".", 1)[0]
+        fqn = cache.fqn_of_param.get(id(param), name.rsplit(".", 1)[0])
         fmt = formats.get(fqn)
         if fqn in formats and fmt is not None:
             data = cache.get(fqn, fmt)

@@ -146,3 +146,49 @@ def test_front_command_formats_plot_and_measure(run, tmp_path, capsys):
     assert "measured_latency_ms" in out and "measured_perplexity" in out
     assert "<img src='data:image/png;base64," in (tmp_path / "f.html").read_text()
     assert list((run_dir / "exports").glob("trial-*.gguf"))
+
+
+def test_student_with_fewer_blocks_exports_and_runs_in_llama_cpp(tiny_model_dir, tmp_path):
+    """A recipe that keeps only some blocks (what the student space proposes): its cost sees
+    fewer layers, its GGUF has fewer blocks, and llama.cpp runs it with the same perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpareto.evaluators import Candidate, MemoryEvaluator
+    from llmpareto.evaluators.llamacpp import gguf_perplexity
+    from llmpareto.export_gguf import write_gguf
+    from llmpareto.pick import write_hf
+    from llmpareto.recipe import Recipe
+
+    rb_dir = tmp_path / "run"
+    llmpareto.search(model=str(tiny_model_dir), runs_dir=str(tmp_path), study="run", window=64,
+                     eval_tokens=128, calib_tokens=0, trials=1, progress=False, context=256)
+    rb = Rebuilder(rb_dir)
+    full = rb.cache.arch
+    student = Recipe({"_default": {"format": "q8_0"}}, structure={"layers": [1]})
+    built = rb.build(student)
+    assert len(built.model.model.layers) == 1 and built.model.config.num_hidden_layers == 1
+    mem = MemoryEvaluator(full).evaluate(Candidate(student, built.formats))
+    mem_full = MemoryEvaluator(full).evaluate(Candidate(Recipe.uniform("q8_0"),
+                                                        full.formats_for(Recipe.uniform("q8_0"))))
+    assert mem["kv_cache_bytes"] == mem_full["kv_cache_bytes"] / 2
+    assert mem["weights_bytes"] < mem_full["weights_bytes"]
+    windows = rb.eval_windows()
+    ids = torch.from_numpy(windows)
+    with torch.no_grad():
+        logits = built.model(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                            ids[:, 1:].reshape(-1))
+    path = write_gguf(tmp_path / "s.gguf", built.model, built.cache, built.formats,
+                      built.source, built.tokenizer)
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["llama.block_count"].contents() == 1
+    assert not any(t.name.startswith("blk.1.") for t in reader.tensors)
+    measured = gguf_perplexity(str(path), windows)
+    assert abs(measured - float(torch.exp(nll))) / float(torch.exp(nll)) < 0.01
+    write_hf(tmp_path / "hf", built)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert again.config.num_hidden_layers == 1
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, logits)
+    rb.build(Recipe.uniform("q8_0"))  # and back to every block
+    assert len(built.model.model.layers) == 2
