@@ -40,9 +40,13 @@ def main() -> None:
           f"{profile.eta_compute:.3f}, overhead {1e3 * profile.overhead_s_per_token:.3f} ms/token "
           f"+ {1e6 * profile.overhead_s_per_layer:.1f} us/layer, bandwidth "
           f"{profile.bandwidth_Bps / 1e9:.1f} GB/s ({time.perf_counter() - t0:.0f} s)")
+    print("kernel rates (G weights/s): " + ", ".join(
+        f"{k} {v / 1e9:.1f}" for k, v in sorted(profile.kernel_weights_per_s.items())))
     study = f"bench-export-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a third objective (predicted latency on a Pi 5) widens the front past 8 points
     front = llmpareto.search(trials=args.trials, study=study, runs_dir=args.out,
-                             granularity="module", eval_tokens=512, progress=False)
+                             objectives="perplexity,memory_bytes,latency_ms", eval_tokens=512,
+                             progress=False)
     run = Path(args.out) / study
     trials = front.trials[front.trials["state"] == "COMPLETE"]
     # the front first, then other feasible trials spread over memory, to reach --points

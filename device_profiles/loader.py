@@ -84,7 +84,9 @@ def dump_toml(profile: DeviceProfile) -> str:
     for key, value in d.items():
         if not isinstance(value, dict):
             lines.append(f"{key} = {_toml_value(value)}")
-    for table in ("peak_flops", "sources"):
+    for table in ("peak_flops", "kernel_weights_per_s", "sources"):
+        if table == "kernel_weights_per_s" and not d[table]:
+            continue
         lines += ["", f"[{table}]"]
         lines += [f'"{k}" = {_toml_value(v)}' for k, v in d[table].items()]
     return "\n".join(lines) + "\n"

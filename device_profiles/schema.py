@@ -38,6 +38,9 @@ class DeviceProfile:
     # Per-block launch cost of runtimes that run a kernel (or a Python module) per layer;
     # optional, 0 for runtimes that fuse a whole token into one graph.
     overhead_s_per_layer: float = 0.0
+    # Weights per second a format's decode kernel can process at most (unpacking is compute:
+    # on small CPUs q5_* decode slower than q8_0 despite fewer bytes); optional, measured.
+    kernel_weights_per_s: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     path: str = field(default="", compare=False)  # file it was read from, for messages
 
@@ -71,7 +74,8 @@ _NUMBERS = {  # field -> (type, lower bound, inclusive?, upper bound)
 _STRINGS = ("name", "description", "runtime")
 _LISTS = ("fast_formats", "sparse")
 _TABLES = ("peak_flops", "sources")
-_OPTIONAL = {"schema_version": SCHEMA_VERSION, "overhead_s_per_layer": 0.0}
+_OPTIONAL = {"schema_version": SCHEMA_VERSION, "overhead_s_per_layer": 0.0,
+             "kernel_weights_per_s": {}}
 _ALL = {*_OPTIONAL, *_NUMBERS, *_STRINGS, *_LISTS, *_TABLES}
 
 
@@ -139,6 +143,14 @@ def profile_from_dict(data: dict[str, Any], where: str = "<dict>") -> DeviceProf
     needed = [*_NUMBERS, *_LISTS, *(f"peak_flops.{k}" for k in peaks)]
     if out["overhead_s_per_layer"]:
         needed.append("overhead_s_per_layer")
+    kernels = data.get("kernel_weights_per_s", {})
+    if not isinstance(kernels, dict) or set(kernels) - set(FORMATS):
+        raise _err(where, "field 'kernel_weights_per_s' must be a table of weight format = "
+                          f"weights/s; formats: {', '.join(FORMATS)}")
+    out["kernel_weights_per_s"] = {
+        k: _number(where, f"kernel_weights_per_s.{k}", v, float, 0, False, math.inf)
+        for k, v in kernels.items()}
+    needed += [f"kernel_weights_per_s.{k}" for k in kernels]
     unsourced = [k for k in needed if not sources.get(k, "").strip()]
     if unsourced:
         raise _err(where, f"no source for {', '.join(unsourced)}; add a URL or a 'derived: ...' "

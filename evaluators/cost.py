@@ -85,6 +85,9 @@ def _matmul(kind: str, phase: str, t: Tensor2D, fmt: str | None, tokens: int, ar
     b = weight_bytes(t, read_fmt, arch) + ACT_BYTES * tokens * (t.rows + t.cols)
     f = 2.0 * t.numel * tokens
     sec, bound = roofline(b, f, dtype, p)
+    rate = p.kernel_weights_per_s.get(read_fmt or "")
+    if rate and phase == "decode" and t.numel * tokens / rate > sec:
+        sec, bound = t.numel * tokens / rate, "compute"  # the kernel's unpacking, not DRAM
     return OpCost(kind, phase, b, f, sec, bound)
 
 

@@ -31,6 +31,12 @@ _HELP = {
     "batch_size": "windows per forward pass",
     "dequant_cache": "memory for dequantized variants kept between trials (LRU), e.g. 4GB", "baselines": "enqueue uniform recipes first",
     "country": "ISO country code for the CO2 estimate", "progress": "show a progress bar",
+    "address": "--backend ray: Ray cluster address, auto or HOST:PORT (default: start Ray here)",
+    "cpus_per_trial": "--backend ray: CPUs per trial (also torch threads)",
+    "max_concurrent": "--backend ray: trials running at once (default: as CPUs allow)",
+    "storage": "SQLAlchemy URL (postgresql://user:pw@host/db) of a study that `llmpareto worker`"
+               " processes share",
+    "create_only": "with --storage: create the study and return; workers run the trials",
 }
 
 
@@ -47,9 +53,11 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         elif f.name == "text":
             p.add_argument(flag, nargs="+", default=None, metavar="FILE", help=_HELP[f.name])
         elif f.name in ("window", "calib_tokens", "eval_tokens", "context", "trials", "seed",
-                        "batch_size", "population", "prompt_tokens"):
+                        "batch_size", "population", "prompt_tokens", "max_concurrent"):
             p.add_argument(flag, type=int, default=None if f.name == "population" else default,
                            help=_HELP.get(f.name))
+        elif f.name == "cpus_per_trial":
+            p.add_argument(flag, type=float, default=default, help=_HELP[f.name])
         else:
             p.add_argument(flag, default=None if f.name in ("objectives",) else default,
                            help=_HELP.get(f.name))
@@ -69,13 +77,30 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from llmpareto.search.rdb import run_worker
+
+    done = run_worker(args.study, args.storage, args.runs_dir, progress=args.progress)
+    print(f"worker finished: {done} trials run here; run directory: "
+          f"{args.runs_dir}/{args.study}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpareto", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ps = sub.add_parser("search", help="search compressed variants and print the Pareto front")
-    ps.add_argument("--backend", default="local", help="local (Optuna + SQLite)")
+    ps.add_argument("--backend", default="local",
+                    help="local (Optuna; SQLite, or --storage URL) | ray (Ray Tune, --address)")
     _add_settings_flags(ps)
     ps.set_defaults(func=_cmd_search)
+    pw = sub.add_parser("worker", help="run trials of a study shared through --storage")
+    pw.add_argument("--study", required=True, help="study name (made by search --storage)")
+    pw.add_argument("--storage", required=True, help="SQLAlchemy URL of the shared study")
+    pw.add_argument("--runs-dir", default="runs", help="where this worker writes the run")
+    pw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="show a progress bar")
+    pw.set_defaults(func=_cmd_worker)
     from llmpareto.cli_devices import add_device_commands
     from llmpareto.cli_front import add_front_commands
 

@@ -16,7 +16,8 @@ from llmpareto.errors import UserError
 SETTINGS_VERSION = 1
 # Options that may differ between a run and its --resume (they do not change what is searched).
 RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "dequant_cache",
-             "batch_size"}
+             "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
+             "create_only"}
 _STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -50,6 +51,12 @@ class SearchSettings:
     baselines: bool = True  # enqueue uniform recipes first
     country: str = "USA"  # ISO code for codecarbon's offline CO2 intensity
     progress: bool = True
+    # Distributed search (README "Distributed search"); none of these changes what is searched.
+    address: str | None = None  # --backend ray: "auto", HOST:PORT; None starts Ray here
+    cpus_per_trial: float = 1.0  # Ray resources per trial (and torch threads in the worker)
+    max_concurrent: int | None = None  # Ray trials at once; None: as many as CPUs allow
+    storage: str | None = None  # SQLAlchemy URL of a study shared with `llmpareto worker`s
+    create_only: bool = False  # with --storage: create the study and return (workers run it)
     version: int = SETTINGS_VERSION
 
     def __post_init__(self) -> None:
@@ -81,6 +88,11 @@ class SearchSettings:
         for name in ("window", "eval_tokens", "context", "trials", "batch_size", "prompt_tokens"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if float(self.cpus_per_trial) <= 0:
+            raise UserError("--cpus-per-trial must be a positive number, e.g. 1 or 0.5")
+        self.cpus_per_trial = float(self.cpus_per_trial)
+        if self.max_concurrent is not None and int(self.max_concurrent) < 1:
+            raise UserError("--max-concurrent must be at least 1")
         if self.calib_tokens < 0:
             raise UserError("--calib-tokens must be 0 or more")
         if self.study is None:

@@ -1,4 +1,4 @@
-"""How candidates are proposed: the Optuna driver (local, SQLite) and its samplers.
+"""How candidates are proposed: the Optuna driver (local, SQLite or shared RDB), Ray Tune.
 
 Backends are chosen by name through a lazy-import map (`BACKENDS`), so optional engines
 (Ray, PostgreSQL drivers) are imported only when that backend is chosen.
@@ -14,7 +14,10 @@ from typing import Any
 
 from llmpareto.errors import UserError
 
-BACKENDS = {"local": "llmpareto.search.local:run_local"}
+BACKENDS = {
+    "local": "llmpareto.search.local:run_local",  # SQLite, or a shared RDB with --storage
+    "ray": "llmpareto.search.ray_backend:run_ray",  # Ray Tune + OptunaSearch on a cluster
+}
 
 
 def get_backend(name: str) -> Callable:

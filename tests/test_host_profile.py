@@ -88,4 +88,7 @@ def test_llamacpp_runtime_calibration_is_fitted_from_gguf_models():
     assert p.runtime.startswith("llama.cpp")
     assert set(p.fast_formats) == {"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "tq2_0"}
     assert 0 < p.eta_mem <= 1 and 0 < p.eta_compute <= 1
-    assert "calibration GGUFs" in p.sources["eta_mem"]
+    assert "every GGUF format" in p.sources["eta_mem"]
+    # one decode-kernel rate per format, each with its source, and the cost model uses them
+    assert set(p.kernel_weights_per_s) == set(p.fast_formats)
+    assert all(f"kernel_weights_per_s.{f}" in p.sources for f in p.kernel_weights_per_s)

@@ -1,0 +1,245 @@
+"""Ray backend: a Ray Tune `Tuner` driven by `OptunaSearch` over the run's own Optuna study, on a
+Ray cluster (`--address`) or a Ray started here; the run directory is a local run's, plus nodes.
+
+The driver samples (define-by-run over the same Space and sampler as the local backend) and
+tells Optuna; each Ray worker process loads the model and prepared-variant cache once
+(`reuse_actors`) and only scores recipes. Trials whose worker dies are retried by Tune.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from optuna.trial import TrialState
+
+from llmpareto.errors import UserError
+from llmpareto.front import Front
+from llmpareto.recipe import Recipe
+from llmpareto.rundir import RunDir
+from llmpareto.search.runner import TrialRunner
+from llmpareto.search.samplers import default_population, make_sampler
+from llmpareto.search.session import (
+    check_same_settings,
+    emissions,
+    enqueue_baselines,
+    finite_or_none,
+    n_complete,
+    recover_interrupted,
+    requeue_if_fixed,
+    write_distributed_outputs,
+)
+from llmpareto.search.study import open_study, run_info
+from llmpareto.settings import SearchSettings
+
+PAYLOAD = "llmpareto"  # result key carrying everything run_one records, as JSON
+MAX_FAILURES = 3  # Tune restarts a trial whose worker died this many times
+ROUNDS = 3  # Tuner runs while trials are missing (a trial that failed MAX_FAILURES times)
+_RUNNERS: dict[str, TrialRunner] = {}  # per Ray worker process: one model, loaded once
+
+TOKEN_HELP = (
+    "Ray clusters started by Ray 2.60 require a token: on the head run `ray get-auth-token` "
+    "and, wherever you run llmpareto (and on every `ray start --address` node), set "
+    "RAY_AUTH_MODE=token plus RAY_AUTH_TOKEN=<token> or RAY_AUTH_TOKEN_PATH=<file> (or copy "
+    "it to ~/.ray/auth_token)"
+)
+
+
+def _worker_settings(settings: SearchSettings) -> dict:
+    """What a worker needs to build the same TrialRunner (no paths of the driver's disk)."""
+    d = settings.to_dict()
+    for key in ("trials", "resume", "runs_dir", "progress", "storage", "address", "create_only"):
+        d.pop(key)
+    return d
+
+
+def _worker_runner(settings_dict: dict) -> tuple[TrialRunner, float]:
+    key = json.dumps(settings_dict, sort_keys=True)
+    if key in _RUNNERS:
+        return _RUNNERS[key], 0.0
+    t0 = time.perf_counter()
+    _RUNNERS.clear()  # a reused process serves one search at a time: free the old model
+    runner = TrialRunner(SearchSettings.from_dict({**settings_dict, "progress": False}))
+    runner.cache.prepare(runner.prepare_pairs())
+    _RUNNERS[key] = runner
+    return runner, time.perf_counter() - t0
+
+
+def _trainable(config: dict, settings_dict: dict) -> None:
+    """One Tune trial on a Ray worker: score the driver's recipe, report it."""
+    import ray
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
+    runner, load_s = _worker_runner(settings_dict)
+    result = runner.run(Recipe.from_json(config["recipe"]))
+    seconds = dict(result.seconds, **({"worker_load_s": load_s} if load_s else {}))
+    payload = {"metrics": {k: finite_or_none(v) for k, v in result.metrics.items()},
+               "constraints": result.constraints, "seconds": seconds,
+               "feasible": result.feasible, "reused": result.reused,
+               "node": ray.get_runtime_context().get_node_id(),
+               "node_ip": ray.util.get_node_ip_address()}
+    objectives = settings_dict["objectives"]
+    tune.report({**{o: result.metrics[o] for o in objectives}, PAYLOAD: json.dumps(payload)})
+
+
+class _Suggest:
+    """Define-by-run space: the driver draws a recipe with the Space and saves it; the worker
+    gets its JSON. Small and picklable (no model)."""
+
+    def __init__(self, space: Any, rd: RunDir) -> None:
+        self.space, self.rd = space, rd
+
+    def __call__(self, trial: Any) -> dict:
+        recipe = self.space.suggest(trial)
+        recipe.save(self.rd.recipe_path(trial.number))
+        return {"recipe": recipe.to_json(indent=None)}
+
+
+def _record(trial: Any, payload: dict) -> None:
+    """What local run_one records, so records.py writes the same columns."""
+    for key, value in payload["constraints"].items():
+        trial.set_constraint(key, value)
+    for key, value in {**payload["metrics"], **payload["seconds"]}.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("feasible", payload["feasible"])
+    if payload["reused"]:
+        trial.set_user_attr("reused", True)
+    trial.set_user_attr("node", payload["node"])
+    trial.set_user_attr("node_ip", payload["node_ip"])
+
+
+def _searcher(**kwargs: Any):
+    from ray.tune.search.optuna import OptunaSearch
+
+    class Searcher(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                              error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None and result and PAYLOAD in result:
+                _record(ot_trial, json.loads(result[PAYLOAD]))
+            super().on_trial_complete(trial_id, result, error)
+            if ot_trial is not None and error:  # a baseline must still run once
+                frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+                if frozen.state == TrialState.FAIL:
+                    requeue_if_fixed(self._ot_study, frozen)
+
+        def save_to_dir(self, *args: Any, **kwargs: Any) -> None:
+            return None  # the Optuna study is the checkpoint; --resume reads it
+
+    return Searcher(**kwargs)
+
+
+def _connect(address: str | None) -> None:
+    """Connect to the cluster (or start Ray here), failing fast with the address tried."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    if address and address != "auto":
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--address {address!r}: use auto or HOST:PORT (the GCS address "
+                            "that `ray start --head` printed; port 6379 by default)")
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise UserError(f"--address {address}: no Ray head answers there "
+                            f"({exc.strerror or exc}); start one with `ray start --head "
+                            f"--port {port}` or fix the address") from None
+    try:
+        ray.init(address=address, logging_level=logging.WARNING,
+                 **({} if address else {"include_dashboard": False}))
+    except AuthenticationError as exc:
+        raise UserError(f"--address {address}: {str(exc).splitlines()[0]}. {TOKEN_HELP}") from None
+    except ConnectionError as exc:
+        raise UserError(f"--address {address}: cannot connect to Ray ({exc}); start a cluster "
+                        "with `ray start --head` or pass its HOST:PORT") from None
+
+
+def _fit(settings: SearchSettings, runner: TrialRunner, rd: RunDir, sampler, n: int):
+    from optuna.storages import RDBStorage
+    from ray import tune
+
+    searcher = _searcher(space=_Suggest(runner.space, rd), metric=settings.objectives,
+                         mode=["min"] * len(settings.objectives), sampler=sampler,
+                         study_name=settings.study, storage=RDBStorage(rd.storage_url))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, settings_dict=_worker_settings(settings)),
+        {"cpu": settings.cpus_per_trial})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n, reuse_actors=True,
+                                    max_concurrent_trials=settings.max_concurrent,
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=str((rd.path / "ray").resolve()), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
+    )
+    return tuner.fit()
+
+
+def _prepare(settings: SearchSettings) -> RunDir:
+    rd = RunDir.for_study(settings.runs_dir, settings.study)
+    if rd.exists() and not settings.resume:
+        raise UserError(f"{rd.path} already exists; pass --resume to continue it, or choose "
+                        "another --study name")
+    if settings.resume and not rd.exists():
+        raise UserError(f"--resume: no run at {rd.path}; check --study and --runs-dir")
+    if settings.resume:
+        check_same_settings(rd.read_run_json()["settings"], settings, f"--resume {rd.path}")
+    return rd
+
+
+def run_ray(settings: SearchSettings) -> Front:
+    # Tune's own per-trial CSV/JSON/TensorBoard logs would duplicate trials.csv
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if settings.storage:
+        raise UserError("--backend ray keeps its study in the run directory; use --storage "
+                        "with the local backend and `llmpareto worker`s instead")
+    rd = _prepare(settings)
+    _connect(settings.address)  # before the slow model load: a bad address fails in seconds
+    import ray
+
+    try:
+        runner = TrialRunner(settings)
+        rd.create()
+        population = settings.population or default_population(settings.trials)
+        sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
+        study = open_study(rd, settings, sampler)
+        recovered = recover_interrupted(study) if settings.resume else 0
+        if not settings.resume and settings.baselines:
+            enqueue_baselines(study, runner.space)
+        info = run_info(settings, runner, population)
+        info.update(backend="ray", cluster={"address": settings.address,
+                                            "resources": ray.cluster_resources(),
+                                            "nodes": len(ray.nodes())})
+        rd.write_json(rd.run_json, {**info, "status": "running"})
+        status, errors = "finished", []
+        with emissions(settings.country) as energy:
+            for _ in range(ROUNDS):
+                missing = settings.trials - n_complete(study)
+                if missing <= 0:
+                    break
+                before = n_complete(study)
+                grid = _fit(settings, runner, rd, sampler, missing)
+                errors = [(str(e).strip().splitlines() or [repr(e)])[-1][:300]
+                          for e in grid.errors]
+                if n_complete(study) == before:
+                    status = "failed"
+                    break
+        info.update(status=status, search_energy=energy, recovered_trials=recovered,
+                    completed_trials=n_complete(study), trial_errors=errors[:5])
+        rd.write_json(rd.run_json, info)
+        front = write_distributed_outputs(study, rd, settings.objectives, runner.space)
+    finally:
+        ray.shutdown()
+    if status == "failed":
+        raise UserError(f"every Ray trial failed (first error: {errors[0] if errors else '?'});"
+                        " check that each node has llmpareto and the model installed")
+    return front

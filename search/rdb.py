@@ -1,0 +1,203 @@
+"""Shared-RDB backend: `llmpareto search --storage URL` and `llmpareto worker` processes, on one
+machine or many, run the trials of one Optuna study kept in PostgreSQL (any SQLAlchemy URL).
+
+The study holds the search settings (a user attr), so a worker needs only the study name and
+the URL. Heartbeats let the survivors fail a dead worker's trial and re-enqueue it if it was a
+baseline, so the search still finishes.
+"""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from llmpareto.errors import UserError
+from llmpareto.front import Front
+from llmpareto.rundir import RunDir
+from llmpareto.search.local import run_one
+from llmpareto.search.runner import TrialRunner
+from llmpareto.search.samplers import default_population, make_sampler
+from llmpareto.search.session import (
+    check_same_settings,
+    emissions,
+    enqueue_baselines,
+    fail_stale,
+    local_node,
+    n_complete,
+    requeue_if_fixed,
+    write_distributed_outputs,
+)
+from llmpareto.search.study import run_info
+from llmpareto.settings import SearchSettings
+
+SETTINGS_ATTR = "llmpareto_settings"  # study user attr: the settings every worker searches with
+HEARTBEAT_S = 5  # a running trial's worker writes a heartbeat this often
+GRACE_S = 30  # ... and is presumed dead after this long without one
+POLL_S = 1.0
+_LOCAL_ONLY = ("storage", "address", "resume", "create_only", "runs_dir", "progress")
+
+
+def masked(url: str) -> str:
+    """The URL as error messages and run.json show it: the password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all: show it as given
+        return url
+
+
+def connect(url: str) -> optuna.storages.RDBStorage:
+    """Open the storage or fail fast, naming the URL tried (password hidden) and what to do."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        dialect = make_url(url).get_backend_name()
+    except ArgumentError:
+        raise UserError(f"--storage {url!r} is not a SQLAlchemy URL; use e.g. "
+                        "postgresql://user:password@host:5432/dbname") from None
+    # libpq waits minutes for an unroutable host by default; a worker should fail in seconds
+    engine = {"connect_args": {"connect_timeout": 10}} if dialect == "postgresql" else {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=requeue_if_fixed)
+    except ImportError as exc:
+        raise UserError(f"--storage {masked(url)}: the database driver is not installed ({exc});"
+                        " pip install psycopg2-binary (PostgreSQL) or pymysql (MySQL)") from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many kinds here
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(f"--storage {masked(url)}: cannot open the database ({why}). Check the "
+                        "host, port, user, password and database name, and that the server "
+                        "accepts connections from this machine.") from None
+
+
+def _load(storage, name: str, sampler=None) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:
+        return None
+
+
+def _stored_settings(study: optuna.Study, url: str) -> dict:
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if not isinstance(stored, dict):
+        raise UserError(f"study {study.study_name!r} in {masked(url)} was not made by llmpareto "
+                        "(it holds no search settings); choose another --study")
+    return stored
+
+
+def _shared(settings: SearchSettings) -> dict:
+    """Settings as workers see them: connection and this process's paths left out."""
+    d = settings.to_dict()
+    for key in _LOCAL_ONLY:
+        d.pop(key)
+    return d
+
+
+def run_rdb(settings: SearchSettings) -> Front:
+    """Create (or --resume) the shared study, then work on it like any worker."""
+    url, name = settings.storage, settings.study
+    storage = connect(url)
+    existing = _load(storage, name)
+    where = f"--storage {masked(url)} --study {name}"
+    if existing is not None:
+        check_same_settings(_stored_settings(existing, url), settings, where)
+        if not settings.resume:
+            raise UserError(f"{where} already exists; pass --resume to continue it, add "
+                            f"workers with `llmpareto worker {where}`, or choose another --study")
+    elif settings.resume:
+        raise UserError(f"--resume: no study {name!r} in {masked(url)}; check --study/--storage")
+    runner = TrialRunner(settings)
+    population = settings.population or default_population(settings.trials)
+    sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
+    if existing is None:
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                        directions=["minimize"] * len(settings.objectives))
+        except optuna.exceptions.DuplicatedStudyError:
+            raise UserError(f"{where} was just created by another process; pass --resume "
+                            "or start a `llmpareto worker`") from None
+        if settings.baselines:
+            enqueue_baselines(study, runner.space)
+    else:
+        study = _load(storage, name, sampler)
+        fail_stale(study)  # not every RUNNING trial: other workers may be alive
+    study.set_user_attr(SETTINGS_ATTR, _shared(settings))  # --resume may raise --trials
+    rd = RunDir.for_study(settings.runs_dir, name)
+    rd.create()
+    info = run_info(settings, runner, population)
+    info["settings"]["storage"] = masked(url)
+    if settings.create_only:
+        rd.write_json(rd.run_json, {**info, "status": "created"})
+        print(f"study {name} is ready in {masked(url)}; start workers with "
+              f"`llmpareto worker --study {name} --storage URL`")
+        return write_distributed_outputs(study, rd, settings.objectives, runner.space)
+    return _work(study, runner, rd, settings, info)[0]
+
+
+def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = True) -> int:
+    """Join an existing study; returns how many trials this process ran."""
+    storage = connect(url)
+    found = _load(storage, name)
+    if found is None:
+        names = sorted(optuna.get_all_study_names(storage))
+        raise UserError(f"no study {name!r} in {masked(url)} (there: {', '.join(names) or 'none'})"
+                        f"; create it first with `llmpareto search --storage URL --study {name} "
+                        "--create-only ...`")
+    stored = _stored_settings(found, url)
+    settings = SearchSettings.from_dict({**stored, "storage": url, "resume": True,
+                                         "runs_dir": runs_dir, "progress": progress})
+    runner = TrialRunner(settings)
+    population = settings.population or default_population(settings.trials)
+    sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
+    study = _load(storage, name, sampler)
+    rd = RunDir.for_study(runs_dir, name)
+    rd.create()
+    info = run_info(settings, runner, population)
+    info["settings"]["storage"] = masked(url)
+    return _work(study, runner, rd, settings, info)[1]
+
+
+def _target(study: optuna.Study) -> int:
+    return int(study.user_attrs[SETTINGS_ATTR]["trials"])
+
+
+def _running(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def _work(study, runner: TrialRunner, rd: RunDir, settings: SearchSettings, info: dict):
+    """Run trials until the study holds its --trials completed ones, then write the run."""
+    from tqdm.auto import tqdm
+
+    rd.write_json(rd.run_json, {**info, "status": "running"})
+    attrs, here, status = local_node(), 0, "finished"
+    with emissions(settings.country) as energy:
+        runner.cache.prepare(runner.prepare_pairs())
+        bar = tqdm(total=_target(study), initial=n_complete(study), desc="trials", unit="trial",
+                   disable=not settings.progress, dynamic_ncols=True)
+        try:
+            while True:
+                fail_stale(study)
+                done, target = n_complete(study), _target(study)
+                if done >= target and not _running(study):
+                    break
+                if done + _running(study) >= target:
+                    time.sleep(POLL_S)  # the last trials are running elsewhere: wait for them
+                    continue
+                run_one(study, runner, rd, settings.objectives, attrs)
+                here += 1
+                bar.update(n_complete(study) - bar.n)
+        except KeyboardInterrupt:
+            status = "interrupted"  # our trial stays RUNNING until its heartbeat goes stale
+        finally:
+            bar.close()
+    info.update(status=status, search_energy=energy, completed_trials=n_complete(study),
+                trials_here=here)
+    rd.write_json(rd.run_json, info)
+    return write_distributed_outputs(study, rd, settings.objectives, runner.space), here

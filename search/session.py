@@ -1,0 +1,139 @@
+"""What every backend does around its trials: energy accounting, settings checks on --resume,
+baselines, recovery of trials cut off by a kill, and the run directory written from a study.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import warnings
+from contextlib import contextmanager
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from llmpareto.errors import UserError
+from llmpareto.front import Front
+from llmpareto.rundir import RunDir
+from llmpareto.search.records import BASELINE_ATTR, trials_frame, write_outputs
+from llmpareto.settings import SearchSettings
+
+# User attrs naming who ran a trial (distributed backends); they become trials.csv columns.
+NODE_COLUMNS = ("node", "node_ip")
+
+
+@contextmanager
+def emissions(country: str):
+    """Energy and CO2 of the search itself (codecarbon, offline: never a network call)."""
+    out: dict = {}
+    tracker = None
+    try:
+        from codecarbon import OfflineEmissionsTracker
+
+        logging.getLogger("codecarbon").setLevel(logging.ERROR)
+        tracker = OfflineEmissionsTracker(country_iso_code=country, output_methods=[],
+                                          log_level="error", tracking_mode="process")
+        tracker.start()
+    except Exception as exc:  # noqa: BLE001 - measuring must never stop a search
+        out["error"] = f"codecarbon unavailable: {exc}"
+    try:
+        yield out
+    finally:
+        if tracker is not None:
+            try:
+                tracker.stop()
+                d = tracker.final_emissions_data
+                out.update(energy_kwh=float(d.energy_consumed), co2_kg=float(d.emissions),
+                           duration_s=float(d.duration), country=country,
+                           tool="codecarbon OfflineEmissionsTracker")
+            except Exception as exc:  # noqa: BLE001
+                out["error"] = f"codecarbon failed: {exc}"
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def requeue_if_fixed(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A failed baseline must still run once: enqueue its fixed params again."""
+    fixed = trial.system_attrs.get("fixed_params")
+    if fixed:
+        study.enqueue_trial(fixed, user_attrs={k: v for k, v in trial.user_attrs.items()
+                                               if k == BASELINE_ATTR}, skip_if_exists=False)
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a killed process FAIL; re-enqueue fixed (baseline) ones."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        requeue_if_fixed(study, t)
+    return len(stale)
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail trials whose worker stopped sending heartbeats (RDB storage with heartbeats)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def enqueue_baselines(study: optuna.Study, space) -> None:
+    for label, params in space.baselines():
+        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
+
+
+def check_same_settings(old_dict: dict, settings: SearchSettings, where: str) -> None:
+    old = SearchSettings.from_dict(old_dict).identity()
+    new = settings.identity()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
+        raise UserError(
+            f"{where}: settings differ from the original run ({detail}). Resume with "
+            "the original settings (see run.json), or start a new --study."
+        )
+
+
+def n_complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def local_node() -> dict[str, str]:
+    """Who runs trials in this process, for an RDB worker: host:pid and the host's address."""
+    import os
+
+    host = socket.gethostname()
+    try:
+        ip = socket.gethostbyname(host)
+    except OSError:
+        ip = ""
+    return {"node": f"{host}:{os.getpid()}", "node_ip": ip}
+
+
+def write_distributed_outputs(study: optuna.Study, rd: RunDir, objectives: list[str],
+                              space) -> Front:
+    """The local run's files, plus the node that ran each trial; recipes are rebuilt from
+    params (workers on other machines wrote theirs to their own disks)."""
+    rd.create()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if not rd.recipe_path(t.number).exists():
+            space.recipe_from_params(t.params).save(rd.recipe_path(t.number))
+    write_outputs(study, rd, objectives)  # front.png and front.json as a local run has them
+    trials = trials_frame(study, rd)
+    attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
+    at = list(trials.columns).index("recipe") + 1
+    for i, col in enumerate(NODE_COLUMNS):
+        trials.insert(at + i, col, [attrs[n].get(col, "") for n in trials["trial"]])
+    trials.to_csv(rd.trials_csv, index=False)
+    front = Front.from_trials(trials, objectives, rd.path)
+    front.to_csv(rd.front_csv)
+    rd.write_json(rd.front_json, {"objectives": objectives, "points": front.to_records()})
+    return front
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

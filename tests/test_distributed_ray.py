@@ -1,0 +1,211 @@
+"""Ray backend on a real two-node cluster on loopback (each node its own `ray start`, token
+authentication on): trials on both nodes, a worker node killed mid-run, a killed driver."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+import llmpareto
+from llmpareto.errors import UserError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    # two nodes on one machine must not share the per-node agent ports (fixed by default)
+    return ["--dashboard-agent-listen-port", str(_free_port()),
+            "--dashboard-agent-grpc-port", str(_free_port()),
+            "--runtime-env-agent-port", str(_free_port()),
+            "--metrics-export-port", str(_free_port())]
+
+
+class Cluster:
+    """`ray start --head` plus `ray start --address` worker nodes, all on 127.0.0.1."""
+
+    def __init__(self, root: Path) -> None:
+        token = root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        # Token auth stays on: every node and every driver reads the same token file.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env.pop("RAY_AUTH_TOKEN", None)
+        self.tmp, port = tempfile.mkdtemp(prefix="rt", dir="/tmp"), _free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.head = self._start(["--head", "--port", str(port), "--num-cpus", "1",
+                                 "--include-dashboard=false", "--temp-dir", self.tmp,
+                                 "--ray-client-server-port", str(_free_port())])
+        self.workers: list[subprocess.Popen] = []
+
+    def _start(self, args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(["ray", "start", "--block", "--node-ip-address", "127.0.0.1",
+                                 "--disable-usage-stats", *_node_ports(), *args], env=self.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def add_worker(self) -> subprocess.Popen:
+        proc = self._start(["--address", self.address, "--num-cpus", "1"])
+        self.workers.append(proc)
+        return proc
+
+    def alive_nodes(self) -> int:
+        code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
+                "print(sum(n['Alive'] for n in ray.nodes()))")
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
+                             text=True, timeout=120, check=False)
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while self.alive_nodes() != n:
+            assert time.time() < deadline, f"the cluster never had {n} live nodes"
+            time.sleep(1)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(proc.pid, sig)  # the node's raylet and its workers share the group
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.head]:
+            self.kill(proc, signal.SIGTERM)  # `ray start --block` stops its node on SIGTERM
+            self.kill(proc)
+        for pid in os.listdir("/proc"):  # anything of ours that left the process group
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if pid.isdigit() and self.tmp.encode() in cmd:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("ray"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _search(cluster: Cluster, settings: dict, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "llmpareto.cli", "search", "--backend", "ray", "--address",
+            cluster.address, "--cpus-per-trial", "1", "--max-concurrent", "2", "--no-progress",
+            *extra]
+    for k, v in settings.items():
+        if k != "progress":
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    return subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _complete(db: Path, study: str) -> list:
+    try:
+        s = optuna.load_study(study_name=study, storage=f"sqlite:///{db}")
+    except Exception:  # noqa: BLE001 - not created yet
+        return []
+    return s.get_trials(states=(TrialState.COMPLETE,))
+
+
+def _check_run(run: Path, study: str, trials: int) -> pd.DataFrame:
+    s = optuna.load_study(study_name=study, storage=f"sqlite:///{run / 'study.db'}")
+    done = s.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == trials
+    labels = [t.user_attrs["baseline"] for t in done if t.user_attrs.get("baseline")]
+    assert len(labels) == 7 and len(set(labels)) == 7  # each baseline exactly once
+    df = pd.read_csv(run / "trials.csv")
+    assert df["trial"].is_unique and len(df) == len(s.trials)
+    assert {"node", "node_ip", "perplexity", "memory_bytes", "recipe"} <= set(df.columns)
+    assert (run / "front.csv").is_file() and (run / "front.png").is_file()
+    return df[df["state"] == "COMPLETE"]
+
+
+def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
+    worker = cluster.add_worker()
+    cluster.wait_nodes(2)
+    s = {**tiny_settings, "trials": 14, "eval_tokens": 2048, "dequant_cache": "100MB"}
+    proc = _search(cluster, {**s, "study": "both"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    done = _check_run(tmp_path / "runs" / "both", "both", 14)
+    assert done["node"].nunique() == 2 and set(done["node_ip"]) == {"127.0.0.1"}
+
+    db = tmp_path / "runs" / "dies" / "study.db"
+    proc = _search(cluster, {**s, "study": "dies", "trials": 40})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        nodes = {t.user_attrs.get("node") for t in _complete(db, "dies")}
+        if len(nodes) == 2:  # both nodes have finished trials: kill one mid-run
+            break
+        time.sleep(0.2)
+    Cluster.kill(worker)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    done = _check_run(tmp_path / "runs" / "dies", "dies", 40)
+    assert done["node"].nunique() == 2  # trials ran on the dead node before it died
+
+
+def test_killed_driver_resumes_without_loss_or_duplicates(cluster, tiny_settings, tmp_path):
+    s = {**tiny_settings, "study": "drv", "trials": 24, "eval_tokens": 2048}
+    db = tmp_path / "runs" / "drv" / "study.db"
+    proc = _search(cluster, s)
+    deadline = time.time() + 240
+    while len(_complete(db, "drv")) < 8 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.values, t.params) for t in _complete(db, "drv")}
+    assert 8 <= len(before) < 24, "the kill should land mid-run"
+    proc = _search(cluster, s, "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    _check_run(tmp_path / "runs" / "drv", "drv", 24)
+    after = {t.number: (t.values, t.params) for t in _complete(db, "drv")}
+    assert all(after[n] == v for n, v in before.items())  # nothing lost or rewritten
+
+
+def test_a_driver_without_the_token_is_told_how_to_get_it(cluster, tiny_settings, tmp_path):
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    argv = [sys.executable, "-m", "llmpareto.cli", "search", "--backend", "ray", "--address",
+            cluster.address, "--model", tiny_settings["model"], "--runs-dir", str(tmp_path)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 2 and "RAY_AUTH_TOKEN" in out.stderr, out.stderr[-2000:]
+
+
+def test_unreachable_address_fails_fast_with_the_address(tiny_settings):
+    port = _free_port()
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
+        llmpareto.search(backend="ray", address=f"127.0.0.1:{port}", **tiny_settings)
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(UserError, match="HOST:PORT"):
+        llmpareto.search(backend="ray", address="nowhere", **tiny_settings)

@@ -1,0 +1,120 @@
+"""Shared-RDB search: a real PostgreSQL server (from the package manager), two `llmpareto worker`
+processes on one study, every trial exactly once; bad URLs and studies fail clearly."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+import llmpareto
+from llmpareto.errors import UserError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin() -> Path:
+    """The PostgreSQL server binaries, installed with apt-get when missing (CI runs as root)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], env=env,
+                       capture_output=True, check=False)
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.skip("no PostgreSQL server binaries and no apt-get to install them")
+    return Path(found[-1]).parent
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    """A throwaway server on 127.0.0.1 and a free port, data in a temp dir, stopped after."""
+    pytest.importorskip("psycopg2")
+    bindir = _pg_bin()
+    root = Path(tempfile.mkdtemp(prefix="llmpareto-pg-"))
+    data, port = root / "data", _free_port()
+    # PostgreSQL refuses to run as root: run it as the `postgres` user the package creates
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_pg:
+        shutil.chown(root, "postgres")
+    subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
+                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+    subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"),
+                    "-o", f"-h 127.0.0.1 -p {port} -k {root}", "-w", "start"],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run([*as_pg, str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port),
+                        "-U", "postgres", "-c", "CREATE DATABASE llmpareto"],
+                       check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/llmpareto"
+    finally:
+        subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
+                        "stop"], capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _worker(study: str, url: str, runs: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmpareto.cli", "worker", "--study", study,
+                             "--storage", url, "--runs-dir", str(runs), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_share_one_study_every_trial_once(pg_url, tiny_settings, tmp_path):
+    s = {**tiny_settings, "study": "shared", "trials": 24, "eval_tokens": 2048}
+    llmpareto.search(storage=pg_url, create_only=True, **s)
+    procs = [_worker("shared", pg_url, tmp_path / f"w{i}") for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+
+    study = optuna.load_study(study_name="shared", storage=pg_url)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) >= 24 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert len({t.number for t in done}) == len(done)
+    labels = [t.user_attrs["baseline"] for t in done if t.user_attrs.get("baseline")]
+    assert len(labels) == 7 and len(set(labels)) == 7  # each baseline exactly once
+    here = [int(o[0].split("worker finished: ")[1].split()[0]) for o in outs]
+    assert sum(here) == len(done) and min(here) >= 1, here  # both worked, none twice
+    assert len({t.user_attrs["node"] for t in done}) == 2
+    for i in range(2):  # each worker leaves the whole run directory behind
+        trials = pd.read_csv(tmp_path / f"w{i}" / "shared" / "trials.csv")
+        assert trials["trial"].is_unique and len(trials) == len(study.trials)
+        assert {"node", "node_ip", "memory_bytes", "perplexity"} <= set(trials.columns)
+        assert (tmp_path / f"w{i}" / "shared" / "front.csv").is_file()
+        assert len(list((tmp_path / f"w{i}" / "shared" / "recipes").glob("*.json"))) == len(done)
+
+
+def test_bad_storage_and_studies_fail_clearly(pg_url, tiny_settings, tmp_path):
+    dead = f"postgresql://postgres:secret@127.0.0.1:{_free_port()}/x"
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match="127.0.0.1") as err:
+        llmpareto.search(storage=dead, **tiny_settings)
+    assert time.perf_counter() - t0 < 15 and "secret" not in str(err.value)
+    with pytest.raises(UserError, match="not a SQLAlchemy URL"):
+        llmpareto.search(storage="no-such-scheme", **tiny_settings)
+
+    proc = _worker("nobody", pg_url, tmp_path)
+    _, err_text = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "no study 'nobody'" in err_text, err_text
+
+    s = {**tiny_settings, "study": "space", "trials": 2}
+    llmpareto.search(storage=pg_url, create_only=True, **s)
+    with pytest.raises(UserError, match="formats"):  # made with another space
+        llmpareto.search(storage=pg_url, resume=True, **{**s, "formats": "q8_0,q4_0"})
+    with pytest.raises(UserError, match="already exists"):
+        llmpareto.search(storage=pg_url, **s)
