@@ -39,6 +39,11 @@ def plot_front(info: FrontPlotInfo, path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    scale = 1e6 if info.x_name.endswith("_bytes") else 1.0  # bytes are read as MB
+    info = info._replace(
+        feasible_xy=info.feasible_xy / [scale, 1], infeasible_xy=info.infeasible_xy / [scale, 1],
+        front_xy=info.front_xy / [scale, 1],
+        baselines=[(lbl, bx / scale, by) for lbl, bx, by in info.baselines])
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     if len(info.feasible_xy):
         ax.scatter(*info.feasible_xy.T, s=14, c="0.6", label="feasible trials")
@@ -54,10 +59,18 @@ def plot_front(info: FrontPlotInfo, path: str, title: str = "") -> None:
             ax.scatter([bx], [by], marker="s", s=30, facecolors="none", edgecolors="k")
             ax.annotate(label.replace("uniform ", ""), (bx, by), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel(info.x_name)
+    ax.set_xlabel(f"{info.x_name} / 1e6 (MB)" if scale != 1.0 else info.x_name)
     ax.set_ylabel(info.y_name)
-    if "perplexity" in info.y_name:
-        ax.set_yscale("log")
+    ys = np.concatenate([info.front_xy[:, 1], info.feasible_xy[:, 1]]) if len(
+        info.front_xy) else info.feasible_xy[:, 1]
+    ys = ys[np.isfinite(ys)]
+    if len(ys) and ys.max() > 5 * np.median(ys):
+        # one broken candidate (e.g. ternary without ternary training) would flatten the rest
+        top = 3 * np.median(ys)
+        ax.set_ylim(ys.min() * 0.95, top)
+        n_above = int((ys > top).sum())
+        ax.text(0.01, 0.98, f"{n_above} point(s) above {top:.3g} not shown", fontsize=7,
+                transform=ax.transAxes, va="top")
     ax.set_title(title or "Pareto front (squares: uniform baselines)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
