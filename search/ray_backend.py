@@ -157,8 +157,12 @@ def _connect(address: str | None) -> None:
     except AuthenticationError as exc:
         raise UserError(f"--address {address}: {str(exc).splitlines()[0]}. {TOKEN_HELP}") from None
     except ConnectionError as exc:
-        raise UserError(f"--address {address}: cannot connect to Ray ({exc}); start a cluster "
-                        "with `ray start --head` or pass its HOST:PORT") from None
+        # the port answered (checked above), so the head most likely refused this driver
+        mine = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        hint = ("check that this token is the head's (`ray get-auth-token` there)" if mine
+                else TOKEN_HELP)
+        raise UserError(f"--address {address}: Ray refused or did not answer ({exc}). If the "
+                        f"cluster uses token authentication: {hint}") from None
 
 
 def _fit(settings: SearchSettings, runner: TrialRunner, rd: RunDir, sampler, n: int):
@@ -196,9 +200,7 @@ def _prepare(settings: SearchSettings) -> RunDir:
 
 
 def run_ray(settings: SearchSettings) -> Front:
-    # Tune's own per-trial CSV/JSON/TensorBoard logs would duplicate trials.csv
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 silences only the old output
     if settings.storage:
         raise UserError("--backend ray keeps its study in the run directory; use --storage "
                         "with the local backend and `llmpareto worker`s instead")

@@ -9,6 +9,7 @@ baseline, so the search still finishes.
 from __future__ import annotations
 
 import time
+import warnings
 
 import optuna
 from optuna.trial import TrialState
@@ -55,17 +56,22 @@ def connect(url: str) -> optuna.storages.RDBStorage:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        dialect = make_url(url).get_backend_name()
+        parsed = make_url(url)
     except ArgumentError:
         raise UserError(f"--storage {url!r} is not a SQLAlchemy URL; use e.g. "
                         "postgresql://user:password@host:5432/dbname") from None
+    dialect = parsed.get_backend_name()
+    if parsed.drivername == "postgresql":
+        url = parsed.set(drivername=_pg_driver()).render_as_string(hide_password=False)
     # libpq waits minutes for an unroutable host by default; a worker should fail in seconds
     engine = {"connect_args": {"connect_timeout": 10}} if dialect == "postgresql" else {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=requeue_if_fixed)
+        with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=requeue_if_fixed)
     except ImportError as exc:
         raise UserError(f"--storage {masked(url)}: the database driver is not installed ({exc});"
                         " pip install psycopg2-binary (PostgreSQL) or pymysql (MySQL)") from None
@@ -74,6 +80,16 @@ def connect(url: str) -> optuna.storages.RDBStorage:
         raise UserError(f"--storage {masked(url)}: cannot open the database ({why}). Check the "
                         "host, port, user, password and database name, and that the server "
                         "accepts connections from this machine.") from None
+
+
+def _pg_driver() -> str:
+    """SQLAlchemy 2.1 maps postgresql:// to psycopg 3, 2.0 to psycopg2: use whichever is here."""
+    import importlib.util
+
+    for module, driver in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return driver
+    return "postgresql"  # the ImportError below then names what to install
 
 
 def _load(storage, name: str, sampler=None) -> optuna.Study | None:

@@ -119,10 +119,12 @@ def write_distributed_outputs(study: optuna.Study, rd: RunDir, objectives: list[
     """The local run's files, plus the node that ran each trial; recipes are rebuilt from
     params (workers on other machines wrote theirs to their own disks)."""
     rd.create()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for t in complete:
         if not rd.recipe_path(t.number).exists():
             space.recipe_from_params(t.params).save(rd.recipe_path(t.number))
-    write_outputs(study, rd, objectives)  # front.png and front.json as a local run has them
+    if complete:  # front.png as a local run draws it (nothing to draw before any trial)
+        write_outputs(study, rd, objectives)
     trials = trials_frame(study, rd)
     attrs = {t.number: t.user_attrs for t in study.get_trials(deepcopy=False)}
     at = list(trials.columns).index("recipe") + 1

@@ -50,8 +50,7 @@ class Cluster:
         self.tmp, port = tempfile.mkdtemp(prefix="rt", dir="/tmp"), _free_port()
         self.address = f"127.0.0.1:{port}"
         self.head = self._start(["--head", "--port", str(port), "--num-cpus", "1",
-                                 "--include-dashboard=false", "--temp-dir", self.tmp,
-                                 "--ray-client-server-port", str(_free_port())])
+                                 "--include-dashboard=false", "--temp-dir", self.tmp])
         self.workers: list[subprocess.Popen] = []
 
     def _start(self, args: list[str]) -> subprocess.Popen:
@@ -68,8 +67,11 @@ class Cluster:
     def alive_nodes(self) -> int:
         code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
                 "print(sum(n['Alive'] for n in ray.nodes()))")
-        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
-                             text=True, timeout=120, check=False)
+        try:
+            out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
+                                 text=True, timeout=60, check=False)
+        except subprocess.TimeoutExpired:
+            return 0
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
     def wait_nodes(self, n: int, timeout: float = 120) -> None:
@@ -79,20 +81,20 @@ class Cluster:
             time.sleep(1)
 
     @staticmethod
-    def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL, wait_s: float = 30) -> None:
         try:
             os.killpg(proc.pid, sig)  # the node's raylet and its workers share the group
         except ProcessLookupError:
             pass
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
     def stop(self) -> None:
         for proc in [*self.workers, self.head]:
-            self.kill(proc, signal.SIGTERM)  # `ray start --block` stops its node on SIGTERM
+            self.kill(proc, signal.SIGTERM, 3)  # let the raylets say goodbye to the GCS first
             self.kill(proc)
         for pid in os.listdir("/proc"):  # anything of ours that left the process group
             try:
@@ -144,7 +146,7 @@ def _check_run(run: Path, study: str, trials: int) -> pd.DataFrame:
     assert df["trial"].is_unique and len(df) == len(s.trials)
     assert {"node", "node_ip", "perplexity", "memory_bytes", "recipe"} <= set(df.columns)
     assert (run / "front.csv").is_file() and (run / "front.png").is_file()
-    return df[df["state"] == "COMPLETE"]
+    return df
 
 
 def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
@@ -155,7 +157,9 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     done = _check_run(tmp_path / "runs" / "both", "both", 14)
-    assert done["node"].nunique() == 2 and set(done["node_ip"]) == {"127.0.0.1"}
+    done = done[done["state"] == "COMPLETE"]
+    # Ray reports a loopback node by this machine's own address: one machine, two nodes
+    assert done["node"].nunique() == 2 and done["node_ip"].nunique() == 1
 
     db = tmp_path / "runs" / "dies" / "study.db"
     proc = _search(cluster, {**s, "study": "dies", "trials": 40})
@@ -165,11 +169,16 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
         if len(nodes) == 2:  # both nodes have finished trials: kill one mid-run
             break
         time.sleep(0.2)
+    assert proc.poll() is None, "the kill should land mid-run"
     Cluster.kill(worker)
+    n_at_kill = len(_complete(db, "dies"))
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
-    done = _check_run(tmp_path / "runs" / "dies", "dies", 40)
-    assert done["node"].nunique() == 2  # trials ran on the dead node before it died
+    assert n_at_kill < 40
+    trials = _check_run(tmp_path / "runs" / "dies", "dies", 40)
+    # the trial cut off on the dead node was retried by Tune, not dropped: nothing failed
+    assert (trials["state"] == "COMPLETE").all()
+    assert trials["node"].nunique() == 2  # trials ran on the dead node before it died
 
 
 def test_killed_driver_resumes_without_loss_or_duplicates(cluster, tiny_settings, tmp_path):

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 import llmpareto
 from llmpareto.errors import UserError
+from llmpareto.search.rdb import connect
 
 
 def _free_port() -> int:
@@ -37,6 +38,8 @@ def _pg_bin() -> Path:
         subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], env=env,
                        capture_output=True, check=False)
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not found:  # we could install and it did not work: that is a failure, not a skip
+            pytest.fail("apt-get install postgresql did not provide initdb")
     if not found:
         pytest.skip("no PostgreSQL server binaries and no apt-get to install them")
     return Path(found[-1]).parent
@@ -82,7 +85,7 @@ def test_two_workers_share_one_study_every_trial_once(pg_url, tiny_settings, tmp
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
 
-    study = optuna.load_study(study_name="shared", storage=pg_url)
+    study = optuna.load_study(study_name="shared", storage=connect(pg_url))
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) >= 24 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert len({t.number for t in done}) == len(done)
