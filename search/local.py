@@ -14,17 +14,16 @@ import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
-from llmpareto.errors import UserError
 from llmpareto.front import Front
 from llmpareto.rundir import RunDir
 from llmpareto.search.records import write_outputs
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.samplers import default_population, make_sampler
 from llmpareto.search.session import (
-    check_same_settings,
     emissions,
     enqueue_baselines,
     peak_rss_bytes,
+    prepare_run_dir,
     recover_interrupted,
 )
 from llmpareto.search.study import open_study, run_info
@@ -67,14 +66,7 @@ def run_local(settings: SearchSettings) -> Front:
         from llmpareto.search.rdb import run_rdb
 
         return run_rdb(settings)
-    rd = RunDir.for_study(settings.runs_dir, settings.study)
-    if rd.exists() and not settings.resume:
-        raise UserError(f"{rd.path} already exists; pass --resume to continue it, or choose "
-                        "another --study name")
-    if settings.resume and not rd.exists():
-        raise UserError(f"--resume: no run at {rd.path}; check --study and --runs-dir")
-    if settings.resume:
-        check_same_settings(rd.read_run_json()["settings"], settings, f"--resume {rd.path}")
+    rd = prepare_run_dir(settings)
     t_load = time.perf_counter()
     runner = TrialRunner(settings)
     load_s = time.perf_counter() - t_load

@@ -24,11 +24,11 @@ from llmpareto.rundir import RunDir
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.samplers import default_population, make_sampler
 from llmpareto.search.session import (
-    check_same_settings,
     emissions,
     enqueue_baselines,
     finite_or_none,
     n_complete,
+    prepare_run_dir,
     recover_interrupted,
     requeue_if_fixed,
     write_distributed_outputs,
@@ -187,24 +187,12 @@ def _fit(settings: SearchSettings, runner: TrialRunner, rd: RunDir, sampler, n: 
     return tuner.fit()
 
 
-def _prepare(settings: SearchSettings) -> RunDir:
-    rd = RunDir.for_study(settings.runs_dir, settings.study)
-    if rd.exists() and not settings.resume:
-        raise UserError(f"{rd.path} already exists; pass --resume to continue it, or choose "
-                        "another --study name")
-    if settings.resume and not rd.exists():
-        raise UserError(f"--resume: no run at {rd.path}; check --study and --runs-dir")
-    if settings.resume:
-        check_same_settings(rd.read_run_json()["settings"], settings, f"--resume {rd.path}")
-    return rd
-
-
 def run_ray(settings: SearchSettings) -> Front:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 silences only the old output
     if settings.storage:
         raise UserError("--backend ray keeps its study in the run directory; use --storage "
                         "with the local backend and `llmpareto worker`s instead")
-    rd = _prepare(settings)
+    rd = prepare_run_dir(settings)
     _connect(settings.address)  # before the slow model load: a bad address fails in seconds
     import ray
 

@@ -98,6 +98,20 @@ def check_same_settings(old_dict: dict, settings: SearchSettings, where: str) ->
         )
 
 
+def prepare_run_dir(settings: SearchSettings) -> RunDir:
+    """The run directory for `settings`, refusing a clash (exists without --resume, missing
+    with it) and a --resume whose settings differ from the original run's."""
+    rd = RunDir.for_study(settings.runs_dir, settings.study)
+    if rd.exists() and not settings.resume:
+        raise UserError(f"{rd.path} already exists; pass --resume to continue it, or choose "
+                        "another --study name")
+    if settings.resume and not rd.exists():
+        raise UserError(f"--resume: no run at {rd.path}; check --study and --runs-dir")
+    if settings.resume:
+        check_same_settings(rd.read_run_json()["settings"], settings, f"--resume {rd.path}")
+    return rd
+
+
 def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
