@@ -18,15 +18,12 @@ from llmpareto.front import Front
 from llmpareto.rundir import RunDir
 from llmpareto.search.records import write_outputs
 from llmpareto.search.runner import TrialRunner
-from llmpareto.search.samplers import default_population, make_sampler
 from llmpareto.search.session import (
     emissions,
-    enqueue_baselines,
+    open_run,
     peak_rss_bytes,
     prepare_run_dir,
-    recover_interrupted,
 )
-from llmpareto.search.study import open_study, run_info
 from llmpareto.settings import SearchSettings
 
 
@@ -70,14 +67,7 @@ def run_local(settings: SearchSettings) -> Front:
     t_load = time.perf_counter()
     runner = TrialRunner(settings)
     load_s = time.perf_counter() - t_load
-    rd.create()
-    population = settings.population or default_population(settings.trials)
-    sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
-    study = open_study(rd, settings, sampler)
-    recovered = recover_interrupted(study) if settings.resume else 0
-    if not settings.resume and settings.baselines:
-        enqueue_baselines(study, runner.space)
-    info = run_info(settings, runner, population)
+    study, info, recovered = open_run(settings, runner, rd)
     info["load_s"] = load_s
     rd.write_json(rd.run_json, {**info, "status": "running"})
 

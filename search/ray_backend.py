@@ -22,18 +22,15 @@ from llmpareto.front import Front
 from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
 from llmpareto.search.runner import TrialRunner
-from llmpareto.search.samplers import default_population, make_sampler
 from llmpareto.search.session import (
     emissions,
-    enqueue_baselines,
     finite_or_none,
     n_complete,
+    open_run,
     prepare_run_dir,
-    recover_interrupted,
     requeue_if_fixed,
     write_distributed_outputs,
 )
-from llmpareto.search.study import open_study, run_info
 from llmpareto.settings import SearchSettings
 
 PAYLOAD = "llmpareto"  # result key carrying everything run_one records, as JSON
@@ -198,14 +195,8 @@ def run_ray(settings: SearchSettings) -> Front:
 
     try:
         runner = TrialRunner(settings)
-        rd.create()
-        population = settings.population or default_population(settings.trials)
-        sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
-        study = open_study(rd, settings, sampler)
-        recovered = recover_interrupted(study) if settings.resume else 0
-        if not settings.resume and settings.baselines:
-            enqueue_baselines(study, runner.space)
-        info = run_info(settings, runner, population)
+        study, info, recovered = open_run(settings, runner, rd)
+        sampler = study.sampler
         info.update(backend="ray", cluster={"address": settings.address,
                                             "resources": ray.cluster_resources(),
                                             "nodes": len(ray.nodes())})

@@ -112,6 +112,22 @@ def prepare_run_dir(settings: SearchSettings) -> RunDir:
     return rd
 
 
+def open_run(settings: SearchSettings, runner, rd: RunDir):
+    """Create the run directory and its study (sampler, recovery of cut-off trials on
+    --resume, baselines on a new run); returns (study, run.json info, recovered count)."""
+    from llmpareto.search.samplers import default_population, make_sampler
+    from llmpareto.search.study import open_study, run_info
+
+    rd.create()
+    population = settings.population or default_population(settings.trials)
+    sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
+    study = open_study(rd, settings, sampler)
+    recovered = recover_interrupted(study) if settings.resume else 0
+    if not settings.resume and settings.baselines:
+        enqueue_baselines(study, runner.space)
+    return study, run_info(settings, runner, population), recovered
+
+
 def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
