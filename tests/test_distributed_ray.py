@@ -48,21 +48,28 @@ class Cluster:
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_AUTH_TOKEN", None)
         self.tmp, port = tempfile.mkdtemp(prefix="rt", dir="/tmp"), _free_port()
+        self.logs: list[Path] = []
         self.address = f"127.0.0.1:{port}"
         self.head = self._start(["--head", "--port", str(port), "--num-cpus", "1",
                                  "--include-dashboard=false", "--temp-dir", self.tmp])
         self.workers: list[subprocess.Popen] = []
 
     def _start(self, args: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(["ray", "start", "--block", "--node-ip-address", "127.0.0.1",
-                                 "--disable-usage-stats", *_node_ports(), *args], env=self.env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        log = Path(self.tmp) / f"node-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "w") as fh:
+            return subprocess.Popen(["ray", "start", "--block", "--node-ip-address", "127.0.0.1",
+                                     "--disable-usage-stats", *_node_ports(), *args],
+                                    env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def add_worker(self) -> subprocess.Popen:
         proc = self._start(["--address", self.address, "--num-cpus", "1"])
         self.workers.append(proc)
         return proc
+
+    def log_tails(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text()[-1500:]}" for log in self.logs)
 
     def alive_nodes(self) -> int:
         code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
@@ -74,10 +81,11 @@ class Cluster:
             return 0
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
-    def wait_nodes(self, n: int, timeout: float = 120) -> None:
+    def wait_nodes(self, n: int, timeout: float = 240) -> None:
         deadline = time.time() + timeout
         while self.alive_nodes() != n:
-            assert time.time() < deadline, f"the cluster never had {n} live nodes"
+            assert time.time() < deadline, (f"the cluster never had {n} live nodes:\n"
+                                            + self.log_tails())
             time.sleep(1)
 
     @staticmethod
@@ -169,7 +177,9 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
         if len(nodes) == 2:  # both nodes have finished trials: kill one mid-run
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the kill should land mid-run"
+    if proc.poll() is not None:
+        pytest.fail(f"the search ended (exit {proc.returncode}) before the kill: "
+                    f"{proc.communicate()[1][-3000:]}")
     Cluster.kill(worker)
     n_at_kill = len(_complete(db, "dies"))
     _, err = proc.communicate(timeout=400)

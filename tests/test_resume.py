@@ -64,3 +64,30 @@ def test_trial_cut_off_while_running_is_failed_and_baseline_requeued(tiny_settin
     assert len(done) == 7
     labels = [t.user_attrs.get("baseline") for t in done]
     assert labels.count(label) == 1 and len(set(labels)) == 7  # every baseline exactly once
+
+
+_OPEN = """
+import sys, time
+import optuna
+from llmpareto.rundir import RunDir
+from llmpareto.search.study import open_study
+from llmpareto.settings import SearchSettings
+rd = RunDir.for_study(sys.argv[1], "race")
+rd.create()
+while time.time() < float(sys.argv[2]):  # start together
+    pass
+study = open_study(rd, SearchSettings(study="race"), optuna.samplers.RandomSampler())
+print(study.study_name)
+"""
+
+
+def test_processes_creating_one_study_at_once_all_open_it(tmp_path):
+    # a worker, `llmpareto front` or a notebook may open a run's study.db while it is created
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN, str(tmp_path), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.strip() == "race", err[-2000:]
+    assert len(optuna.get_all_study_names(f"sqlite:///{tmp_path / 'race' / 'study.db'}")) == 1
