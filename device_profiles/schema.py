@@ -41,6 +41,10 @@ class DeviceProfile:
     # Weights per second a format's decode kernel can process at most (unpacking is compute:
     # on small CPUs q5_* decode slower than q8_0 despite fewer bytes); optional, measured.
     kernel_weights_per_s: dict[str, float] = field(default_factory=dict)
+    # Decode attention throughput, in cached K values (blocks x KV heads x head dim x
+    # positions) per second: a CPU runtime's scores, softmax and value sums are slower than
+    # the KV bytes alone; optional, measured, 0 = the roofline of the KV bytes only.
+    attention_values_per_s: float = 0.0
     schema_version: int = SCHEMA_VERSION
     path: str = field(default="", compare=False)  # file it was read from, for messages
 
@@ -75,7 +79,7 @@ _STRINGS = ("name", "description", "runtime")
 _LISTS = ("fast_formats", "sparse")
 _TABLES = ("peak_flops", "sources")
 _OPTIONAL = {"schema_version": SCHEMA_VERSION, "overhead_s_per_layer": 0.0,
-             "kernel_weights_per_s": {}}
+             "kernel_weights_per_s": {}, "attention_values_per_s": 0.0}
 _ALL = {*_OPTIONAL, *_NUMBERS, *_STRINGS, *_LISTS, *_TABLES}
 
 
@@ -141,8 +145,10 @@ def profile_from_dict(data: dict[str, Any], where: str = "<dict>") -> DeviceProf
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
         raise _err(where, "field 'sources' must be a table of field = \"URL or derived: ...\"")
     needed = [*_NUMBERS, *_LISTS, *(f"peak_flops.{k}" for k in peaks)]
-    if out["overhead_s_per_layer"]:
-        needed.append("overhead_s_per_layer")
+    out["attention_values_per_s"] = _number(where, "attention_values_per_s",
+                                            data.get("attention_values_per_s", 0.0), float, 0,
+                                            True, math.inf)
+    needed += [k for k in ("overhead_s_per_layer", "attention_values_per_s") if out[k]]
     kernels = data.get("kernel_weights_per_s", {})
     if not isinstance(kernels, dict) or set(kernels) - set(FORMATS):
         raise _err(where, "field 'kernel_weights_per_s' must be a table of weight format = "

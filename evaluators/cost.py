@@ -108,11 +108,18 @@ def op_costs(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
         if phase == "decode":
             b = kv_row * (w.context + 1) * w.batch
             f = arch.n_layers * 4.0 * heads * arch.head_dim * w.context * w.batch
+            sec, bound = roofline(b, f, "f16", p)
+            # measured: a CPU runtime's scores, softmax and sums over the cache, per K value
+            kv_values = arch.n_layers * arch.n_kv_heads * arch.head_dim * w.context * w.batch
+            rate = p.attention_values_per_s
+            if rate and kv_values / rate > sec:
+                sec, bound = kv_values / rate, "compute"
         else:
             b = 2.0 * kv_row * w.prompt_tokens * w.batch
             f = arch.n_layers * 4.0 * heads * arch.head_dim * w.batch * \
                 w.prompt_tokens * (w.prompt_tokens + 1) / 2
-        ops.append(OpCost("attention", phase, b, f, *roofline(b, f, "f16", p)))
+            sec, bound = roofline(b, f, "f16", p)
+        ops.append(OpCost("attention", phase, b, f, sec, bound))
         # logits for the last position only (llama.cpp's default in prefill too)
         ops.append(_matmul("lm_head", phase, head, formats.get(head.fqn), w.batch, arch, p))
         b = emb_row * tokens + 4.0 * arch.other_params

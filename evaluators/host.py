@@ -359,7 +359,8 @@ def _base_profile(plan: _Plan, today: str) -> DeviceProfile:
     return profile
 
 
-def measure_host_profile(runtime: str = "torch", quick: bool = False) -> DeviceProfile:
+def measure_host_profile(runtime: str = "torch", quick: bool = False,
+                         threads: int | None = None) -> DeviceProfile:
     """Measure this machine (about a minute; `quick`: a few seconds, coarser) as a profile for
     the given runtime. Thread settings are left as torch has them: they are part of the host."""
     if runtime not in RUNTIMES:
@@ -390,5 +391,5 @@ def measure_host_profile(runtime: str = "torch", quick: bool = False) -> DeviceP
     if runtime == "llamacpp":  # same machine numbers, llama.cpp's own efficiencies and kernels
         from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp
 
-        profile = calibrate_llamacpp(profile, quick=quick)
+        profile = calibrate_llamacpp(profile, quick=quick, threads=threads)
     return profile

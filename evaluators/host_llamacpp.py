@@ -8,8 +8,10 @@ kernel rate (weights/s), the per-layer and per-token overheads; prefill gives et
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +19,15 @@ import numpy as np
 from llmpareto.device_profiles.schema import DeviceProfile
 from llmpareto.formats import GGUF_FORMATS
 
-# (hidden, intermediate, layers): 1M to 128M weights, so the larger ones stream from DRAM as
-# real models do; their shapes are unlike the models the benchmarks validate on.
-CALIBRATION = ((256, 768, 4), (512, 1536, 8), (1024, 2816, 4), (1024, 2816, 10))
-QUICK_CALIBRATION = ((256, 768, 2), (512, 1536, 4))
-CAL_FORMATS = GGUF_FORMATS  # rows are multiples of 256, so tq2_0 holds everywhere
-CONTEXT = 256
+# (hidden, intermediate, layers, KV heads): 80M to 100M weights each, so they stream from DRAM
+# as real models do, with 1.8M to 12.8M weights a block, so per-block overhead and per-weight
+# cost separate, and grouped-query attention in two of them, as small models have it; random
+# weights, none of them a model a benchmark validates on. Heads are 64 wide.
+CALIBRATION = ((384, 1024, 48, 2), (512, 1536, 24, 8), (768, 2048, 12, 4), (1024, 2816, 8, 16))
+QUICK_CALIBRATION = ((256, 768, 2, 4), (512, 1536, 4, 2))
+CAL_FORMATS = GGUF_FORMATS  # tq2_0 falls back to q4_0 on 384-wide rows, as in llama.cpp
+CONTEXTS = (160, 512)  # KV lengths decode is timed at (prompt, then filled up to the second)
+PROMPT = 128
 
 
 def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
@@ -35,10 +40,10 @@ def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
     from llmpareto.tiny import build_tiny_model
 
     out = []
-    for i, (hidden, inter, layers) in enumerate(shapes):
+    for i, (hidden, inter, layers, kv_heads) in enumerate(shapes):
         d = build_tiny_model(folder / f"m{i}", seed=i, hidden_size=hidden,
                              intermediate_size=inter, num_hidden_layers=layers,
-                             num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                             num_attention_heads=hidden // 64, num_key_value_heads=kv_heads,
                              max_position_embeddings=1024)
         source = resolve_model(str(d))
         model, tok = load_model(source)
@@ -52,66 +57,104 @@ def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
 
 
 def _prefill_ideal_s(arch, formats, profile: DeviceProfile) -> float:
-    """Roofline prefill time of 128 tokens at eta 1 (what eta_compute scales)."""
+    """Roofline prefill time of PROMPT tokens at eta 1 (what eta_compute scales)."""
     from llmpareto.budget import Workload
     from llmpareto.evaluators.cost import op_costs
 
-    ideal = dataclasses.replace(profile, eta_compute=1.0, eta_mem=1.0, kernel_weights_per_s={})
-    ops = op_costs(arch, formats, ideal, Workload(prompt_tokens=128, context=CONTEXT))
+    ideal = dataclasses.replace(profile, eta_compute=1.0, eta_mem=1.0, kernel_weights_per_s={},
+                                attention_values_per_s=0.0)
+    ops = op_costs(arch, formats, ideal, Workload(prompt_tokens=PROMPT, context=PROMPT))
     return sum(o.seconds for o in ops if o.phase == "prefill")
 
 
-def _fit(rows: list[dict]) -> tuple[dict[str, float], float, float]:
-    """t = s[format] * weights + per_layer * layers + per_token, jointly over all rows."""
-    fmts = sorted({r["format"] for r in rows})
-    x = np.array([[r["weights"] if r["format"] == f else 0.0 for f in fmts]
-                  + [r["layers"], 1.0] for r in rows])
+@dataclass
+class Fit:
+    seconds_per_weight: dict[str, float]  # by format
+    per_layer_s: float
+    per_attention_value_s: float  # per cached K value read (block x KV head x dim x position)
+    per_token_s: float
+    residual_pct: float  # mean |relative error| of the fit on the calibration rows
+
+
+def _features(arch, formats: dict[str, str | None], context: int, fmts: list[str]) -> list:
+    """Decode-step regressors: weights in each format, blocks, cached K values read, 1.
+
+    llama.cpp's decode attention time follows the KV values (blocks x KV heads x head dim x
+    positions), not the query heads: measured on SmolLM2-135M (9 query, 3 KV heads), 3.1 us
+    per cached position, where query-head scaling fitted on full-attention models said 7.9."""
+    weights = dict.fromkeys(fmts, 0.0)
+    for t in [*arch.linears, arch.lm_head or arch.embedding]:
+        if formats.get(t.fqn):
+            weights[formats[t.fqn]] += t.numel
+    return [*(weights[f] for f in fmts), arch.n_layers,
+            arch.n_layers * arch.n_kv_heads * arch.head_dim * context, 1.0]
+
+
+def _fit(rows: list[dict]) -> Fit:
+    """t = sum_f weights[f] * s[f] + per_layer * blocks + per_value * attention values +
+    per_token, jointly over all rows, in relative terms (each row divided by its time), so
+    quick and slow rows count alike."""
+    fmts = sorted({f for r in rows for f in r["formats"].values() if f})
+    x = np.array([_features(r["arch"], r["formats"], r["context"], fmts) for r in rows])
     y = np.array([r["seconds"] for r in rows])
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    slopes = {f: float(c) for f, c in zip(fmts, coef[: len(fmts)])}
-    return slopes, max(float(coef[-2]), 0.0), max(float(coef[-1]), 0.0)
+    coef, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
+    resid = float(np.mean(np.abs(x @ coef - y) / y))
+    return Fit({f: float(c) for f, c in zip(fmts, coef[: len(fmts)])}, max(float(coef[-3]), 0.0),
+               max(float(coef[-2]), 0.0), max(float(coef[-1]), 0.0), 100 * resid)
 
 
-def calibrate_llamacpp(base: DeviceProfile, quick: bool = False,
-                       threads: int | None = None) -> DeviceProfile:
-    """Return `base` with llama.cpp's measured kernel rates, overheads and efficiencies."""
+def calibrate_llamacpp(base: DeviceProfile, quick: bool = False, threads: int | None = None,
+                       rounds: int | None = None) -> DeviceProfile:
+    """Return `base` with llama.cpp's measured kernel rates, overheads and efficiencies.
+
+    `threads` is part of what is calibrated (the profile's `runtime` says how many): measure
+    with the thread count the deployment will use. Each file is timed `rounds` times (default
+    3, quick 2), interleaved, best round kept; decode is timed at two KV lengths, so the cost
+    of attention over the cache separates from the weights'."""
     import llama_cpp
 
-    from llmpareto.evaluators.llamacpp import gguf_speed
+    from llmpareto.evaluators.llamacpp import gguf_speeds
     from llmpareto.formats import get_format
 
     profile = dataclasses.replace(base, fast_formats=tuple(GGUF_FORMATS))
     shapes = QUICK_CALIBRATION if quick else CALIBRATION
-    rows = []
+    threads = threads or os.cpu_count() or 1
+    rows, prefill = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for path, arch, formats in _calibration_ggufs(Path(tmp), shapes):
-            m = gguf_speed(str(path), prompt_tokens=128, decode_tokens=24 if quick else 48,
-                           context=CONTEXT, threads=threads)
-            head = arch.lm_head or arch.embedding
-            rows.append({"format": next(f for f in formats.values() if f), "layers": arch.n_layers,
-                         "weights": sum(t.numel for t in arch.linears) + head.numel,
-                         "seconds": m["measured_latency_ms"] / 1e3,
-                         "prefill_ratio": _prefill_ideal_s(arch, formats, profile)
-                         / (128 / m["measured_prompt_tokens_per_s"])})
-    slopes, per_layer, per_token = _fit(rows)
+        files = _calibration_ggufs(Path(tmp), shapes)
+        speeds = gguf_speeds([str(path) for path, _, _ in files], prompt_tokens=PROMPT,
+                             decode_tokens=24 if quick else 48, contexts=CONTEXTS,
+                             threads=threads, rounds=rounds or (2 if quick else 3))
+        for (_, arch, formats), m in zip(files, speeds):
+            rows += [{"arch": arch, "formats": formats, "context": c,
+                      "seconds": m[f"measured_latency_ms@{c}"] / 1e3} for c in CONTEXTS]
+            prefill.append(_prefill_ideal_s(arch, formats, profile)
+                           / (PROMPT / m["measured_prompt_tokens_per_s"]))
+    fit = _fit(rows)
+    slopes, per_layer, per_token = fit.seconds_per_weight, fit.per_layer_s, fit.per_token_s
     rates = {f: 1.0 / s for f, s in slopes.items() if s > 0}
+    attention = 1.0 / fit.per_attention_value_s if fit.per_attention_value_s > 0 else 0.0
     # DRAM side: the fastest bytes/s any kernel reached; slower formats are kernel-bound
     best_Bps = max(get_format(f).bits_per_weight / 8 * r for f, r in rates.items())
     eta_mem = float(np.clip(best_Bps / profile.bandwidth_Bps, 0.01, 1.0))
-    eta_compute = float(np.clip(np.median([r["prefill_ratio"] for r in rows]), 0.01, 1.0))
+    eta_compute = float(np.clip(np.median(prefill), 0.01, 1.0))
     how = (f"derived: measured {time.strftime('%Y-%m-%d')} with llama-cpp-python "
-           f"{llama_cpp.__version__}: decode at context {CONTEXT} of random Llamas "
-           f"(hidden, ffn, blocks) {shapes} in every GGUF format, least squares t = "
-           "weights/rate[format] + per_layer*blocks + per_token")
+           f"{llama_cpp.__version__}: decode at KV lengths {CONTEXTS} of random Llamas "
+           f"(hidden, ffn, blocks) {shapes} in every GGUF format, {threads} threads, best of "
+           f"interleaved rounds, relative least squares t = "
+           "weights/rate[format] + per_layer*blocks + attention values/attention rate + "
+           f"per_token (fit residual {fit.residual_pct:.1f}%)")
     sources = {**base.sources,
                "eta_mem": f"{how}; fastest kernel's bytes/s over bandwidth_Bps",
                "overhead_s_per_token": f"{how}; per_token", "overhead_s_per_layer":
                f"{how}; per_layer", "fast_formats": "derived: llama.cpp's CPU backend has "
                "kernels for every GGUF format",
-               "eta_compute": f"{how}; median ideal roofline prefill time / measured (128 tokens)"}
+               "attention_values_per_s": f"{how}; attention rate",
+               "eta_compute": f"{how}; median ideal roofline prefill time / measured "
+               f"({PROMPT} tokens)"}
     sources.update({f"kernel_weights_per_s.{f}": f"{how}; rate[{f}]" for f in rates})
     return dataclasses.replace(
         profile, runtime=f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) CPU, "
-        f"{threads or 'default'} threads", eta_mem=eta_mem, eta_compute=eta_compute,
+        f"{threads} threads", eta_mem=eta_mem, eta_compute=eta_compute,
         overhead_s_per_token=per_token, overhead_s_per_layer=per_layer,
-        kernel_weights_per_s=rates, sources=sources)
+        kernel_weights_per_s=rates, attention_values_per_s=attention, sources=sources)

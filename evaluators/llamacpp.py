@@ -42,39 +42,67 @@ def gguf_perplexity(path: str, windows: np.ndarray, threads: int | None = None) 
 
 def gguf_speed(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, context: int = 256,
                threads: int | None = None, rounds: int = 3) -> dict[str, float]:
-    """Prompt tokens/s and decode ms/token: the best of `rounds` (a shared machine only ever
-    makes a run slower, so the fastest round is the closest to the machine's own speed)."""
-    runs = [_speed_once(path, prompt_tokens, decode_tokens, context, threads)
-            for _ in range(rounds)]
-    return {k: (min if k == "measured_latency_ms" else max)(r[k] for r in runs) for k in runs[0]}
+    """Prompt tokens/s, and decode ms/token with `context` tokens in the KV cache (the
+    cost model's Workload.context): see `gguf_speeds`."""
+    return gguf_speeds([path], prompt_tokens, decode_tokens, (context,), threads, rounds)[0]
 
 
-def _speed_once(path: str, prompt_tokens: int, decode_tokens: int, context: int,
+def gguf_speeds(paths: list[str], prompt_tokens: int = 128, decode_tokens: int = 64,
+                contexts: tuple[int, ...] = (256,), threads: int | None = None,
+                rounds: int = 3) -> list[dict[str, float]]:
+    """Per file: prompt tokens/s, and decode ms/token at each KV length in `contexts`
+    (`measured_latency_ms` at the first, `measured_latency_ms@C` at each C), best of `rounds`.
+
+    Rounds go over all the files in turn (a, b, c, a, b, c, ...), so a stretch of load from
+    other processes slows every file a little rather than one file a lot; a shared machine
+    only ever makes a run slower, so each file's fastest round is the closest to the machine's
+    own speed. Each round loads the file afresh."""
+    runs: list[list[dict[str, float]]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for i, path in enumerate(paths):
+            runs[i].append(_speed_once(path, prompt_tokens, decode_tokens, contexts, threads))
+    best = [{k: (max if k.endswith("_per_s") else min)(r[k] for r in rs) for k in rs[0]}
+            for rs in runs]
+    for b in best:
+        b["measured_latency_ms"] = b[f"measured_latency_ms@{contexts[0]}"]
+        b["measured_decode_tokens_per_s"] = 1e3 / b["measured_latency_ms"]
+    return best
+
+
+def _speed_once(path: str, prompt_tokens: int, decode_tokens: int, contexts: tuple[int, ...],
                 threads: int | None) -> dict[str, float]:
-    n_ctx = max(context, prompt_tokens + decode_tokens) + 8
+    """Time the prompt, then for each KV length C (ascending) fill the cache to just below C
+    and time `decode_tokens` single-token steps around it; a step's time is their median."""
+    n_ctx = max(*contexts, prompt_tokens) + decode_tokens + 8
     llm = _llama(path, n_ctx, threads)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(10, llm.n_vocab(), prompt_tokens).tolist()
-    llm.eval(prompt[:8])  # warm-up: kernels, caches
+    tokens = np.random.default_rng(0).integers(10, llm.n_vocab(), n_ctx).tolist()
+    llm.eval(tokens[:8])  # warm-up: kernels, caches
     llm.reset()
     t0 = time.perf_counter()
-    llm.eval(prompt)
-    prompt_s = time.perf_counter() - t0
-    steps = []
-    for tok in rng.integers(10, llm.n_vocab(), decode_tokens).tolist():
-        t0 = time.perf_counter()
-        llm.eval([tok])
-        steps.append(time.perf_counter() - t0)
-    decode_s = float(np.median(steps))
-    return {"measured_prompt_tokens_per_s": prompt_tokens / prompt_s,
-            "measured_latency_ms": 1e3 * decode_s,
-            "measured_decode_tokens_per_s": 1.0 / decode_s}
+    llm.eval(tokens[:prompt_tokens])
+    out = {"measured_prompt_tokens_per_s": prompt_tokens / (time.perf_counter() - t0)}
+    pos = prompt_tokens
+    for c in sorted(contexts):
+        fill = max(pos, c - decode_tokens // 2)
+        if fill > pos:
+            llm.eval(tokens[pos:fill])
+            pos = fill
+        steps = []
+        for _ in range(decode_tokens):
+            t0 = time.perf_counter()
+            llm.eval([tokens[pos]])
+            steps.append(time.perf_counter() - t0)
+            pos += 1
+        out[f"measured_latency_ms@{c}"] = 1e3 * float(np.median(steps))
+    return out
 
 
 @dataclass
 class LlamaCppEvaluator:
     windows: np.ndarray
     threads: int | None = None
+    context: int = 256  # KV length decode is timed at: the run's Workload.context
+    prompt_tokens: int = 128
 
     metrics: ClassVar[tuple[str, ...]] = ("measured_perplexity", "measured_latency_ms",
                                           "measured_decode_tokens_per_s",
@@ -82,6 +110,7 @@ class LlamaCppEvaluator:
     needs_model: ClassVar[bool] = False  # needs an exported GGUF file instead
 
     def evaluate_file(self, path: str) -> dict[str, float]:
-        out = gguf_speed(path, threads=self.threads)
+        out = gguf_speed(path, prompt_tokens=self.prompt_tokens, context=self.context,
+                         threads=self.threads)
         out["measured_perplexity"] = gguf_perplexity(path, self.windows, self.threads)
-        return out
+        return {k: out[k] for k in self.metrics}

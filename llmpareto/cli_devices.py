@@ -45,7 +45,12 @@ def cmd_profile_host(args: argparse.Namespace) -> int:
     from llmpareto.device_profiles import dump_toml
     from llmpareto.evaluators.host import measure_host_profile
 
-    profile = measure_host_profile(runtime=args.runtime, quick=args.quick)
+    if args.threads is not None and args.runtime != "llamacpp":
+        raise UserError("--threads is for --runtime llamacpp; torch's threads are set by "
+                        "OMP_NUM_THREADS / torch.set_num_threads")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give 1 or more llama.cpp threads")
+    profile = measure_host_profile(runtime=args.runtime, quick=args.quick, threads=args.threads)
     text = dump_toml(profile)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
@@ -105,7 +110,9 @@ def add_device_commands(sub) -> None:
     ph.add_argument("--quick", action="store_true", help="smaller, faster measurements")
     ph.add_argument("--runtime", choices=("torch", "llamacpp"), default="torch",
                     help="whose efficiencies to measure: torch (transformers eager, what the "
-                         "search runs) or llamacpp (calibrated on tiny random GGUF models)")
+                         "search runs) or llamacpp (calibrated on random GGUF models)")
+    ph.add_argument("--threads", type=int, help="--runtime llamacpp: threads to calibrate "
+                    "with, as the deployment will run (default: all CPUs)")
     ph.set_defaults(func=cmd_profile_host)
     pc = sub.add_parser("cost", help="per-layer-kind bytes, FLOPs, time and energy on a device")
     pc.add_argument("--model", default="smollm2-135m",

@@ -21,7 +21,9 @@ def measure_front(run_dir: Path, df: pd.DataFrame, threads: int | None = None) -
 
     front = Front.load(run_dir)
     rb = Rebuilder(run_dir)
-    ev = LlamaCppEvaluator(rb.eval_windows(), threads)
+    # decode is timed at the run's context, as the predicted latency_ms next to it
+    ev = LlamaCppEvaluator(rb.eval_windows(), threads, context=int(rb.settings["context"]),
+                           prompt_tokens=int(rb.settings.get("prompt_tokens", 128)))
     rows = []
     for _, row in df.iterrows():
         path = run_dir / "exports" / f"trial-{int(row['trial'])}.gguf"

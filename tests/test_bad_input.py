@@ -115,3 +115,12 @@ def test_unknown_device_and_impossible_latency(capsys, tmp_path, tiny_model_dir)
     assert code == 2 and "--max-latency-ms" in err and "smallest candidate" in err
     code, err = run_cli(capsys, *tiny_args(tiny_model_dir, tmp_path, "--max-energy-mj", "x"))
     assert code == 2 and "--max-energy-mj" in err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--threads", "2"], "--threads is for --runtime llamacpp"),
+    (["--runtime", "llamacpp", "--threads", "0"], "--threads 0: give 1 or more"),
+])
+def test_profile_host_thread_count(capsys, argv, match):
+    assert main(["profile-host", "--quick", *argv]) == 2
+    assert match in capsys.readouterr().err

@@ -98,3 +98,28 @@ def test_energy_traces_to_the_profile():
         + p.power_idle_w * s["latency_ms"] / 1e3
     assert s["energy_mj"] == pytest.approx(joules * 1e3)
     assert s["decode_tokens_per_s"] == pytest.approx(1e3 / s["latency_ms"])
+
+
+def test_measured_attention_rate_charges_decode_per_cached_value():
+    # 8 blocks, 8 query heads sharing 2 KV heads of 64 dims
+    arch = dataclasses.replace(synthetic(8, 1024, 1024, kv_heads=2, head_dim=64), n_heads=8)
+    base = load_profile("raspberry-pi-5")
+    rate = 1e8  # cached K values per second
+    slow = dataclasses.replace(base, attention_values_per_s=rate)
+    r = Recipe.uniform("q4_0")
+
+    def attention_s(profile, context, a=arch):
+        ops = op_costs(a, a.formats_for(r), profile, Workload(context=context))
+        return next(o.seconds for o in ops if o.phase == "decode" and o.kind == "attention")
+
+    # 8 blocks x 2 KV heads x 64 dims x 1000 positions / 1e8 per s = 10.24 ms, linear in the
+    # context, and in the KV heads rather than the query heads
+    assert attention_s(slow, 1000) == pytest.approx(8 * 2 * 64 * 1000 / rate)
+    assert attention_s(slow, 2000) == pytest.approx(2 * attention_s(slow, 1000))
+    full = dataclasses.replace(arch, n_kv_heads=8)
+    assert attention_s(slow, 1000, full) == pytest.approx(4 * attention_s(slow, 1000))
+    # unset (0): only the KV bytes' roofline (4 MB of f16 K and V: ~0.4 ms on the Pi 5)
+    assert attention_s(base, 1000) < 0.1 * attention_s(slow, 1000)
+    # a rate faster than the KV bytes can stream never makes attention quicker than the bytes
+    fast = dataclasses.replace(base, attention_values_per_s=1e15)
+    assert attention_s(fast, 1000) == attention_s(base, 1000)

@@ -58,6 +58,8 @@ def _write(tmp_path, mutate):
     (lambda d: d["sources"].pop("power_idle_w"), "no source for power_idle_w"),
     (lambda d: d.update(power_idle_w=50.0), "power_idle_w is above power_active_w"),
     (lambda d: d.update(schema_version=7), "schema_version 7"),
+    (lambda d: d.update(attention_values_per_s=-1.0), "'attention_values_per_s' = -1.0 is out"),
+    (lambda d: d.update(attention_values_per_s=2e9), "no source for attention_values_per_s"),
 ])
 def test_bad_profiles_name_file_and_field(tmp_path, mutate, match):
     f = _write(tmp_path, mutate)

@@ -84,11 +84,44 @@ def test_overhead_line_fit_is_exact_and_never_negative() -> None:
 def test_llamacpp_runtime_calibration_is_fitted_from_gguf_models():
     from llmpareto.evaluators.host import measure_host_profile
 
-    p = measure_host_profile(runtime="llamacpp", quick=True)
-    assert p.runtime.startswith("llama.cpp")
+    p = measure_host_profile(runtime="llamacpp", quick=True, threads=1)
+    assert p.runtime.startswith("llama.cpp") and p.runtime.endswith(", 1 threads")
     assert set(p.fast_formats) == {"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "tq2_0"}
     assert 0 < p.eta_mem <= 1 and 0 < p.eta_compute <= 1
     assert "every GGUF format" in p.sources["eta_mem"]
     # one decode-kernel rate per format, each with its source, and the cost model uses them
     assert set(p.kernel_weights_per_s) == set(p.fast_formats)
     assert all(f"kernel_weights_per_s.{f}" in p.sources for f in p.kernel_weights_per_s)
+    assert p.attention_values_per_s > 0 and "attention rate" in p.sources["attention_values_per_s"]
+
+
+def test_llamacpp_fit_recovers_known_rates_and_overheads():
+    from llmpareto.arch import Arch, Tensor2D
+    from llmpareto.evaluators.host_llamacpp import _features, _fit
+
+    def arch(layers: int, width: int) -> Arch:
+        lin = [Tensor2D(f"model.layers.{i}.mlp.proj", width, 3 * width, i, "mlp.proj")
+               for i in range(layers)]
+        return Arch(linears=lin, embedding=Tensor2D("model.embed_tokens", 256, width, None,
+                                                    "embed"),
+                    lm_head=None, other_params=0, n_layers=layers, n_kv_heads=width // 64,
+                    head_dim=64, hidden_size=width, vocab_size=256, n_heads=width // 64)
+
+    true = {"q4_0": 1 / 30e9, "q8_0": 1 / 20e9}
+    per_layer, per_value, per_token = 20e-6, 1 / 3e9, 50e-6
+    rows = []
+    for a in (arch(48, 384), arch(12, 768), arch(8, 1024)):
+        for fmt, s in true.items():
+            formats = {t.fqn: fmt for t in [*a.linears, a.embedding]}
+            for context in (160, 512):
+                x = _features(a, formats, context, sorted(true))
+                t = x[0] * s if fmt == "q4_0" else x[1] * s
+                t += per_layer * a.n_layers + per_value * x[-2] + per_token
+                rows.append({"arch": a, "formats": formats, "context": context, "seconds": t})
+    fit = _fit(rows)
+    for fmt, s in true.items():
+        assert fit.seconds_per_weight[fmt] == pytest.approx(s, rel=1e-6)
+    assert fit.per_layer_s == pytest.approx(per_layer, rel=1e-6)
+    assert fit.per_attention_value_s == pytest.approx(per_value, rel=1e-6)
+    assert fit.per_token_s == pytest.approx(per_token, rel=1e-6)
+    assert fit.residual_pct < 1e-6
