@@ -1,9 +1,10 @@
 """Benchmark for issue 4: predicted vs measured decode of exported front points in llama.cpp.
 
-Runs a search on the default model, exports at least 8 front points (distinct recipes) to
-GGUF, measures decode ms/token in llama.cpp on this host and compares with the `host`
-profile calibrated for llama.cpp on tiny random models (not these points). Prints Spearman
-rank correlation, mean absolute percentage error, and writes a predicted-vs-measured plot.
+Calibrates the `host` profile for llama.cpp on random models (not these points), runs the
+search a user targeting this host would run (default model, that profile as --device,
+perplexity and latency as objectives), exports at least 8 front points (distinct recipes) to
+GGUF, measures their decode ms/token in llama.cpp and compares. Prints Spearman rank
+correlation, mean absolute percentage error, and writes a predicted-vs-measured plot.
 
 llama.cpp runs with --threads 1 by default: on this benchmark's machine (2 shared vCPUs) the
 decode time of one file varied by 13-19% between rounds at 2 threads and by 1-2% at one (a
@@ -27,11 +28,13 @@ CONTEXT = 256
 def main() -> None:
     import llmpareto
     from llmpareto.budget import Workload
+    from llmpareto.device_profiles import dump_toml
     from llmpareto.evaluators.cost import op_costs, summarize
     from llmpareto.evaluators.host import measure_host_profile
     from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp
     from llmpareto.evaluators.llamacpp import gguf_speeds
     from llmpareto.export_gguf import write_gguf
+    from llmpareto.models import load_arch
     from llmpareto.pick import Rebuilder
 
     ap = argparse.ArgumentParser()
@@ -41,9 +44,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench-runs")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (calibration too)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per point")
+    ap.add_argument("--like", action=argparse.BooleanOptionalAction, default=True,
+                    help="add random calibration models with the default model's block shapes")
+    ap.add_argument("--objectives", default="perplexity,latency_ms",
+                    help="the search's objectives (its --device is the calibrated profile)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    profile = calibrate_llamacpp(measure_host_profile(), threads=args.threads)
+    # calibration models: random ones of assorted shapes plus two with the default model's
+    # block shapes (random weights: none is a validated point)
+    like = load_arch("default") if args.like else None
+    profile = calibrate_llamacpp(measure_host_profile(), threads=args.threads, like=like)
     print(f"host profile (llama.cpp): eta_mem {profile.eta_mem:.3f}, eta_compute "
           f"{profile.eta_compute:.3f}, overhead {1e3 * profile.overhead_s_per_token:.3f} ms/token "
           f"+ {1e6 * profile.overhead_s_per_layer:.1f} us/layer, attention "
@@ -52,7 +62,14 @@ def main() -> None:
     print("kernel rates (G weights/s): " + ", ".join(
         f"{k} {v / 1e9:.1f}" for k, v in sorted(profile.kernel_weights_per_s.items())))
     study = f"bench-export-{time.strftime('%Y%m%d-%H%M%S')}"
-    front = llmpareto.search(trials=args.trials, study=study, runs_dir=args.out, progress=False)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    device = Path(args.out) / f"{study}-host-llamacpp.toml"
+    device.write_text(dump_toml(profile))
+    # the search a user targeting this host runs: the calibrated profile as --device, its
+    # latency as an objective (or --objectives perplexity,memory_bytes for the default front)
+    front = llmpareto.search(trials=args.trials, study=study, runs_dir=args.out, progress=False,
+                             device=str(device), objectives=args.objectives.split(","),
+                             context=CONTEXT)
     run = Path(args.out) / study
     trials = front.trials[front.trials["state"] == "COMPLETE"]
     # the front first, then other feasible trials spread over memory, to reach --points

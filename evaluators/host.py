@@ -360,9 +360,10 @@ def _base_profile(plan: _Plan, today: str) -> DeviceProfile:
 
 
 def measure_host_profile(runtime: str = "torch", quick: bool = False,
-                         threads: int | None = None) -> DeviceProfile:
+                         threads: int | None = None, like=None) -> DeviceProfile:
     """Measure this machine (about a minute; `quick`: a few seconds, coarser) as a profile for
-    the given runtime. Thread settings are left as torch has them: they are part of the host."""
+    the given runtime. Thread settings are left as torch has them: they are part of the host;
+    `threads` and `like` (an Arch) go to the llama.cpp calibration (`calibrate_llamacpp`)."""
     if runtime not in RUNTIMES:
         raise UserError(f"cannot measure a host profile for runtime {runtime!r}; supported: "
                         f"{', '.join(RUNTIMES)}. For another runtime write a profile TOML by hand "
@@ -391,5 +392,5 @@ def measure_host_profile(runtime: str = "torch", quick: bool = False,
     if runtime == "llamacpp":  # same machine numbers, llama.cpp's own efficiencies and kernels
         from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp
 
-        profile = calibrate_llamacpp(profile, quick=quick, threads=threads)
+        profile = calibrate_llamacpp(profile, quick=quick, threads=threads, like=like)
     return profile

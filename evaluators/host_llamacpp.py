@@ -1,8 +1,9 @@
 """Calibrate a host profile for the llama.cpp runtime (`profile-host --runtime llamacpp`).
 
 Calibration models are random Llamas exported to GGUF in every GGUF format, none of them a
-model a benchmark validates on. One least-squares fit of decode time gives each format's
-kernel rate (weights/s), the per-layer and per-token overheads; prefill gives eta_compute.
+model a benchmark validates on. One least-squares fit of decode time at two KV lengths gives
+each format's kernel rate (weights/s), the attention rate (cached K values/s), the per-layer
+and per-token overheads; prefill gives eta_compute.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import numpy as np
 from llmpareto.device_profiles.schema import DeviceProfile
 from llmpareto.formats import GGUF_FORMATS
 
-# (hidden, intermediate, layers, KV heads): 80M to 100M weights each, so they stream from DRAM
-# as real models do, with 1.8M to 12.8M weights a block, so per-block overhead and per-weight
-# cost separate, and grouped-query attention in two of them, as small models have it; random
-# weights, none of them a model a benchmark validates on. Heads are 64 wide.
-CALIBRATION = ((384, 1024, 48, 2), (512, 1536, 24, 8), (768, 2048, 12, 4), (1024, 2816, 8, 16))
+# (hidden, intermediate, layers, KV heads): 57M to 180M weights, so they stream from DRAM as
+# real models do and the per-weight cost separates from the per-token one; 1.8M to 12.8M
+# weights a block, so per-block overhead separates too; grouped-query attention in two of them,
+# as small models have it. Random weights, none of them a model a benchmark validates on.
+# Heads are 64 wide.
+CALIBRATION = ((384, 1024, 32, 2), (512, 1536, 24, 8), (768, 2048, 16, 4), (1024, 2816, 14, 16))
 QUICK_CALIBRATION = ((256, 768, 2, 4), (512, 1536, 4, 2))
 CAL_FORMATS = GGUF_FORMATS  # tq2_0 falls back to q4_0 on 384-wide rows, as in llama.cpp
 CONTEXTS = (160, 512)  # KV lengths decode is timed at (prompt, then filled up to the second)
@@ -40,10 +42,11 @@ def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
     from llmpareto.tiny import build_tiny_model
 
     out = []
-    for i, (hidden, inter, layers, kv_heads) in enumerate(shapes):
+    for i, (hidden, inter, layers, kv_heads, *head_dim) in enumerate(shapes):
         d = build_tiny_model(folder / f"m{i}", seed=i, hidden_size=hidden,
                              intermediate_size=inter, num_hidden_layers=layers,
-                             num_attention_heads=hidden // 64, num_key_value_heads=kv_heads,
+                             num_attention_heads=hidden // (head_dim or [64])[0],
+                             num_key_value_heads=kv_heads,
                              max_position_embeddings=1024)
         source = resolve_model(str(d))
         model, tok = load_model(source)
@@ -54,6 +57,16 @@ def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
             path = write_gguf(folder / f"m{i}-{fmt}.gguf", model, cache, formats, source, tok)
             out.append((path, arch, formats))
     return out
+
+
+def shapes_like(arch, weights: tuple[float, ...] = (60e6, 120e6)) -> tuple[tuple, ...]:
+    """Calibration shapes with `arch`'s block (width, MLP width, KV heads, head size) at block
+    counts that give about `weights` weights: kernel speed depends on matrix widths, and these
+    carry the deployed model's, yet with random weights they are never a validated point."""
+    per_block = sum(t.numel for t in arch.linears) / max(arch.n_layers, 1)
+    inter = max(max(t.rows, t.cols) for t in arch.linears)
+    return tuple((arch.hidden_size, inter, max(2, round(w / per_block)), arch.n_kv_heads,
+                  arch.head_dim) for w in weights)
 
 
 def _prefill_ideal_s(arch, formats, profile: DeviceProfile) -> float:
@@ -104,20 +117,22 @@ def _fit(rows: list[dict]) -> Fit:
 
 
 def calibrate_llamacpp(base: DeviceProfile, quick: bool = False, threads: int | None = None,
-                       rounds: int | None = None) -> DeviceProfile:
+                       rounds: int | None = None, like=None) -> DeviceProfile:
     """Return `base` with llama.cpp's measured kernel rates, overheads and efficiencies.
 
     `threads` is part of what is calibrated (the profile's `runtime` says how many): measure
     with the thread count the deployment will use. Each file is timed `rounds` times (default
     3, quick 2), interleaved, best round kept; decode is timed at two KV lengths, so the cost
-    of attention over the cache separates from the weights'."""
+    of attention over the cache separates from the weights'. `like` (an Arch) adds random
+    models with its block shapes (`shapes_like`)."""
     import llama_cpp
 
     from llmpareto.evaluators.llamacpp import gguf_speeds
     from llmpareto.formats import get_format
 
     profile = dataclasses.replace(base, fast_formats=tuple(GGUF_FORMATS))
-    shapes = QUICK_CALIBRATION if quick else CALIBRATION
+    shapes = (QUICK_CALIBRATION if quick else CALIBRATION) + (
+        shapes_like(arch=like, weights=(2e6, 4e6) if quick else (60e6, 120e6)) if like else ())
     threads = threads or os.cpu_count() or 1
     rows, prefill = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,7 +155,7 @@ def calibrate_llamacpp(base: DeviceProfile, quick: bool = False, threads: int | 
     eta_compute = float(np.clip(np.median(prefill), 0.01, 1.0))
     how = (f"derived: measured {time.strftime('%Y-%m-%d')} with llama-cpp-python "
            f"{llama_cpp.__version__}: decode at KV lengths {CONTEXTS} of random Llamas "
-           f"(hidden, ffn, blocks) {shapes} in every GGUF format, {threads} threads, best of "
+           f"(hidden, ffn, blocks, KV heads[, head dim]) {shapes} in every GGUF format, {threads} threads, best of "
            f"interleaved rounds, relative least squares t = "
            "weights/rate[format] + per_layer*blocks + attention values/attention rate + "
            f"per_token (fit residual {fit.residual_pct:.1f}%)")

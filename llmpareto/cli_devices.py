@@ -50,7 +50,16 @@ def cmd_profile_host(args: argparse.Namespace) -> int:
                         "OMP_NUM_THREADS / torch.set_num_threads")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: give 1 or more llama.cpp threads")
-    profile = measure_host_profile(runtime=args.runtime, quick=args.quick, threads=args.threads)
+    if args.like and args.runtime != "llamacpp":
+        raise UserError("--like is for --runtime llamacpp (it adds calibration models shaped "
+                        "like that model)")
+    like = None
+    if args.like:
+        from llmpareto.models import load_arch
+
+        like = load_arch(args.like)
+    profile = measure_host_profile(runtime=args.runtime, quick=args.quick, threads=args.threads,
+                                   like=like)
     text = dump_toml(profile)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
@@ -113,6 +122,8 @@ def add_device_commands(sub) -> None:
                          "search runs) or llamacpp (calibrated on random GGUF models)")
     ph.add_argument("--threads", type=int, help="--runtime llamacpp: threads to calibrate "
                     "with, as the deployment will run (default: all CPUs)")
+    ph.add_argument("--like", metavar="MODEL", help="--runtime llamacpp: also calibrate on "
+                    "random models with MODEL's block shapes (a --model value)")
     ph.set_defaults(func=cmd_profile_host)
     pc = sub.add_parser("cost", help="per-layer-kind bytes, FLOPs, time and energy on a device")
     pc.add_argument("--model", default="smollm2-135m",

@@ -120,7 +120,9 @@ def test_unknown_device_and_impossible_latency(capsys, tmp_path, tiny_model_dir)
 @pytest.mark.parametrize("argv, match", [
     (["--threads", "2"], "--threads is for --runtime llamacpp"),
     (["--runtime", "llamacpp", "--threads", "0"], "--threads 0: give 1 or more"),
+    (["--like", "smollm2-135m"], "--like is for --runtime llamacpp"),
+    (["--runtime", "llamacpp", "--like", "no-such-model"], "no such model"),
 ])
-def test_profile_host_thread_count(capsys, argv, match):
+def test_profile_host_llamacpp_flags(capsys, argv, match):
     assert main(["profile-host", "--quick", *argv]) == 2
     assert match in capsys.readouterr().err

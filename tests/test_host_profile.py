@@ -81,10 +81,17 @@ def test_overhead_line_fit_is_exact_and_never_negative() -> None:
     assert intercept == 0.0 and slope > 0
 
 
-def test_llamacpp_runtime_calibration_is_fitted_from_gguf_models():
+def test_llamacpp_runtime_calibration_is_fitted_from_gguf_models(tiny_model_dir):
     from llmpareto.evaluators.host import measure_host_profile
+    from llmpareto.evaluators.host_llamacpp import shapes_like
+    from llmpareto.models import load_arch
 
-    p = measure_host_profile(runtime="llamacpp", quick=True, threads=1)
+    like = load_arch(str(tiny_model_dir))
+    p = measure_host_profile(runtime="llamacpp", quick=True, threads=1, like=like)
+    # random models with the tiny model's block shapes were among the calibration models
+    shape = shapes_like(like, (2e6,))[0]
+    assert shape[0] == like.hidden_size and shape[3:] == (like.n_kv_heads, like.head_dim)
+    assert str(shape) in p.sources["eta_mem"]
     assert p.runtime.startswith("llama.cpp") and p.runtime.endswith(", 1 threads")
     assert set(p.fast_formats) == {"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "tq2_0"}
     assert 0 < p.eta_mem <= 1 and 0 < p.eta_compute <= 1
