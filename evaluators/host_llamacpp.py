@@ -59,14 +59,15 @@ def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
     return out
 
 
-def shapes_like(arch, weights: tuple[float, ...] = (60e6, 120e6)) -> tuple[tuple, ...]:
+def shapes_like(arch, weights: tuple[float, ...] = (60e6, 120e6),
+                max_blocks: int = 1000) -> tuple[tuple, ...]:
     """Calibration shapes with `arch`'s block (width, MLP width, KV heads, head size) at block
     counts that give about `weights` weights: kernel speed depends on matrix widths, and these
     carry the deployed model's, yet with random weights they are never a validated point."""
     per_block = sum(t.numel for t in arch.linears) / max(arch.n_layers, 1)
     inter = max(max(t.rows, t.cols) for t in arch.linears)
-    return tuple((arch.hidden_size, inter, max(2, round(w / per_block)), arch.n_kv_heads,
-                  arch.head_dim) for w in weights)
+    return tuple((arch.hidden_size, inter, min(max_blocks, max(2, round(w / per_block))),
+                  arch.n_kv_heads, arch.head_dim) for w in weights)
 
 
 def _prefill_ideal_s(arch, formats, profile: DeviceProfile) -> float:
@@ -132,7 +133,8 @@ def calibrate_llamacpp(base: DeviceProfile, quick: bool = False, threads: int | 
 
     profile = dataclasses.replace(base, fast_formats=tuple(GGUF_FORMATS))
     shapes = (QUICK_CALIBRATION if quick else CALIBRATION) + (
-        shapes_like(arch=like, weights=(2e6, 4e6) if quick else (60e6, 120e6)) if like else ())
+        (shapes_like(like, (2e6, 4e6), max_blocks=4) if quick else shapes_like(like))
+        if like else ())
     threads = threads or os.cpu_count() or 1
     rows, prefill = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,7 +36,6 @@ from llmpareto.settings import SearchSettings
 PAYLOAD = "llmpareto"  # result key carrying everything run_one records, as JSON
 MAX_FAILURES = 3  # Tune restarts a trial whose worker died this many times
 ROUNDS = 3  # Tuner runs while trials are missing (a trial that failed MAX_FAILURES times)
-CONNECT_TRIES = 3  # ray.init attempts while the head answers but is slow
 _RUNNERS: dict[str, TrialRunner] = {}  # per Ray worker process: one model, loaded once
 
 TOKEN_HELP = (
@@ -150,16 +149,8 @@ def _connect(address: str | None) -> None:
                             f"({exc.strerror or exc}); start one with `ray start --head "
                             f"--port {port}` or fix the address") from None
     try:
-        for attempt in range(CONNECT_TRIES):  # a loaded head can miss one connect deadline
-            try:
-                ray.init(address=address, logging_level=logging.WARNING,
-                         **({} if address else {"include_dashboard": False}))
-                break
-            except ConnectionError:
-                if attempt == CONNECT_TRIES - 1:
-                    raise
-                ray.shutdown()
-                time.sleep(2 * (attempt + 1))
+        ray.init(address=address, logging_level=logging.WARNING,
+                 **({} if address else {"include_dashboard": False}))
     except AuthenticationError as exc:
         raise UserError(f"--address {address}: {str(exc).splitlines()[0]}. {TOKEN_HELP}") from None
     except ConnectionError as exc:

@@ -89,7 +89,7 @@ def test_llamacpp_runtime_calibration_is_fitted_from_gguf_models(tiny_model_dir)
     like = load_arch(str(tiny_model_dir))
     p = measure_host_profile(runtime="llamacpp", quick=True, threads=1, like=like)
     # random models with the tiny model's block shapes were among the calibration models
-    shape = shapes_like(like, (2e6,))[0]
+    shape = shapes_like(like, (2e6,), max_blocks=4)[0]
     assert shape[0] == like.hidden_size and shape[3:] == (like.n_kv_heads, like.head_dim)
     assert str(shape) in p.sources["eta_mem"]
     assert p.runtime.startswith("llama.cpp") and p.runtime.endswith(", 1 threads")
