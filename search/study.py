@@ -43,12 +43,15 @@ def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.Ba
             raced = isinstance(exc, IntegrityError) or any(
                 w in str(exc) for w in ("locked", "already exists"))
             if not raced or attempt == OPEN_TRIES - 1:
-                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                raise _damaged(rd, why) from None
+                raise _damaged(rd, _first_line(exc)) from None
             time.sleep(0.5 * (attempt + 1))
         except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many kinds here
-            raise _damaged(rd, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-    raise AssertionError("unreachable")
+            raise _damaged(rd, _first_line(exc)) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
 
 def _damaged(rd: RunDir, why: str) -> UserError:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from llmpareto.tiny import build_tiny_model
 
@@ -20,3 +26,32 @@ def tiny_settings(tiny_model_dir, tmp_path) -> dict:
     return {"model": str(tiny_model_dir), "runs_dir": str(tmp_path / "runs"), "study": "t",
             "window": 64, "eval_tokens": 256, "calib_tokens": 128, "trials": 10,
             "progress": False, "context": 512}
+
+
+class StudyWatch:
+    """Reads a running search's study.db from outside, as a user's monitoring would."""
+
+    @staticmethod
+    def complete(db: Path, study: str) -> list:
+        try:
+            s = optuna.load_study(study_name=study, storage=f"sqlite:///{db}")
+        except Exception:  # noqa: BLE001 - not created yet
+            return []
+        return s.get_trials(states=(TrialState.COMPLETE,))
+
+    def kill_when_complete(self, proc: subprocess.Popen, db: Path, study: str, n: int,
+                           timeout_s: float, poll_s: float = 0.05) -> dict:
+        """SIGKILL `proc` once `n` trials are complete (or it ended, or time ran out); returns
+        the trials complete then, number -> (values, params)."""
+        deadline = time.time() + timeout_s
+        while len(self.complete(db, study)) < n and time.time() < deadline \
+                and proc.poll() is None:
+            time.sleep(poll_s)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return {t.number: (t.values, t.params) for t in self.complete(db, study)}
+
+
+@pytest.fixture
+def study_watch() -> StudyWatch:
+    return StudyWatch()

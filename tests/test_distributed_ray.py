@@ -136,14 +136,6 @@ def _search(cluster: Cluster, settings: dict, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _complete(db: Path, study: str) -> list:
-    try:
-        s = optuna.load_study(study_name=study, storage=f"sqlite:///{db}")
-    except Exception:  # noqa: BLE001 - not created yet
-        return []
-    return s.get_trials(states=(TrialState.COMPLETE,))
-
-
 def _check_run(run: Path, study: str, trials: int) -> pd.DataFrame:
     s = optuna.load_study(study_name=study, storage=f"sqlite:///{run / 'study.db'}")
     done = s.get_trials(states=(TrialState.COMPLETE,))
@@ -157,7 +149,7 @@ def _check_run(run: Path, study: str, trials: int) -> pd.DataFrame:
     return df
 
 
-def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
+def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path, study_watch):
     worker = cluster.add_worker()
     cluster.wait_nodes(2)
     s = {**tiny_settings, "trials": 14, "eval_tokens": 2048, "dequant_cache": "100MB"}
@@ -173,7 +165,7 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
     proc = _search(cluster, {**s, "study": "dies", "trials": 40})
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        nodes = {t.user_attrs.get("node") for t in _complete(db, "dies")}
+        nodes = {t.user_attrs.get("node") for t in study_watch.complete(db, "dies")}
         if len(nodes) == 2:  # both nodes have finished trials: kill one mid-run
             break
         time.sleep(0.2)
@@ -181,7 +173,7 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
         pytest.fail(f"the search ended (exit {proc.returncode}) before the kill: "
                     f"{proc.communicate()[1][-3000:]}")
     Cluster.kill(worker)
-    n_at_kill = len(_complete(db, "dies"))
+    n_at_kill = len(study_watch.complete(db, "dies"))
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     assert n_at_kill < 40
@@ -191,22 +183,18 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path):
     assert trials["node"].nunique() == 2  # trials ran on the dead node before it died
 
 
-def test_killed_driver_resumes_without_loss_or_duplicates(cluster, tiny_settings, tmp_path):
+def test_killed_driver_resumes_without_loss_or_duplicates(cluster, tiny_settings, tmp_path,
+                                                          study_watch):
     s = {**tiny_settings, "study": "drv", "trials": 24, "eval_tokens": 2048}
     db = tmp_path / "runs" / "drv" / "study.db"
     proc = _search(cluster, s)
-    deadline = time.time() + 240
-    while len(_complete(db, "drv")) < 8 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = {t.number: (t.values, t.params) for t in _complete(db, "drv")}
+    before = study_watch.kill_when_complete(proc, db, "drv", 8, timeout_s=240, poll_s=0.1)
     assert 8 <= len(before) < 24, "the kill should land mid-run"
     proc = _search(cluster, s, "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     _check_run(tmp_path / "runs" / "drv", "drv", 24)
-    after = {t.number: (t.values, t.params) for t in _complete(db, "drv")}
+    after = {t.number: (t.values, t.params) for t in study_watch.complete(db, "drv")}
     assert all(after[n] == v for n, v in before.items())  # nothing lost or rewritten
 
 

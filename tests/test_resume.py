@@ -1,7 +1,5 @@
 """Resume: a search killed mid-run keeps every completed trial and repeats none."""
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,15 +11,7 @@ from optuna.trial import TrialState
 import llmpareto
 
 
-def _complete(db, study):
-    try:
-        s = optuna.load_study(study_name=study, storage=f"sqlite:///{db}")
-    except Exception:  # noqa: BLE001 - not created yet
-        return []
-    return s.get_trials(states=(TrialState.COMPLETE,))
-
-
-def test_killed_search_resumes_without_loss_or_duplicates(tiny_settings, tmp_path):
+def test_killed_search_resumes_without_loss_or_duplicates(tiny_settings, tmp_path, study_watch):
     s = {**tiny_settings, "study": "k", "trials": 16, "eval_tokens": 1024}
     argv = [sys.executable, "-m", "llmpareto.cli", "search", "--no-progress"]
     for k, v in s.items():
@@ -29,12 +19,7 @@ def test_killed_search_resumes_without_loss_or_duplicates(tiny_settings, tmp_pat
             argv += [f"--{k.replace('_', '-')}", str(v)]
     db = tmp_path / "runs" / "k" / "study.db"
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    while len(_complete(db, "k")) < 5 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = {t.number: (t.values, t.params) for t in _complete(db, "k")}
+    before = study_watch.kill_when_complete(proc, db, "k", 5, timeout_s=180)
     assert 5 <= len(before) < 16, "the kill should land mid-run"
 
     front = llmpareto.search(**{**s, "resume": True})
