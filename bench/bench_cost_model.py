@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pandas as pd
 
+from llmpareto.stats import mape_pct, spearman
+
 if TYPE_CHECKING:
     import torch
 
@@ -132,8 +134,8 @@ def main() -> None:
     df["error_%"] = 100 * (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
     with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
         print(df.to_string(index=False))
-    rho = df["predicted_ms"].corr(df["measured_ms"], method="spearman")
-    mape = df["error_%"].abs().mean()
+    rho = spearman(df["predicted_ms"], df["measured_ms"])
+    mape = mape_pct(df["predicted_ms"], df["measured_ms"])
     print(f"decode at context {args.context}, median of {args.steps} steps: Spearman rank "
           f"correlation {rho:.3f} (aim >= 0.9), MAPE {mape:.1f}% (aim <= 20%)")
     busy = meter()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from llmpareto.stats import mape_pct, spearman
+
 CONTEXT = 256
 
 
@@ -99,8 +101,8 @@ def main() -> None:
     df = pd.DataFrame(rows).sort_values("file_MB")
     df["error_%"] = 100 * (df["predicted_ms"] - df["measured_ms"]) / df["measured_ms"]
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    rho = df["predicted_ms"].corr(df["measured_ms"], method="spearman")
-    mape = df["error_%"].abs().mean()
+    rho = spearman(df["predicted_ms"], df["measured_ms"])
+    mape = mape_pct(df["predicted_ms"], df["measured_ms"])
     print(f"Spearman rank correlation {rho:.3f} (aim >= 0.9); MAPE {mape:.1f}% (aim <= 15%)")
     df.to_csv(run / "predicted_vs_measured.csv", index=False)
     _plot(df, run / "predicted_vs_measured.png")

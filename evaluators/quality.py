@@ -1,7 +1,7 @@
 """Quality evaluators: perplexity on evaluation windows, KL(base || candidate) on calibration.
 
 The tensor math is in plain functions (`window_nll`, `kl_per_token`); the classes only hold
-the windows, and for KL the base model's log-probabilities, computed once per run.
+the windows, and for KL the base model's logits, computed once per run.
 """
 
 from __future__ import annotations
@@ -37,17 +37,21 @@ def window_nll(model: torch.nn.Module, windows: np.ndarray, batch_size: int = 4)
 
 
 @torch.inference_mode()
-def log_probs(model: torch.nn.Module, windows: np.ndarray, batch_size: int = 4) -> torch.Tensor:
-    """(n_windows, window, vocab) float32 log-probabilities of the next token."""
-    out = [torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-           for ids in _batches(windows, batch_size)]
-    return torch.cat(out)
+def logits_of(model: torch.nn.Module, windows: np.ndarray, batch_size: int = 4) -> torch.Tensor:
+    """(n_windows, window, vocab) float32 next-token logits."""
+    return torch.cat([model(input_ids=ids, use_cache=False).logits.float()
+                      for ids in _batches(windows, batch_size)])
 
 
-def kl_per_token(base_logp: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
-    """KL(base || candidate) in nats for each position; inputs (..., vocab)."""
-    cand_logp = torch.log_softmax(cand_logits.float(), dim=-1)
-    return (base_logp.exp() * (base_logp - cand_logp)).sum(-1)
+def kl_per_token(base_logits: torch.Tensor, cand_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || candidate) in nats for each position (float64); inputs (..., vocab) logits.
+
+    Both sides take the same path (float64 log-softmax of the logits), so identical logits give
+    exactly 0. Each token's KL is clamped at 0: mathematically it is >= 0, and a tiny negative
+    value can only be rounding (float sums differ between CPUs), never information."""
+    base_logp = torch.log_softmax(base_logits.double(), dim=-1)
+    cand_logp = torch.log_softmax(cand_logits.double(), dim=-1)
+    return (base_logp.exp() * (base_logp - cand_logp)).sum(-1).clamp_min(0.0)
 
 
 @dataclass
@@ -73,8 +77,9 @@ class KLEvaluator:
     needs_model: ClassVar[bool] = True
 
     def set_base(self, model: torch.nn.Module) -> None:
-        """Compute the base log-probs now (model must hold its base weights)."""
-        self._base = log_probs(model, self.windows, self.batch_size)
+        """Compute the base logits now (model must hold its base weights); float32 logits are
+        kept, not float64 log-probs, to halve the memory; kl_per_token does the rest."""
+        self._base = logits_of(model, self.windows, self.batch_size)
 
     @torch.inference_mode()
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
@@ -85,6 +90,6 @@ class KLEvaluator:
             logits = candidate.model(input_ids=ids, use_cache=False).logits
             base = self._base[i * self.batch_size : i * self.batch_size + len(ids)]
             kl = kl_per_token(base, logits)
-            total += kl.sum().item()
+            total += float(kl.sum())  # float64 sum of non-negative terms: >= 0
             count += kl.numel()
         return {"kl_nats": total / count}

@@ -86,8 +86,18 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        from llmpareto.versions import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpareto", description=__doc__)
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the versions of llmpareto and of the packages a run uses")
     sub = parser.add_subparsers(dest="command", required=True)
     ps = sub.add_parser("search", help="search compressed variants and print the Pareto front")
     ps.add_argument("--backend", default="local",

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from llmpareto.front import Front
 from llmpareto.rundir import RunDir
-from llmpareto.search.records import write_outputs
+from llmpareto.search.records import front_size, write_outputs
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.session import (
     emissions,
@@ -87,8 +87,7 @@ def run_local(settings: SearchSettings) -> Front:
             while n_done() < settings.trials:
                 feasible += run_one(study, runner, rd, settings.objectives)
                 bar.update(1)
-                front_size = len(study.best_trials) if feasible else 0
-                bar.set_postfix(feasible=feasible, front=front_size)
+                bar.set_postfix(feasible=feasible, front=front_size(study) if feasible else 0)
         except KeyboardInterrupt:
             status = "interrupted"
         finally:

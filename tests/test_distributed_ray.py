@@ -140,6 +140,7 @@ def _check_run(run: Path, study: str, trials: int) -> pd.DataFrame:
     s = optuna.load_study(study_name=study, storage=f"sqlite:///{run / 'study.db'}")
     done = s.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == trials
+    assert s.metric_names == ["perplexity", "memory_bytes"]  # optuna-dashboard's axis names
     labels = [t.user_attrs["baseline"] for t in done if t.user_attrs.get("baseline")]
     assert len(labels) == 7 and len(set(labels)) == 7  # each baseline exactly once
     df = pd.read_csv(run / "trials.csv")

@@ -86,6 +86,7 @@ def test_two_workers_share_one_study_every_trial_once(pg_url, tiny_settings, tmp
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
 
     study = optuna.load_study(study_name="shared", storage=connect(pg_url))
+    assert study.metric_names == ["perplexity", "memory_bytes"]
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) >= 24 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert len({t.number for t in done}) == len(done)

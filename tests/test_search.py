@@ -3,11 +3,16 @@
 import json
 
 import numpy as np
+import optuna
 import pandas as pd
+import pytest
 
 import llmpareto
+from llmpareto.front import Front
 from llmpareto.pareto import non_dominated
 from llmpareto.recipe import Recipe
+from llmpareto.rundir import RunDir
+from llmpareto.search.records import front_size, trials_frame
 
 
 def test_search_writes_the_run_directory_and_a_true_front(tiny_settings, tmp_path):
@@ -35,6 +40,34 @@ def test_search_writes_the_run_directory_and_a_true_front(tiny_settings, tmp_pat
     assert mem["uniform f16"] > mem["uniform q8_0"] > mem["uniform q4_0"] > mem["uniform tq2_0"]
     assert list(pd.read_csv(run / "front.csv").columns)[:4] == ["trial", "state", "feasible",
                                                                "baseline"]
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{run / 'study.db'}")
+    assert study.metric_names == obj  # optuna-dashboard names the axes, not "Objective 0/1"
+    assert front_size(study) == len(front)
+
+
+def test_progress_front_size_counts_a_repeated_recipe_once(tmp_path):
+    dist = {"a": optuna.distributions.CategoricalDistribution(["q8_0", "q4_0"])}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for fmt, values in (("q8_0", [1.0, 2.0]), ("q8_0", [1.0, 2.0]), ("q4_0", [2.0, 1.0])):
+        attrs = {"feasible": True, "perplexity": values[0], "memory_bytes": values[1]}
+        study.add_trial(optuna.trial.create_trial(params={"a": fmt}, distributions=dist,
+                                                  values=values, user_attrs=attrs))
+    assert len(study.best_trials) == 3  # Optuna counts the repeat
+    rd = RunDir(tmp_path / "r")
+    rd.create()
+    printed = Front.from_trials(trials_frame(study, rd), ["perplexity", "memory_bytes"])
+    assert front_size(study) == len(printed) == 2  # the progress bar counts as the printout
+
+
+def test_version_flag_names_what_reproducing_a_run_needs(capsys):
+    from llmpareto.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith(f"llmpareto {llmpareto.__version__}")
+    for name in ("torch", "transformers", "optuna", "ray", "llama-cpp-python"):
+        assert f"  {name} " in out, name
 
 
 def _uniform_memory(model_dir, fmt, settings):
