@@ -81,6 +81,7 @@ def dump_toml(profile: DeviceProfile) -> str:
     """The profile as TOML that read_toml reads back to an equal profile."""
     d = profile.to_dict()
     lines = [f"# Device profile {profile.name}: {profile.description}", ""]
+    rows = d.pop("measurements", [])
     for key, value in d.items():
         if not isinstance(value, dict):
             lines.append(f"{key} = {_toml_value(value)}")
@@ -89,4 +90,6 @@ def dump_toml(profile: DeviceProfile) -> str:
             continue
         lines += ["", f"[{table}]"]
         lines += [f'"{k}" = {_toml_value(v)}' for k, v in d[table].items()]
+    for row in rows:
+        lines += ["", "[[measurements]]", *(f"{k} = {_toml_value(v)}" for k, v in row.items())]
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ that names the file and the field. Imports nothing heavy (tomllib and dataclasse
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -15,6 +16,27 @@ from llmpareto.errors import UserError
 SCHEMA_VERSION = 1
 DTYPES = ("f32", "f16", "bf16", "int8")
 SPARSE_PATTERNS = ("2:4",)
+_TEST = re.compile(r"(tg|decode@)([1-9][0-9]*)")
+ROLES = ("fit", "held-out")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A decode speed measured on the device, which a profile was fitted on or is checked by."""
+
+    model: str  # a shape in llmpareto.shapes.KNOWN_SHAPES
+    format: str  # weight format of every projection, the embedding and the head
+    test: str  # "tgN" (llama-bench: N tokens decoded from an empty cache) or "decode@C"
+    tokens_per_s: float
+    role: str  # "fit": the profile's numbers were fitted on it; "held-out": kept out, a check
+    date: str  # when it was measured (and the runtime build, where known)
+    source: str  # URL, or "measured: ..." for measurements of this project
+
+    @property
+    def context(self) -> int:
+        """Mean KV length while decoding: tgN averages over 0..N, decode@C is C."""
+        kind, n = _TEST.fullmatch(self.test).groups()
+        return int(n) // 2 if kind == "tg" else int(n)
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,9 @@ class DeviceProfile:
     # positions) per second: a CPU runtime's scores, softmax and value sums are slower than
     # the KV bytes alone; optional, measured, 0 = the roofline of the KV bytes only.
     attention_values_per_s: float = 0.0
+    # Published or measured decode speeds, each marked fit or held-out, each with its source
+    # (`llmpareto devices NAME` prints predicted vs measured for both kinds)
+    measurements: tuple[Measurement, ...] = ()
     schema_version: int = SCHEMA_VERSION
     path: str = field(default="", compare=False)  # file it was read from, for messages
 
@@ -60,6 +85,8 @@ class DeviceProfile:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
+        if not self.measurements:
+            d.pop("measurements")  # optional: absent, not an empty list, in TOML and JSON
         d["fast_formats"], d["sparse"] = list(self.fast_formats), list(self.sparse)
         return d
 
@@ -79,7 +106,7 @@ _STRINGS = ("name", "description", "runtime")
 _LISTS = ("fast_formats", "sparse")
 _TABLES = ("peak_flops", "sources")
 _OPTIONAL = {"schema_version": SCHEMA_VERSION, "overhead_s_per_layer": 0.0,
-             "kernel_weights_per_s": {}, "attention_values_per_s": 0.0}
+             "kernel_weights_per_s": {}, "attention_values_per_s": 0.0, "measurements": []}
 _ALL = {*_OPTIONAL, *_NUMBERS, *_STRINGS, *_LISTS, *_TABLES}
 
 
@@ -162,9 +189,43 @@ def profile_from_dict(data: dict[str, Any], where: str = "<dict>") -> DeviceProf
         raise _err(where, f"no source for {', '.join(unsourced)}; add a URL or a 'derived: ...' "
                           "note under [sources]")
     out["sources"] = dict(sources)
+    out["measurements"] = _measurements(where, data.get("measurements", []))
     if out["power_idle_w"] > out["power_active_w"]:
         raise _err(where, "power_idle_w is above power_active_w")
     return DeviceProfile(**out, schema_version=SCHEMA_VERSION, path=where)
+
+
+_MEASUREMENT_FIELDS = tuple(f.name for f in fields(Measurement))
+
+
+def _measurements(where: str, rows: Any) -> tuple[Measurement, ...]:
+    """[[measurements]] rows: every field present, known and checked; the model a known shape."""
+    from llmpareto.formats import FORMATS
+    from llmpareto.shapes import KNOWN_SHAPES
+
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise _err(where, "'measurements' must be an array of tables ([[measurements]])")
+    out = []
+    for i, row in enumerate(rows):
+        at = f"measurements[{i}]"
+        unknown, missing = set(row) - set(_MEASUREMENT_FIELDS), set(_MEASUREMENT_FIELDS) - set(row)
+        if unknown or missing:
+            raise _err(where, f"{at}: unknown field(s) {sorted(unknown)}, missing {sorted(missing)}"
+                              f"; fields: {', '.join(_MEASUREMENT_FIELDS)}")
+        for key in ("model", "format", "test", "role", "date", "source"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise _err(where, f"{at}: field '{key}' must be a non-empty string")
+        checks = ((row["model"] in KNOWN_SHAPES, "model", ", ".join(KNOWN_SHAPES)),
+                  (row["format"] in FORMATS, "format", ", ".join(FORMATS)),
+                  (_TEST.fullmatch(row["test"]) is not None, "test", "tgN or decode@C"),
+                  (row["role"] in ROLES, "role", ", ".join(ROLES)))
+        for ok, key, allowed in checks:
+            if not ok:
+                raise _err(where, f"{at}: {key} {row[key]!r} is not one of: {allowed}")
+        speed = _number(where, f"{at}.tokens_per_s", row["tokens_per_s"], float, 0, False,
+                        math.inf)
+        out.append(Measurement(**{**row, "tokens_per_s": speed}))
+    return tuple(out)
 
 
 PROFILE_FIELDS = tuple(f.name for f in fields(DeviceProfile) if f.name != "path")

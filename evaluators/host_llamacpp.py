@@ -129,7 +129,6 @@ def calibrate_llamacpp(base: DeviceProfile, quick: bool = False, threads: int | 
     import llama_cpp
 
     from llmpareto.evaluators.llamacpp import gguf_speeds
-    from llmpareto.formats import get_format
 
     profile = dataclasses.replace(base, fast_formats=tuple(GGUF_FORMATS))
     shapes = (QUICK_CALIBRATION if quick else CALIBRATION) + (
@@ -148,30 +147,93 @@ def calibrate_llamacpp(base: DeviceProfile, quick: bool = False, threads: int | 
             prefill.append(_prefill_ideal_s(arch, formats, profile)
                            / (PROMPT / m["measured_prompt_tokens_per_s"]))
     fit = _fit(rows)
-    slopes, per_layer, per_token = fit.seconds_per_weight, fit.per_layer_s, fit.per_token_s
-    rates = {f: 1.0 / s for f, s in slopes.items() if s > 0}
-    attention = 1.0 / fit.per_attention_value_s if fit.per_attention_value_s > 0 else 0.0
-    # DRAM side: the fastest bytes/s any kernel reached; slower formats are kernel-bound
-    best_Bps = max(get_format(f).bits_per_weight / 8 * r for f, r in rates.items())
-    eta_mem = float(np.clip(best_Bps / profile.bandwidth_Bps, 0.01, 1.0))
-    eta_compute = float(np.clip(np.median(prefill), 0.01, 1.0))
     how = (f"derived: measured {time.strftime('%Y-%m-%d')} with llama-cpp-python "
            f"{llama_cpp.__version__}: decode at KV lengths {CONTEXTS} of random Llamas "
            f"(hidden, ffn, blocks, KV heads[, head dim]) {shapes} in every GGUF format, {threads} threads, best of "
            f"interleaved rounds, relative least squares t = "
            "weights/rate[format] + per_layer*blocks + attention values/attention rate + "
            f"per_token (fit residual {fit.residual_pct:.1f}%)")
-    sources = {**base.sources,
+    runtime = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) CPU, {threads} threads"
+    return _fitted_profile(profile, fit, prefill, how, runtime,
+                           "derived: llama.cpp's CPU backend has kernels for every GGUF format")
+
+
+def _fitted_profile(profile: DeviceProfile, fit: Fit, prefill: list[float], how: str,
+                    runtime: str, fast_formats_source: str) -> DeviceProfile:
+    """`profile` with a calibration fit's rates and overheads, each sourced to `how`."""
+    from llmpareto.formats import get_format
+
+    rates = {f: 1.0 / s for f, s in fit.seconds_per_weight.items() if s > 0}
+    attention = 1.0 / fit.per_attention_value_s if fit.per_attention_value_s > 0 else 0.0
+    # DRAM side: the fastest bytes/s any kernel reached; slower formats are kernel-bound
+    best_Bps = max(get_format(f).bits_per_weight / 8 * r for f, r in rates.items())
+    eta_mem = float(np.clip(best_Bps / profile.bandwidth_Bps, 0.01, 1.0))
+    eta_compute = float(np.clip(np.median(prefill), 0.01, 1.0))
+    sources = {**profile.sources,
                "eta_mem": f"{how}; fastest kernel's bytes/s over bandwidth_Bps",
                "overhead_s_per_token": f"{how}; per_token", "overhead_s_per_layer":
-               f"{how}; per_layer", "fast_formats": "derived: llama.cpp's CPU backend has "
-               "kernels for every GGUF format",
+               f"{how}; per_layer", "fast_formats": fast_formats_source,
                "attention_values_per_s": f"{how}; attention rate",
                "eta_compute": f"{how}; median ideal roofline prefill time / measured "
                f"({PROMPT} tokens)"}
+    sources = {k: v for k, v in sources.items() if not k.startswith("kernel_weights_per_s.")}
     sources.update({f"kernel_weights_per_s.{f}": f"{how}; rate[{f}]" for f in rates})
     return dataclasses.replace(
-        profile, runtime=f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) CPU, "
-        f"{threads} threads", eta_mem=eta_mem, eta_compute=eta_compute,
-        overhead_s_per_token=per_token, overhead_s_per_layer=per_layer,
+        profile, runtime=runtime, eta_mem=eta_mem, eta_compute=eta_compute,
+        overhead_s_per_token=fit.per_token_s, overhead_s_per_layer=fit.per_layer_s,
         kernel_weights_per_s=rates, attention_values_per_s=attention, sources=sources)
+
+
+from llmpareto.shapes import GPU_CALIBRATION
+
+GPU_FORMATS = tuple(f for f in GGUF_FORMATS if f != "tq2_0")  # ggml-cuda has no ternary kernel
+
+
+def calibrate_llamacpp_gpu(base: DeviceProfile, shapes=GPU_CALIBRATION, rounds: int = 2,
+                           log=print) -> DeviceProfile:
+    """`base` (the GPU's own profile: bandwidth, memory, peaks, power) with llama.cpp's
+    measured decode rates on this GPU, every block offloaded. Each calibration file is a
+    timing GGUF (a repeated pattern, `timing_gguf`), written, timed and deleted in turn, so a
+    few GB of disk suffice."""
+    import llama_cpp
+
+    from llmpareto.errors import UserError
+    from llmpareto.evaluators.llamacpp import gguf_speeds
+    from llmpareto.evaluators.timing_gguf import write_timing_gguf
+    from llmpareto.recipe import Recipe
+    from llmpareto.shapes import Shape
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise UserError("--gpu: this llama-cpp-python was built without GPU offload; reinstall "
+                        "it with CMAKE_ARGS='-DGGML_CUDA=on -DGGML_OPENMP=OFF' pip install "
+                        "--force-reinstall --no-binary llama-cpp-python llama-cpp-python")
+    profile = dataclasses.replace(base, fast_formats=GPU_FORMATS)
+    rows, prefill = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for hidden, ffn, blocks, heads, kv, vocab, tied, hd in shapes:
+            shape = Shape(hidden, ffn, blocks, heads, kv, vocab, tied, hd)
+            arch = shape.arch()
+            for fmt in GPU_FORMATS:
+                formats = arch.formats_for(Recipe.uniform(fmt))
+                path = write_timing_gguf(Path(tmp) / "cal.gguf", shape, formats)
+                m = gguf_speeds([str(path)], prompt_tokens=PROMPT, decode_tokens=48,
+                                contexts=CONTEXTS, rounds=rounds, gpu_layers=-1)[0]
+                path.unlink()
+                rows += [{"arch": arch, "formats": formats, "context": c,
+                          "seconds": m[f"measured_latency_ms@{c}"] / 1e3} for c in CONTEXTS]
+                prefill.append(_prefill_ideal_s(arch, formats, profile)
+                               / (PROMPT / m["measured_prompt_tokens_per_s"]))
+                log(f"calibration {shape.n_weights / 1e9:.2f}B weights {fmt}: "
+                    f"{m[f'measured_latency_ms@{CONTEXTS[0]}']:.3f} ms/token at KV {CONTEXTS[0]}")
+    fit = _fit(rows)
+    how = (f"derived: measured {time.strftime('%Y-%m-%d')} with llama-cpp-python "
+           f"{llama_cpp.__version__} (CUDA, all blocks offloaded): decode at KV lengths "
+           f"{CONTEXTS} of timing GGUFs of shapes (hidden, ffn, blocks, heads, KV heads, "
+           f"vocab, tied, head dim) {shapes} in {', '.join(GPU_FORMATS)}, best of {rounds} "
+           f"rounds, relative least squares t = weights/rate[format] + per_layer*blocks + "
+           f"attention values/attention rate + per_token (fit residual "
+           f"{fit.residual_pct:.1f}%)")
+    runtime = (f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) CUDA, all blocks "
+               "offloaded")
+    return _fitted_profile(profile, fit, prefill, how, runtime, "derived: ggml-cuda has "
+                           "decode kernels for these formats; tq2_0 has none (costed as f16)")

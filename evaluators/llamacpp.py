@@ -17,13 +17,15 @@ import numpy as np
 from llmpareto.errors import UserError
 
 
-def _llama(path: str, n_ctx: int, threads: int | None, logits_all: bool = False):
+def _llama(path: str, n_ctx: int, threads: int | None, logits_all: bool = False,
+           gpu_layers: int = 0):
     try:
         from llama_cpp import Llama
     except ImportError:
         raise UserError("measuring needs llama-cpp-python: pip install llama-cpp-python") from None
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                 n_threads=threads or os.cpu_count(), logits_all=logits_all, verbose=False)
+                 n_threads=threads or os.cpu_count(), logits_all=logits_all, verbose=False,
+                 n_gpu_layers=gpu_layers)
 
 
 def gguf_perplexity(path: str, windows: np.ndarray, threads: int | None = None) -> float:
@@ -49,18 +51,20 @@ def gguf_speed(path: str, prompt_tokens: int = 128, decode_tokens: int = 64, con
 
 def gguf_speeds(paths: list[str], prompt_tokens: int = 128, decode_tokens: int = 64,
                 contexts: tuple[int, ...] = (256,), threads: int | None = None,
-                rounds: int = 3) -> list[dict[str, float]]:
+                rounds: int = 3, gpu_layers: int = 0) -> list[dict[str, float]]:
     """Per file: prompt tokens/s, and decode ms/token at each KV length in `contexts`
     (`measured_latency_ms` at the first, `measured_latency_ms@C` at each C), best of `rounds`.
 
     Rounds go over all the files in turn (a, b, c, a, b, c, ...), so a stretch of load from
     other processes slows every file a little rather than one file a lot; a shared machine
     only ever makes a run slower, so each file's fastest round is the closest to the machine's
-    own speed. Each round loads the file afresh."""
+    own speed. Each round loads the file afresh. `gpu_layers` blocks run on the GPU of a GPU
+    build of llama.cpp (-1: all of them, as `-ngl 99`)."""
     runs: list[list[dict[str, float]]] = [[] for _ in paths]
     for _ in range(rounds):
         for i, path in enumerate(paths):
-            runs[i].append(_speed_once(path, prompt_tokens, decode_tokens, contexts, threads))
+            runs[i].append(_speed_once(path, prompt_tokens, decode_tokens, contexts, threads,
+                                       gpu_layers))
     best = [{k: (max if k.endswith("_per_s") else min)(r[k] for r in rs) for k in rs[0]}
             for rs in runs]
     for b in best:
@@ -70,11 +74,11 @@ def gguf_speeds(paths: list[str], prompt_tokens: int = 128, decode_tokens: int =
 
 
 def _speed_once(path: str, prompt_tokens: int, decode_tokens: int, contexts: tuple[int, ...],
-                threads: int | None) -> dict[str, float]:
+                threads: int | None, gpu_layers: int = 0) -> dict[str, float]:
     """Time the prompt, then for each KV length C (ascending) fill the cache to just below C
     and time `decode_tokens` single-token steps around it; a step's time is their median."""
     n_ctx = max(*contexts, prompt_tokens) + decode_tokens + 8
-    llm = _llama(path, n_ctx, threads)
+    llm = _llama(path, n_ctx, threads, gpu_layers=gpu_layers)
     tokens = np.random.default_rng(0).integers(10, llm.n_vocab(), n_ctx).tolist()
     llm.eval(tokens[:8])  # warm-up: kernels, caches
     llm.reset()
@@ -94,6 +98,8 @@ def _speed_once(path: str, prompt_tokens: int, decode_tokens: int, contexts: tup
             steps.append(time.perf_counter() - t0)
             pos += 1
         out[f"measured_latency_ms@{c}"] = 1e3 * float(np.median(steps))
+    if hasattr(llm, "close"):
+        llm.close()  # free GPU memory now, not whenever the object is collected
     return out
 
 

@@ -21,12 +21,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
             return 0
         print(f"{p.name}: {p.description}\nruntime: {p.runtime}\nfile: {p.path}\n")
         for key, value in d.items():
-            if key in ("name", "description", "runtime", "sources"):
+            if key in ("name", "description", "runtime", "sources", "measurements"):
                 continue
             items = value.items() if isinstance(value, dict) else [(None, value)]
             for sub, v in items:
                 field = f"{key}.{sub}" if sub else key
                 print(f"{field:<22} {v!s:<28} {p.sources.get(field, '')}")
+        _print_check(p)
         return 0
     rows = []
     for name in list_profiles():
@@ -41,6 +42,41 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_check(p) -> None:
+    """Predicted vs measured decode of the profile's [[measurements]], fit and held-out apart."""
+    from llmpareto.evaluators.profile_check import check_rows, summary
+
+    if not p.measurements:
+        print("\nno [[measurements]]: nothing to check this profile's predictions against")
+        return
+    rows = check_rows(p)
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    df = pd.DataFrame(rows)
+    df["source"] = [sources.index(s) for s in df["source"]]
+    print(f"\npredicted vs measured decode ({len(rows)} measurements; tgN = mean of KV 0..N):")
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for role, s in summary(rows).items():
+        print(f"{role}: {s['rows']} rows, MAPE {s['mape_%']:.1f}%, Spearman {s['spearman']:.3f}")
+    print("sources:")
+    for i, src in enumerate(sources):
+        print(f"  [{i}] {src}")
+
+
+def _gpu_profile(args: argparse.Namespace):
+    """llama.cpp with every block on this machine's GPU, calibrated into the GPU's profile."""
+    from llmpareto.device_profiles import load_profile
+    from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp_gpu
+
+    if not (args.gpu and args.base):
+        raise UserError("--gpu needs --base PROFILE (the GPU's own profile: a shipped name such "
+                        "as h100-sxm, or your .toml with its bandwidth, memory, peaks and power),"
+                        " and --base is for --gpu")
+    if args.runtime != "llamacpp" or args.like or args.threads is not None or args.quick:
+        raise UserError("--gpu calibrates llama.cpp: use it with --runtime llamacpp, without "
+                        "--like, --threads or --quick")
+    return calibrate_llamacpp_gpu(load_profile(args.base, measure_host=False))
+
+
 def cmd_profile_host(args: argparse.Namespace) -> int:
     from llmpareto.device_profiles import dump_toml
     from llmpareto.evaluators.host import measure_host_profile
@@ -53,13 +89,16 @@ def cmd_profile_host(args: argparse.Namespace) -> int:
     if args.like and args.runtime != "llamacpp":
         raise UserError("--like is for --runtime llamacpp (it adds calibration models shaped "
                         "like that model)")
-    like = None
-    if args.like:
-        from llmpareto.models import load_arch
+    if args.gpu or args.base:
+        profile = _gpu_profile(args)
+    else:
+        like = None
+        if args.like:
+            from llmpareto.models import load_arch
 
-        like = load_arch(args.like)
-    profile = measure_host_profile(runtime=args.runtime, quick=args.quick, threads=args.threads,
-                                   like=like)
+            like = load_arch(args.like)
+        profile = measure_host_profile(runtime=args.runtime, quick=args.quick,
+                                       threads=args.threads, like=like)
     text = dump_toml(profile)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
@@ -124,6 +163,10 @@ def add_device_commands(sub) -> None:
                     "with, as the deployment will run (default: all CPUs)")
     ph.add_argument("--like", metavar="MODEL", help="--runtime llamacpp: also calibrate on "
                     "random models with MODEL's block shapes (a --model value)")
+    ph.add_argument("--gpu", action="store_true", help="--runtime llamacpp: calibrate llama.cpp "
+                    "(a CUDA build) with every block on this machine's GPU")
+    ph.add_argument("--base", metavar="PROFILE", help="--gpu: the GPU's profile whose runtime "
+                    "numbers are calibrated (e.g. h100-sxm, or your .toml)")
     ph.set_defaults(func=cmd_profile_host)
     pc = sub.add_parser("cost", help="per-layer-kind bytes, FLOPs, time and energy on a device")
     pc.add_argument("--model", default="smollm2-135m",
