@@ -1,0 +1,30 @@
+"""Calibration statistics of the base model's linear inputs, gathered once per run with forward
+hooks (`InputStats` per module): what Wanda and SparseGPT prune from."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from llmpareto.compress.prune import InputStats
+
+
+@torch.inference_mode()
+def collect_input_stats(model: torch.nn.Module, windows: np.ndarray, fqns: list[str],
+                        diag_only: bool = False, batch_size: int = 4) -> dict[str, InputStats]:
+    """Forward the calibration windows through the (base) model and accumulate, for each linear
+    in `fqns`, its inputs' x^T x (or only its diagonal: cols floats, enough for Wanda).
+    Memory: sum of cols^2 float64 over `fqns` (full) or sum of cols (diagonal)."""
+    stats, hooks = {}, []
+    for fqn in fqns:
+        mod = model.get_submodule(fqn)
+        stats[fqn] = InputStats.empty(mod.in_features, diag_only)
+        hooks.append(mod.register_forward_hook(
+            lambda m, args, out, s=stats[fqn]: s.add(args[0])))
+    try:
+        for i in range(0, len(windows), batch_size):
+            model(input_ids=torch.from_numpy(windows[i:i + batch_size]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
