@@ -129,3 +129,17 @@ def test_profile_host_gpu_flags_are_checked(capsys):
     assert main(["profile-host", "--runtime", "llamacpp", "--gpu", "--base", "h100-sxm",
                  "--threads", "2"]) == 2
     assert "--threads" in capsys.readouterr().err
+
+
+def test_gpu_bench_report_summarizes_a_csv_and_sets_cpu_fallbacks_apart(tmp_path, capsys):
+    from llmpareto.bench.bench_gpu_profile import report
+
+    csv = tmp_path / "g.csv"
+    csv.write_text("group,case,no_gpu_kernel_tensors,measured_ms,predicted_ms,"
+                   "shipped_predicted_ms\n"
+                   "front point,trial 1,0,1.0,1.1,4.0\nfront point,trial 2,0,2.0,2.1,4.1\n"
+                   "front point,trial 3,0,3.0,2.9,4.2\nfront point,trial 6,5,30.0,1.0,4.0\n")
+    report(csv)
+    out = capsys.readouterr().out
+    assert "left out of the summary: trial 6" in out
+    assert "front point (3 files) at KV 256: calibrated Spearman 1.000" in out
