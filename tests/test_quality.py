@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from llmpareto.evaluators import Candidate, KLEvaluator
-from llmpareto.evaluators.quality import kl_per_token
+from llmpareto.evaluators.quality import kl_per_token, log_probs64
 from llmpareto.models import load_model, resolve_model
 from llmpareto.recipe import Recipe
 
@@ -24,7 +24,8 @@ def test_kl_of_the_base_model_against_itself_is_exactly_zero(tiny_model_dir):
     kl.set_base(model)
     assert kl.evaluate(Candidate(Recipe.uniform("f16"), {}, model)) == {"kl_nats": 0.0}
     logits = torch.randn(5, 7, 300) * 20
-    assert torch.equal(kl_per_token(logits, logits.clone()), torch.zeros(5, 7, dtype=torch.float64))
+    assert torch.equal(kl_per_token(log_probs64(logits), logits.clone()),
+                       torch.zeros(5, 7, dtype=torch.float64))
 
 
 def test_kl_is_never_negative_over_near_identical_candidates():
@@ -33,10 +34,10 @@ def test_kl_is_never_negative_over_near_identical_candidates():
     for scale in (0.0, 1e-9, 1e-7, 1e-6, 1e-5, 1e-3):
         for _ in range(16):
             noise = torch.randn(base.shape, generator=gen) * scale
-            kl = kl_per_token(base, base + noise)  # float32 rounding of base + tiny noise
+            kl = kl_per_token(log_probs64(base), base + noise)  # float32 rounding of base + tiny noise
             assert kl.dtype == torch.float64 and bool((kl >= 0).all()), scale
     # one ulp away in every logit: still >= 0, and tiny
-    kl = kl_per_token(base, torch.nextafter(base, torch.full_like(base, np.inf)))
+    kl = kl_per_token(log_probs64(base), torch.nextafter(base, torch.full_like(base, np.inf)))
     assert bool((kl >= 0).all()) and float(kl.max()) < 1e-9
 
 
@@ -47,7 +48,7 @@ def test_kl_matches_a_float64_reference_when_it_is_large_enough():
     p = torch.softmax(base.double(), -1)
     ref = (p * (torch.log_softmax(base.double(), -1) - torch.log_softmax(cand.double(), -1))
            ).sum(-1)
-    torch.testing.assert_close(kl_per_token(base, cand), ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(kl_per_token(log_probs64(base), cand), ref, rtol=1e-9, atol=0)
 
 
 def test_kl_of_a_model_a_rounding_away_is_never_negative(tiny_model_dir):
