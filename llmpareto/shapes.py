@@ -16,6 +16,7 @@ _PROJ = (("self_attn.q_proj", "q"), ("self_attn.k_proj", "kv"), ("self_attn.v_pr
          ("self_attn.o_proj", "o"), ("mlp.gate_proj", "ffn"), ("mlp.up_proj", "ffn"),
          ("mlp.down_proj", "down"))
 
+
 @dataclass(frozen=True)
 class Shape:
     """A Llama-family decoder's shapes (what llama.cpp's speed depends on)."""
