@@ -1,4 +1,6 @@
-"""Prepared-variant cache: each (tensor, format) is quantized once per run (EvoPress-style).
+"""Prepared-variant cache: each (tensor, format[, sparsity]) is prepared once per run
+(EvoPress-style). A pruned variant is pruned from the base weights (never from another
+variant: its result does not depend on other modules' choices), then quantized.
 
 Two levels, both bounded: every variant is held as its packed codes (the exact bytes a GGUF
 file stores), about params x sum(bits per weight)/8 over the formats used; the most recently
@@ -37,11 +39,17 @@ class VariantCache:
         self.base: dict[str, torch.Tensor] = {
             fqn: self.weight(fqn).detach() for fqn in self.shapes
         }
-        self.packed: dict[tuple[str, str], np.ndarray] = {}
-        self.dense: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self.packed: dict[tuple, np.ndarray] = {}
+        self.dense: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.dense_bytes = int(dense_bytes)
         self._dense_used = 0
         self.current: dict[str, str | None] = {fqn: None for fqn in self.shapes}
+        self.current_sparsity: dict[str, tuple[str, float] | None] = dict.fromkeys(self.shapes)
+        # how pruned variants are made: a method of compress.prune.PRUNERS, and the base
+        # model's calibration statistics per module when the method needs them
+        self.pruning_method = "magnitude"
+        self.input_stats: dict = {}
+        self._last_pruned: tuple = (None, None)
         # Parameters keep their identity when a trial re-points their data, and when blocks
         # are dropped their names shift; this maps each searched weight back to its tensor.
         self.fqn_of_param = {id(self.weight(fqn)): fqn for fqn in self.shapes}
@@ -55,12 +63,38 @@ class VariantCache:
     def weight(self, fqn: str) -> torch.nn.Parameter:
         return self.params[fqn]
 
-    def get(self, fqn: str, fmt: str) -> np.ndarray:
-        """Packed variant of tensor `fqn` in format `fmt`, quantized on first use."""
-        key = (fqn, fmt)
+    @staticmethod
+    def _key(fqn: str, fmt: str, sparsity: tuple[str, float] | None) -> tuple:
+        return (fqn, fmt) if sparsity is None else (fqn, fmt, *sparsity)
+
+    def set_pruning(self, method: str, input_stats: dict | None = None) -> None:
+        """Prune with `method` from now on (pruned variants made before are dropped)."""
+        self.pruning_method, self.input_stats = method, dict(input_stats or {})
+        for key in [k for k in self.packed if len(k) > 2]:
+            del self.packed[key]
+        for key in [k for k in self.dense if len(k) > 2]:
+            self._dense_used -= self.dense.pop(key).numel() * 4
+
+    def pruned(self, fqn: str, sparsity: tuple[str, float]) -> torch.Tensor:
+        """float32 base weights of `fqn` pruned to `sparsity` (pattern, level); the last one
+        is kept, so quantizing it into several formats prunes once."""
+        from llmpareto.compress.prune import prune
+
+        if self._last_pruned[0] != (fqn, sparsity):
+            pattern, level = sparsity
+            w = prune(self.base[fqn], self.pruning_method, 0.0 if ":" in pattern else level,
+                      pattern, self.input_stats.get(fqn))
+            self._last_pruned = ((fqn, sparsity), w)
+        return self._last_pruned[1]
+
+    def get(self, fqn: str, fmt: str, sparsity: tuple[str, float] | None = None) -> np.ndarray:
+        """Packed variant of tensor `fqn` in format `fmt` (pruned first when `sparsity` is
+        set), prepared on first use."""
+        key = self._key(fqn, fmt, sparsity)
         if key not in self.packed:
             t0 = time.perf_counter()
-            self.packed[key] = get_format(fmt).quantize(self.base[fqn].numpy())
+            src = self.base[fqn] if sparsity is None else self.pruned(fqn, sparsity)
+            self.packed[key] = get_format(fmt).quantize(src.numpy())
             self.prepare_seconds += time.perf_counter() - t0
         return self.packed[key]
 
@@ -75,24 +109,28 @@ class VariantCache:
             if progress is not None:
                 progress.update(1)
 
-    def dequantized(self, fqn: str, fmt: str | None) -> torch.Tensor:
-        """float32 weights of `fqn` in format `fmt` (None: the base weights). Do not modify."""
+    def dequantized(self, fqn: str, fmt: str | None,
+                    sparsity: tuple[str, float] | None = None) -> torch.Tensor:
+        """float32 weights of `fqn` in format `fmt` (None: the base weights), pruned first
+        when `sparsity` is set (then a format is required). Do not modify."""
         if fmt is None:
+            if sparsity is not None:
+                raise ValueError(f"{fqn}: a pruned variant needs a stored format")
             return self.base[fqn]
-        key = (fqn, fmt)
+        key = self._key(fqn, fmt, sparsity)
         if key in self.dense:
             self.hits += 1
             self.dense.move_to_end(key)
             return self.dense[key]
         self.misses += 1
-        packed, shape = self.get(fqn, fmt), self.shapes[fqn]
+        packed, shape = self.get(fqn, fmt, sparsity), self.shapes[fqn]
         out = dequantize_torch(fmt, packed, shape)
         if out is None:  # formats without a torch path use the reference numpy one
             out = torch.from_numpy(get_format(fmt).dequantize(packed, shape))
         self._remember(key, out)
         return out
 
-    def _remember(self, key: tuple[str, str], t: torch.Tensor) -> None:
+    def _remember(self, key: tuple, t: torch.Tensor) -> None:
         size = t.numel() * t.element_size()
         if size > self.dense_bytes:
             return

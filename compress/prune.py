@@ -11,25 +11,12 @@ on every earlier choice, which a per-module search cannot cache.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from llmpareto.errors import UserError
-
-_NM = re.compile(r"([1-9][0-9]*):([1-9][0-9]*)")
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """None for "unstructured", (n, m) for "n:m" (n weights kept in every m consecutive)."""
-    if pattern == "unstructured":
-        return None
-    m = _NM.fullmatch(pattern)
-    if not m or int(m.group(1)) >= int(m.group(2)):
-        raise UserError(f"sparsity pattern {pattern!r}: use 'unstructured' or 'N:M' with "
-                        "N < M, e.g. 2:4 (2 kept in every 4) or 4:8")
-    return int(m.group(1)), int(m.group(2))
+from llmpareto.recipe import parse_pattern
 
 
 @dataclass

@@ -10,7 +10,7 @@ from llmpareto.recipe import Recipe
 
 @torch.no_grad()
 def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[str, str | None]:
-    """Set every searched tensor of `model` to its recipe format, in place.
+    """Set every searched tensor of `model` to its recipe format (and sparsity), in place.
 
     Only tensors whose effective format differs from what the model holds now are touched,
     and they are re-pointed at the cached variant rather than copied (a tied embedding and
@@ -21,11 +21,13 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
         raise ValueError("this VariantCache was prepared for another model")
     _set_layers(model, recipe.structure.get("layers"), cache)
     formats = cache.arch.formats_for(recipe)
+    pruned = cache.arch.sparsity_for(recipe)
     for fqn, fmt in formats.items():
-        if cache.current[fqn] == fmt:
+        sparsity = pruned.get(fqn)
+        if cache.current[fqn] == fmt and cache.current_sparsity[fqn] == sparsity:
             continue
-        cache.weight(fqn).data = cache.dequantized(fqn, fmt)
-        cache.current[fqn] = fmt
+        cache.weight(fqn).data = cache.dequantized(fqn, fmt, sparsity)
+        cache.current[fqn], cache.current_sparsity[fqn] = fmt, sparsity
     return formats
 
 

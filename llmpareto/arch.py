@@ -73,11 +73,23 @@ class Arch:
 
     def formats_for(self, recipe: Recipe) -> dict[str, str | None]:
         """fqn -> the format each tensor really gets (None: left as it is), for the tensors
-        the recipe's structure keeps."""
+        the recipe's structure keeps. A pruned projection with no format is stored as f16
+        (its zeros need a stored format; f16 is what its export holds)."""
         out: dict[str, str | None] = {}
+        pruned = self.sparsity_for(recipe)
         for t in self.restructure(recipe.structure).tensors:
-            fmt = recipe.format_of(t.fqn)
+            fmt = recipe.format_of(t.fqn) or ("f16" if t.fqn in pruned else None)
             out[t.fqn] = effective_format(fmt, t.cols) if fmt else None
+        return out
+
+    def sparsity_for(self, recipe: Recipe) -> dict[str, tuple[str, float]]:
+        """fqn -> (pattern, level) of each pruned block projection the structure keeps;
+        embeddings and the output head are never pruned."""
+        out = {}
+        for t in self.restructure(recipe.structure).linears:
+            sp = recipe.sparsity_of(t.fqn)
+            if sp is not None:
+                out[t.fqn] = sp
         return out
 
     def to_dict(self) -> dict:

@@ -135,7 +135,7 @@ def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
         fqn = cache.fqn_of_param.get(id(param), name.rsplit(".", 1)[0])
         fmt = formats.get(fqn)
         if fqn in formats and fmt is not None:
-            data = cache.get(fqn, fmt)
+            data = cache.get(fqn, fmt, cache.current_sparsity.get(fqn))  # zeros stored
             qtype = gguf.GGMLQuantizationType(get_format(fmt).gguf_type)
         else:
             data, qtype = param.detach().float().numpy(), gguf.GGMLQuantizationType.F32

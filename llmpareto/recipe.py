@@ -17,7 +17,18 @@ from llmpareto.errors import UserError
 RECIPE_VERSION = 1
 MODULE_KEYS = {"format", "sparsity", "pattern"}
 STRUCTURE_KEYS = {"layers", "mlp_ratio", "heads"}
-PATTERNS = {"unstructured", "2:4"}
+_NM = re.compile(r"([1-9][0-9]*):([1-9][0-9]*)")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """None for "unstructured", (n, m) for "n:m" (n weights kept in every m consecutive)."""
+    if pattern == "unstructured":
+        return None
+    m = _NM.fullmatch(str(pattern))
+    if not m or int(m.group(1)) >= int(m.group(2)):
+        raise UserError(f"sparsity pattern {pattern!r}: use 'unstructured' or 'N:M' with "
+                        "N < M, e.g. 2:4 (2 kept in every 4) or 4:8")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _check_choice(key: str, choice: Any) -> dict | None:
@@ -36,8 +47,8 @@ def _check_choice(key: str, choice: Any) -> dict | None:
         get_format(choice["format"])
     if "sparsity" in choice and not 0.0 <= float(choice["sparsity"]) < 1.0:
         raise UserError(f"recipe entry {key!r}: sparsity must be in [0, 1)")
-    if "pattern" in choice and choice["pattern"] not in PATTERNS:
-        raise UserError(f"recipe entry {key!r}: pattern must be one of {sorted(PATTERNS)}")
+    if "pattern" in choice:
+        parse_pattern(choice["pattern"])
     return dict(choice)
 
 
@@ -73,6 +84,14 @@ class Recipe:
     def format_of(self, fqn: str, default: str | None = None) -> str | None:
         choice = self.resolve(fqn)
         return (choice or {}).get("format", default)
+
+    def sparsity_of(self, fqn: str) -> tuple[str, float] | None:
+        """(pattern, level) when module `fqn` is pruned, else None. N:M implies its level."""
+        choice = self.resolve(fqn) or {}
+        pattern = choice.get("pattern", "unstructured")
+        nm = parse_pattern(pattern)
+        level = 1.0 - nm[0] / nm[1] if nm else float(choice.get("sparsity", 0.0))
+        return (pattern, level) if level > 0 else None
 
     def to_dict(self) -> dict:
         return {"version": self.version, "modules": self.modules, "structure": self.structure}

@@ -122,7 +122,8 @@ class TrialRunner:
 
     def run(self, recipe: Recipe) -> TrialResult:
         """Score a recipe; a samplers' repeat of an earlier candidate costs nothing."""
-        key = tuple(sorted(self.arch.formats_for(recipe).items(), key=lambda kv: kv[0]))
+        key = (tuple(sorted(self.arch.formats_for(recipe).items(), key=lambda kv: kv[0])),
+               tuple(sorted(self.arch.sparsity_for(recipe).items())))
         if key in self._seen:
             old = self._seen[key]
             return TrialResult(dict(old.metrics), dict(old.constraints), old.formats, {}, True)

@@ -55,3 +55,45 @@ def test_dense_level_is_bounded_and_reused(tiny):
     assert big.misses == len(arch.tensors) and len(big.dense) == len(arch.tensors)
     apply(model, Recipe.uniform("q4_0"), big)
     assert big.hits == len(arch.tensors)  # warmed during prepare: pointer swaps only
+
+
+def test_apply_prunes_from_the_base_then_quantizes_and_comes_back(tiny):
+    from llmpareto.compress.calibration import collect_input_stats
+
+    model, arch = tiny
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cache = VariantCache(model, arch)
+    recipe = Recipe({"re:.*mlp.*": {"sparsity": 0.5},  # no format: stored as f16
+                     "model.layers.0.self_attn.q_proj": {"format": "q4_0", "sparsity": 0.3}})
+    assert arch.formats_for(recipe)["model.layers.1.mlp.up_proj"] == "f16"
+    assert set(arch.sparsity_for(recipe)) == {t.fqn for t in arch.linears if "mlp" in t.fqn} | {
+        "model.layers.0.self_attn.q_proj"}
+    apply(model, recipe, cache)
+    up = model.get_submodule("model.layers.1.mlp.up_proj").weight
+    assert int((up == 0).sum()) == round(0.5 * up.numel())  # f16 keeps each non-zero
+    q = model.get_submodule("model.layers.0.self_attn.q_proj").weight
+    pruned = cache.pruned("model.layers.0.self_attn.q_proj", ("unstructured", 0.3)) == 0
+    assert bool((q[pruned] == 0).all())  # q4_0 keeps the zeros (and may add some)
+    windows = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 16))
+    apply(model, Recipe(), cache)  # statistics of the base model
+    fqns = [t.fqn for t in arch.linears]
+    cache.set_pruning("wanda", collect_input_stats(model, windows, fqns, diag_only=True))
+    apply(model, Recipe({"re:.*": {"format": "q8_0", "pattern": "2:4"}}), cache)
+    down = model.get_submodule("model.layers.1.mlp.down_proj").weight
+    assert bool(((down != 0).reshape(down.shape[0], -1, 4).sum(2) <= 2).all())
+    emb = model.model.embed_tokens.weight  # embeddings are never pruned: the dense q8_0 variant
+    assert torch.equal(emb, cache.dequantized("model.embed_tokens", "q8_0"))
+    apply(model, Recipe(), cache)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, base[n]), n
+
+
+def test_recipe_patterns_are_n_of_m_or_unstructured():
+    from llmpareto.errors import UserError
+
+    r = Recipe({"a": {"pattern": "4:8"}, "b": {"pattern": "unstructured", "sparsity": 0.2}})
+    assert r.sparsity_of("a") == ("4:8", 0.5) and r.sparsity_of("b") == ("unstructured", 0.2)
+    assert Recipe({"a": {"format": "q8_0"}}).sparsity_of("a") is None
+    for bad in ("3:2", "2:2", "half"):
+        with pytest.raises(UserError, match="N < M"):
+            Recipe({"a": {"pattern": bad}})

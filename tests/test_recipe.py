@@ -34,7 +34,7 @@ def test_exact_beats_regex_beats_default():
     ({"modules": {"a": {"fmt": "q4_0"}}}, "unknown key"),
     ({"modules": {"a": {"format": "q9_9"}}}, "unknown weight format"),
     ({"modules": {"re:(": {"format": "q4_0"}}}, "not a valid regex"),
-    ({"modules": {"a": {"pattern": "3:7"}}}, "pattern"),
+    ({"modules": {"a": {"pattern": "7:3"}}}, "pattern"),  # N >= M
     ({"modules": {}, "structure": {"depth": 3}}, "structure"),
     ({"modules": {}, "extra": 1}, "unknown key"),
     ({"version": 99, "modules": {}}, "newer"),
