@@ -28,3 +28,15 @@ def collect_input_stats(model: torch.nn.Module, windows: np.ndarray, fqns: list[
         for h in hooks:
             h.remove()
     return stats
+
+
+def pruning_stats(model: torch.nn.Module, fqns: list[str], method: str, windows: np.ndarray,
+                  batch_size: int) -> dict[str, InputStats]:
+    """The statistics `method` prunes from (none for magnitude), on the base model. The search
+    and `pick` call this with the same windows and batch size, so both prune alike."""
+    from llmpareto.recipe import NEEDS_CALIBRATION
+
+    if method not in NEEDS_CALIBRATION:
+        return {}
+    return collect_input_stats(model, windows, fqns, diag_only=method == "wanda",
+                               batch_size=batch_size)

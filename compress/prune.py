@@ -152,7 +152,6 @@ def _rank_lowest(score: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
 
 
 PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
-NEEDS_CALIBRATION = {"magnitude": False, "wanda": True, "sparsegpt": True}
 
 
 def prune(w: torch.Tensor, method: str, sparsity: float, pattern: str = "unstructured",

@@ -47,6 +47,13 @@ class Rebuilder:
         self.source = resolve_model(self.settings["model"], self.settings.get("allow_pickle", False))
         self.model, self.tokenizer = load_model(self.source)
         self.cache = VariantCache(self.model, Arch.from_model(self.model), dense_bytes=0)
+        if "sparsity" in str(self.settings.get("space", "")):  # prune as the search did
+            from llmpareto.compress.calibration import pruning_stats
+
+            method = self.settings.get("sparsity_method", "wanda")
+            self.cache.set_pruning(method, pruning_stats(
+                self.model, [t.fqn for t in self.cache.arch.linears], method,
+                self._windows().calib, self.settings["batch_size"]))
 
     def build(self, recipe: Recipe) -> Built:
         from llmpareto.compress import apply
@@ -54,12 +61,15 @@ class Rebuilder:
         formats = apply(self.model, recipe, self.cache)
         return Built(self.model, self.tokenizer, self.cache, formats, self.source)
 
-    def eval_windows(self):
+    def _windows(self):
         from llmpareto.text import read_text, tokenize_windows
 
         s = self.settings
         return tokenize_windows(self.tokenizer, read_text(s["text"]), s["window"],
-                                s["calib_tokens"], s["eval_tokens"]).eval
+                                s["calib_tokens"], s["eval_tokens"])
+
+    def eval_windows(self):
+        return self._windows().eval
 
 
 def build(run_dir: Path, recipe: Recipe) -> Built:

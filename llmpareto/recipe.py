@@ -17,6 +17,10 @@ from llmpareto.errors import UserError
 RECIPE_VERSION = 1
 MODULE_KEYS = {"format", "sparsity", "pattern"}
 STRUCTURE_KEYS = {"layers", "mlp_ratio", "heads"}
+# compress.prune.PRUNERS implements these (a test keeps the two lists equal); named here so
+# settings can be checked before anything heavy is imported
+PRUNING_METHODS = ("magnitude", "wanda", "sparsegpt")
+NEEDS_CALIBRATION = ("wanda", "sparsegpt")
 _NM = re.compile(r"([1-9][0-9]*):([1-9][0-9]*)")
 
 

@@ -32,6 +32,9 @@ class SearchSettings:
     space: str = "formats"
     formats: list[str] | None = None  # None: the GGUF formats, so every point exports
     granularity: str = "type"  # type: one format per projection kind; block; module
+    sparsity_method: str = "wanda"  # magnitude | wanda | sparsegpt (--space ...sparsity)
+    sparsity_pattern: str = "unstructured"  # or N:M, e.g. 2:4: per group dense or N:M
+    sparsity_levels: list[float] | None = None  # unstructured levels; None: 0, 0.1, ..., 0.7
     objectives: list[str] = field(default_factory=lambda: ["perplexity", "memory_bytes"])
     max_memory: int | None = None  # bytes; candidates above never pay for a forward pass
     device: str = "raspberry-pi-5"  # profile name, TOML path, or "host" (measured here)
@@ -95,6 +98,7 @@ class SearchSettings:
             raise UserError("--max-concurrent must be at least 1")
         if self.calib_tokens < 0:
             raise UserError("--calib-tokens must be 0 or more")
+        self._check_sparsity()
         if self.study is None:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1])
             self.study = f"{stem.strip('-.') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -103,6 +107,33 @@ class SearchSettings:
                 f"--study {self.study!r}: use letters, digits, '.', '_' and '-' only (no path "
                 "separators), at most 100 characters; the run goes to --runs-dir/<study>/"
             )
+
+    def _check_sparsity(self) -> None:
+        from llmpareto.recipe import NEEDS_CALIBRATION, PRUNING_METHODS, parse_pattern
+
+        if self.sparsity_method not in PRUNING_METHODS:
+            raise UserError(f"--sparsity-method {self.sparsity_method!r}; choose one of "
+                            f"{', '.join(PRUNING_METHODS)}")
+        parse_pattern(self.sparsity_pattern)
+        levels = self.sparsity_levels
+        if isinstance(levels, str):
+            try:
+                levels = [float(v) for v in levels.split(",") if v.strip()]
+            except ValueError:
+                raise UserError(f"--sparsity-levels {self.sparsity_levels!r}: give numbers "
+                                "like 0,0.25,0.5") from None
+        if levels is not None:
+            bad = [v for v in levels if not 0 <= float(v) < 1]
+            if bad or not levels:
+                raise UserError(f"--sparsity-levels {self.sparsity_levels!r}: every level must "
+                                "be in [0, 1), e.g. 0,0.25,0.5")
+            self.sparsity_levels = sorted({float(v) for v in levels})
+        spaces = [n.strip() for n in str(self.space).split(",")]
+        if ("sparsity" in spaces and self.sparsity_method in NEEDS_CALIBRATION
+                and self.calib_tokens == 0):
+            raise UserError(f"--sparsity-method {self.sparsity_method} prunes from calibration "
+                            "activations: set --calib-tokens > 0, or use --sparsity-method "
+                            "magnitude")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

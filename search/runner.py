@@ -51,8 +51,13 @@ class TrialRunner:
         self.windows = tokenize_windows(self.tokenizer, text, settings.window,
                                         settings.calib_tokens, settings.eval_tokens)
         self.space = build_space(settings.space, self.arch, formats=settings.formats,
-                                 granularity=settings.granularity)
+                                 granularity=settings.granularity,
+                                 levels=settings.sparsity_levels,
+                                 pattern=settings.sparsity_pattern,
+                                 method=settings.sparsity_method)
         self.cache = VariantCache(self.model, self.arch, settings.dequant_cache)
+        if getattr(self.space, "prunes", False):
+            self._set_pruning()
         self.profile = load_profile(settings.device)
         self.workload = Workload(prompt_tokens=settings.prompt_tokens, context=settings.context)
         limit = settings.max_memory
@@ -74,6 +79,16 @@ class TrialRunner:
             self.quality.append(kl)
         self._check_budget()
         self._seen: dict[tuple, TrialResult] = {}
+
+    def _set_pruning(self) -> None:
+        """Calibration statistics of the base model, once per run, for the pruning method
+        (Wanda: each input column's norm; SparseGPT: full x^T x, cols^2 float64 a module)."""
+        from llmpareto.compress.calibration import pruning_stats
+
+        method = self.settings.sparsity_method
+        self.cache.set_pruning(method, pruning_stats(
+            self.model, [t.fqn for t in self.arch.linears], method, self.windows.calib,
+            self.settings.batch_size))
 
     def _check_budget(self) -> None:
         """Refuse a budget no candidate in the space can meet, naming the best achievable."""
@@ -97,16 +112,21 @@ class TrialRunner:
 
     def smallest_params(self) -> dict[str, str]:
         from llmpareto.formats import get_format
+        from llmpareto.spaces.sparsity import PREFIX
 
-        return {k: min(c, key=lambda f: get_format(f).bits_per_weight)
+        return {k: max(c) if k.startswith(PREFIX) else
+                min(c, key=lambda f: get_format(f).bits_per_weight)
                 for k, c in self.space.choices.items()}
 
     def prepare_pairs(self) -> list[tuple[str, str]]:
         """Every (tensor, effective format) the space can ask for."""
         from llmpareto.formats import effective_format
+        from llmpareto.spaces import FormatSpace
 
+        fspace = self.space if isinstance(self.space, FormatSpace) else getattr(
+            self.space, "formats", None)  # pruned variants are prepared on first use
         pairs = []
-        for key, tensors in self.space.groups.items():
+        for key, tensors in (fspace.groups.items() if fspace else ()):
             for t in tensors:
                 for fmt in self.space.choices[key]:
                     pairs.append((t.fqn, effective_format(fmt, t.cols)))

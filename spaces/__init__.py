@@ -5,5 +5,6 @@ Spaces are registered by name (`SPACES`); `--space formats,sparsity` joins sever
 
 from llmpareto.spaces.base import SPACES, Space, build_space
 from llmpareto.spaces.formats import FormatSpace
+from llmpareto.spaces.sparsity import JointSpace, SparsitySpace
 
-__all__ = ["SPACES", "FormatSpace", "Space", "build_space"]
+__all__ = ["SPACES", "FormatSpace", "JointSpace", "Space", "SparsitySpace", "build_space"]

@@ -25,15 +25,24 @@ class Space(Protocol):
 SPACES: dict[str, Callable[..., Space]] = {}
 
 
-def register_space(name: str):
+# the options each space takes from build_space's keyword arguments
+SPACE_OPTIONS: dict[str, tuple[str, ...]] = {}
+JOINT = {("formats", "sparsity"): "llmpareto.spaces.sparsity:JointSpace"}
+
+
+def register_space(name: str, options: tuple[str, ...] = ()):
     def deco(factory: Callable[..., Space]) -> Callable[..., Space]:
         SPACES[name] = factory
+        SPACE_OPTIONS[name] = options
         return factory
 
     return deco
 
 
 def build_space(names: str | list[str], arch: Arch, **options: Any) -> Space:
+    """One space, or a joint one (`formats,sparsity`); each gets the options it takes."""
+    import importlib
+
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in SPACES]
@@ -41,9 +50,14 @@ def build_space(names: str | list[str], arch: Arch, **options: Any) -> Space:
         raise UserError(
             f"--space {','.join(names)}: unknown space {unknown or names}; available: {', '.join(SPACES)}"
         )
-    if len(names) > 1:
-        raise UserError(
-            f"--space {','.join(names)}: joint spaces arrive with the sparsity and student "
-            f"spaces; available now: {', '.join(SPACES)}"
-        )
-    return SPACES[names[0]](arch, **options)
+    parts = [SPACES[n](arch, **{k: v for k, v in options.items() if k in SPACE_OPTIONS[n]})
+             for n in dict.fromkeys(names)]
+    if len(parts) == 1:
+        return parts[0]
+    key = tuple(sorted(dict.fromkeys(names)))
+    if key not in JOINT:
+        raise UserError(f"--space {','.join(names)}: joint spaces available: "
+                        f"{', '.join(','.join(k) for k in JOINT)}")
+    module, cls = JOINT[key].split(":")
+    by_name = dict(zip(dict.fromkeys(names), parts))
+    return getattr(importlib.import_module(module), cls)(*(by_name[n] for n in key))

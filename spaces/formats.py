@@ -95,4 +95,4 @@ class FormatSpace:
                 "choices": self.choices}
 
 
-register_space("formats")(FormatSpace)
+register_space("formats", ("formats", "granularity"))(FormatSpace)

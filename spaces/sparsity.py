@@ -1,0 +1,135 @@
+"""Sparsity space (AMC-style): a pruning level per block projection, module or projection kind
+(`--granularity`), unstructured levels or, for an N:M pattern, dense or N:M per group; and the
+joint space `formats,sparsity` (prune, then quantize the pruned weights).
+
+Embeddings and the output head are never pruned. How the pruned weights are made (magnitude,
+Wanda, SparseGPT) is a run setting, not a per-module choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmpareto.arch import Arch, Tensor2D
+from llmpareto.errors import UserError
+from llmpareto.recipe import Recipe, parse_pattern
+from llmpareto.spaces.base import register_space
+from llmpareto.spaces.formats import GRANULARITIES, FormatSpace, _group_key
+
+DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+PREFIX = "sparsity:"  # parameter names, apart from the format space's in a joint space
+
+
+@dataclass
+class SparsitySpace:
+    arch: Arch
+    levels: list[float] | None = None
+    pattern: str = "unstructured"
+    granularity: str = "type"
+    method: str = "wanda"
+    name: str = "sparsity"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"--granularity {self.granularity!r}; choose one of "
+                            f"{', '.join(GRANULARITIES)}")
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            odd = sorted({t.cols for t in self.arch.linears if t.cols % nm[1]})
+            if odd:
+                raise UserError(f"--sparsity-pattern {self.pattern}: {nm[1]} does not divide "
+                                f"rows of {odd} columns in this model; choose another N:M")
+        self.levels = sorted(set(self.levels if self.levels is not None else DEFAULT_LEVELS))
+        self.groups: dict[str, list[Tensor2D]] = {}
+        for t in self.arch.linears:
+            self.groups.setdefault(PREFIX + _group_key(t, self.granularity), []).append(t)
+        options = self.levels if nm is None else [0.0, 1.0 - nm[0] / nm[1]]
+        self.choices: dict[str, list[float]] = {k: list(options) for k in self.groups}
+
+    @property
+    def prunes(self) -> bool:
+        return True
+
+    def suggest(self, trial: Any) -> Recipe:
+        return self.recipe_from_params({k: trial.suggest_categorical(k, c)
+                                        for k, c in self.choices.items()})
+
+    def module_choices(self, params: dict[str, Any]) -> dict[str, dict]:
+        """fqn -> {"sparsity"/"pattern"} of every pruned projection (level > 0)."""
+        out = {}
+        for key, tensors in self.groups.items():
+            level = float(params[key])
+            if level <= 0:
+                continue
+            choice = ({"pattern": "unstructured", "sparsity": level}
+                      if parse_pattern(self.pattern) is None else {"pattern": self.pattern})
+            out.update({t.fqn: dict(choice) for t in tensors})
+        return out
+
+    def recipe_from_params(self, params: dict[str, Any]) -> Recipe:
+        """Every tensor in f16, pruned or not: a pruned tensor needs a stored format, and a
+        dense one in the same format makes the two cost alike (no device profile's runtime
+        gains from the zeros yet)."""
+        modules: dict[str, dict | None] = {"_default": {"format": "f16"}}
+        modules.update({fqn: {"format": "f16", **c}
+                        for fqn, c in self.module_choices(params).items()})
+        return Recipe(modules)
+
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every group at one level: uniform sparsity at each level (> 0) of the space."""
+        levels = [v for v in self.choices[next(iter(self.choices))] if v > 0]
+        return [(f"uniform {self._label(v)} {self.method}", dict.fromkeys(self.choices, v))
+                for v in levels]
+
+    def _label(self, level: float) -> str:
+        return self.pattern if parse_pattern(self.pattern) else f"{round(100 * level)}%"
+
+    def describe(self) -> dict[str, Any]:
+        return {"space": self.name, "levels": self.levels, "pattern": self.pattern,
+                "method": self.method, "granularity": self.granularity,
+                "choices": self.choices}
+
+
+@dataclass
+class JointSpace:
+    """formats x sparsity: each projection gets a format and a level; pruning comes first."""
+
+    formats: FormatSpace
+    sparsity: SparsitySpace
+    name: str = "formats,sparsity"
+    choices: dict[str, list] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.choices = {**self.formats.choices, **self.sparsity.choices}
+        self.groups = self.formats.groups  # what the variant cache prepares (dense formats)
+
+    @property
+    def prunes(self) -> bool:
+        return True
+
+    def suggest(self, trial: Any) -> Recipe:
+        return self.recipe_from_params({k: trial.suggest_categorical(k, c)
+                                        for k, c in self.choices.items()})
+
+    def recipe_from_params(self, params: dict[str, Any]) -> Recipe:
+        modules = self.formats.recipe_from_params(params).modules
+        for fqn, choice in self.sparsity.module_choices(params).items():
+            modules[fqn] = {**(modules.get(fqn) or {}), **choice}
+        return Recipe(modules)
+
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
+        """Uniform formats, dense; then uniform sparsity in the first (widest) format."""
+        dense = dict.fromkeys(self.sparsity.choices, 0.0)
+        out = [(label, {**p, **dense}) for label, p in self.formats.baselines()]
+        label0, first = self.formats.baselines()[0]
+        out += [(f"{label} + {label0.removeprefix('uniform ')}", {**first, **p})
+                for label, p in self.sparsity.baselines()]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"space": self.name, "formats": self.formats.describe(),
+                "sparsity": self.sparsity.describe()}
+
+
+register_space("sparsity", ("levels", "pattern", "granularity", "method"))(SparsitySpace)
