@@ -22,6 +22,17 @@ class Space(Protocol):
     def describe(self) -> dict[str, Any]: ...  # JSON; two runs with equal dicts search alike
 
 
+class CategoricalSpace:
+    """What every space here shares: one categorical Optuna parameter per key of `choices`,
+    turned into a Recipe by the space's `recipe_from_params`."""
+
+    prunes = False  # True: recipes may prune, so the run gathers calibration statistics
+
+    def suggest(self, trial: Any) -> Recipe:
+        return self.recipe_from_params({k: trial.suggest_categorical(k, c)
+                                        for k, c in self.choices.items()})
+
+
 SPACES: dict[str, Callable[..., Space]] = {}
 
 

@@ -14,7 +14,7 @@ from llmpareto.arch import Arch, Tensor2D
 from llmpareto.errors import UserError
 from llmpareto.formats import FORMATS, GGUF_FORMATS, effective_format, get_format
 from llmpareto.recipe import Recipe
-from llmpareto.spaces.base import register_space
+from llmpareto.spaces.base import CategoricalSpace, register_space
 
 GRANULARITIES = ("module", "block", "type")
 DEFAULT_FORMATS = GGUF_FORMATS  # exportable to GGUF, so every front point can run in llama.cpp
@@ -43,7 +43,7 @@ def _group_key(t: Tensor2D, granularity: str) -> str:
 
 
 @dataclass
-class FormatSpace:
+class FormatSpace(CategoricalSpace):
     arch: Arch
     formats: list[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
     granularity: str = "type"
@@ -64,10 +64,6 @@ class FormatSpace:
             if not ok:  # nothing fits natively: offer what the fallbacks turn them into
                 ok = list(dict.fromkeys(effective_format(f, tensors[0].cols) for f in self.formats))
             self.choices[key] = ok
-
-    def suggest(self, trial: Any) -> Recipe:
-        params = {k: trial.suggest_categorical(k, c) for k, c in self.choices.items()}
-        return self.recipe_from_params(params)
 
     def recipe_from_params(self, params: dict[str, Any]) -> Recipe:
         modules = {}

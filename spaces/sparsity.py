@@ -14,7 +14,7 @@ from typing import Any
 from llmpareto.arch import Arch, Tensor2D
 from llmpareto.errors import UserError
 from llmpareto.recipe import Recipe, parse_pattern
-from llmpareto.spaces.base import register_space
+from llmpareto.spaces.base import CategoricalSpace, register_space
 from llmpareto.spaces.formats import GRANULARITIES, FormatSpace, _group_key
 
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -22,13 +22,14 @@ PREFIX = "sparsity:"  # parameter names, apart from the format space's in a join
 
 
 @dataclass
-class SparsitySpace:
+class SparsitySpace(CategoricalSpace):
     arch: Arch
     levels: list[float] | None = None
     pattern: str = "unstructured"
     granularity: str = "type"
     method: str = "wanda"
     name: str = "sparsity"
+    prunes = True  # class attribute, not a field
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -46,14 +47,6 @@ class SparsitySpace:
             self.groups.setdefault(PREFIX + _group_key(t, self.granularity), []).append(t)
         options = self.levels if nm is None else [0.0, 1.0 - nm[0] / nm[1]]
         self.choices: dict[str, list[float]] = {k: list(options) for k in self.groups}
-
-    @property
-    def prunes(self) -> bool:
-        return True
-
-    def suggest(self, trial: Any) -> Recipe:
-        return self.recipe_from_params({k: trial.suggest_categorical(k, c)
-                                        for k, c in self.choices.items()})
 
     def module_choices(self, params: dict[str, Any]) -> dict[str, dict]:
         """fqn -> {"sparsity"/"pattern"} of every pruned projection (level > 0)."""
@@ -92,25 +85,18 @@ class SparsitySpace:
 
 
 @dataclass
-class JointSpace:
+class JointSpace(CategoricalSpace):
     """formats x sparsity: each projection gets a format and a level; pruning comes first."""
 
     formats: FormatSpace
     sparsity: SparsitySpace
     name: str = "formats,sparsity"
     choices: dict[str, list] = field(init=False)
+    prunes = True  # class attribute, not a field
 
     def __post_init__(self) -> None:
         self.choices = {**self.formats.choices, **self.sparsity.choices}
         self.groups = self.formats.groups  # what the variant cache prepares (dense formats)
-
-    @property
-    def prunes(self) -> bool:
-        return True
-
-    def suggest(self, trial: Any) -> Recipe:
-        return self.recipe_from_params({k: trial.suggest_categorical(k, c)
-                                        for k, c in self.choices.items()})
 
     def recipe_from_params(self, params: dict[str, Any]) -> Recipe:
         modules = self.formats.recipe_from_params(params).modules
