@@ -35,9 +35,9 @@ def main() -> None:
     from llmpareto.evaluators.host import measure_host_profile
     from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp
     from llmpareto.evaluators.llamacpp import gguf_speeds
-    from llmpareto.export_gguf import write_gguf
+    from llmpareto.export.gguf import write_gguf
+    from llmpareto.export.pick import Rebuilder
     from llmpareto.models import load_arch
-    from llmpareto.pick import Rebuilder
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=120)

@@ -15,9 +15,9 @@ from llmpareto.errors import UserError
 def measure_front(run_dir: Path, df: pd.DataFrame, threads: int | None = None) -> pd.DataFrame:
     """Export each front point to GGUF (kept under exports/) and measure it in llama.cpp."""
     from llmpareto.evaluators.llamacpp import LlamaCppEvaluator
-    from llmpareto.export_gguf import write_gguf
+    from llmpareto.export.gguf import write_gguf
+    from llmpareto.export.pick import Rebuilder
     from llmpareto.front import Front
-    from llmpareto.pick import Rebuilder
 
     front = Front.load(run_dir)
     rb = Rebuilder(run_dir)
@@ -77,7 +77,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 
 
 def cmd_pick(args: argparse.Namespace) -> int:
-    from llmpareto.pick import pick
+    from llmpareto.export.pick import pick
 
     if args.trial is None and args.best is None:
         raise UserError("say which point: --trial N, or --best METRIC [--where EXPR]")

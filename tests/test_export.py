@@ -10,8 +10,8 @@ import torch
 import llmpareto
 from llmpareto.cli import main
 from llmpareto.errors import UserError
-from llmpareto.export_gguf import gguf_name, unpermute_rows
-from llmpareto.pick import Rebuilder, pick
+from llmpareto.export.gguf import gguf_name, unpermute_rows
+from llmpareto.export.pick import Rebuilder, pick
 from llmpareto.query import where
 
 
@@ -166,8 +166,8 @@ def test_student_with_fewer_blocks_exports_and_runs_in_llama_cpp(tiny_model_dir,
 
     from llmpareto.evaluators import Candidate, MemoryEvaluator
     from llmpareto.evaluators.llamacpp import gguf_perplexity
-    from llmpareto.export_gguf import write_gguf
-    from llmpareto.pick import write_hf
+    from llmpareto.export.gguf import write_gguf
+    from llmpareto.export.hf import write_hf
     from llmpareto.recipe import Recipe
 
     rb_dir = tmp_path / "run"

@@ -79,7 +79,7 @@ def test_pick_rebuilds_a_pruned_trial_exactly_as_the_search_scored_it(tiny_setti
     import math
 
     from llmpareto.evaluators.quality import window_nll
-    from llmpareto.pick import Rebuilder
+    from llmpareto.export.pick import Rebuilder
 
     front = llmpareto.search(**{**tiny_settings, "space": "sparsity", "trials": 3,
                                 "sparsity_levels": "0,0.5"})

@@ -6,7 +6,6 @@ the trial's recipe applied with compress.apply.
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import sys
@@ -135,7 +134,8 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
          where_expr: str | None = None, formats: str | list[str] = "gguf,hf",
          force: bool = False) -> Path:
     """Export one front point of `run_dir` into `out`; returns `out`."""
-    from llmpareto.export_gguf import write_gguf
+    from llmpareto.export.gguf import write_gguf
+    from llmpareto.export.hf import write_hf
 
     run_dir, out = Path(run_dir), Path(out)
     kinds = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
@@ -149,7 +149,7 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
     recipe = front.recipe(int(row["trial"]))
     built = build(run_dir, recipe)
     if "gguf" in kinds:  # refuse before writing anything
-        from llmpareto.export_gguf import _check_gguf_formats
+        from llmpareto.export.gguf import _check_gguf_formats
 
         _check_gguf_formats(built.formats)
     # Write next to the target and move into place at the end, so a failure never leaves a
@@ -176,26 +176,3 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
         shutil.rmtree(out)
     tmp.rename(out)
     return out
-
-
-def write_hf(folder: Path, built: Built) -> None:
-    """safetensors + config + tokenizer that AutoModelForCausalLM.from_pretrained loads offline.
-
-    Written by hand rather than save_pretrained, which refuses models that came through the
-    GGUF loader; the weights are the dequantized ones the search evaluated.
-    """
-    from safetensors.torch import save_file
-
-    model = built.model
-    folder.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied: the loader points it at the embedding
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)  # the GGUF loader's note: these weights are plain
-    cfg["dtype"] = "float32"
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    built.tokenizer.save_pretrained(folder)
-    (folder / "recipe.json").write_text(Recipe.to_json(Recipe.from_dict(
-        {"modules": {k: ({"format": v} if v else None) for k, v in built.formats.items()}})))
