@@ -2,10 +2,12 @@
 (EvoPress-style). A pruned variant is pruned from the base weights (never from another
 variant: its result does not depend on other modules' choices), then quantized.
 
-Two levels, both bounded: every variant is held as its packed codes (the exact bytes a GGUF
-file stores), about params x sum(bits per weight)/8 over the formats used; the most recently
-used variants are also kept dequantized (float32) up to `dense_bytes`, so a trial that reuses
-one swaps a tensor pointer instead of dequantizing again.
+Two levels, both bounded, least recently used dropped first. Prepared variants, up to
+`packed_bytes`: packed codes (the exact bytes a GGUF file stores, about params x bits/8 a
+format) and pruned float32 weights (params x 4 bytes a (pattern, level)). Dequantized float32
+variants, up to `dense_bytes`, so a trial that reuses one swaps a tensor pointer instead of
+dequantizing again. A variant dropped from either level is made again, identically, when asked
+for (pruning and quantizing are deterministic); `remade` counts how often that happened.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from llmpareto.compress.dequant import dequantize_torch
 from llmpareto.formats import get_format
 
 DEFAULT_DENSE_BYTES = 4 * 10**9  # all 7 GGUF variants of a 135M model fit
+DEFAULT_PACKED_BYTES = 4 * 10**9  # 7 GGUF formats (0.8 GB) + 7 pruned levels (3 GB) of 135M
 
 
 class VariantCache:
     """Base weights of one model plus its prepared (tensor, format) variants."""
 
     def __init__(self, model: torch.nn.Module, arch: Arch,
-                 dense_bytes: int = DEFAULT_DENSE_BYTES) -> None:
+                 dense_bytes: int = DEFAULT_DENSE_BYTES,
+                 packed_bytes: int = DEFAULT_PACKED_BYTES) -> None:
         self.model = model
         self.arch = arch
         self.shapes = {t.fqn: (t.rows, t.cols) for t in arch.tensors}
@@ -39,7 +43,12 @@ class VariantCache:
         self.base: dict[str, torch.Tensor] = {
             fqn: self.weight(fqn).detach() for fqn in self.shapes
         }
-        self.packed: dict[tuple, np.ndarray] = {}
+        # ("codes", fqn, fmt[, pattern, level]) -> packed codes (np.uint8 / f16 / f32 array);
+        # ("pruned", fqn, pattern, level) -> pruned float32 weights; one LRU for both
+        self.prepared: OrderedDict[tuple, np.ndarray | torch.Tensor] = OrderedDict()
+        self.packed_bytes, self._packed_used = int(packed_bytes), 0
+        self._made: set[tuple] = set()  # every key prepared once, to count re-makes
+        self.remade = 0
         self.dense: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.dense_bytes = int(dense_bytes)
         self._dense_used = 0
@@ -49,7 +58,6 @@ class VariantCache:
         # model's calibration statistics per module when the method needs them
         self.pruning_method = "magnitude"
         self.input_stats: dict = {}
-        self._last_pruned: tuple = (None, None)
         # Parameters keep their identity when a trial re-points their data, and when blocks
         # are dropped their names shift; this maps each searched weight back to its tensor.
         self.fqn_of_param = {id(self.weight(fqn)): fqn for fqn in self.shapes}
@@ -70,33 +78,69 @@ class VariantCache:
     def set_pruning(self, method: str, input_stats: dict | None = None) -> None:
         """Prune with `method` from now on (pruned variants made before are dropped)."""
         self.pruning_method, self.input_stats = method, dict(input_stats or {})
-        for key in [k for k in self.packed if len(k) > 2]:
-            del self.packed[key]
+        for key in [k for k in self.prepared if k[0] == "pruned" or len(k) > 3]:
+            self._packed_used -= _size(self.prepared.pop(key))
         for key in [k for k in self.dense if len(k) > 2]:
             self._dense_used -= self.dense.pop(key).numel() * 4
+        self._made = {k for k in self._made if k[0] == "codes" and len(k) == 3}
 
     def pruned(self, fqn: str, sparsity: tuple[str, float]) -> torch.Tensor:
-        """float32 base weights of `fqn` pruned to `sparsity` (pattern, level); the last one
-        is kept, so quantizing it into several formats prunes once."""
+        """float32 base weights of `fqn` pruned to `sparsity` (pattern, level), made once and
+        kept while the bound allows; quantizing it into several formats prunes once."""
         from llmpareto.compress.prune import prune
 
-        if self._last_pruned[0] != (fqn, sparsity):
-            pattern, level = sparsity
-            w = prune(self.base[fqn], self.pruning_method, 0.0 if ":" in pattern else level,
-                      pattern, self.input_stats.get(fqn))
-            self._last_pruned = ((fqn, sparsity), w)
-        return self._last_pruned[1]
+        key = ("pruned", fqn, *sparsity)
+        if key in self.prepared:
+            self.prepared.move_to_end(key)
+            return self.prepared[key]
+        t0 = time.perf_counter()
+        pattern, level = sparsity
+        w = prune(self.base[fqn], self.pruning_method, 0.0 if ":" in pattern else level,
+                  pattern, self.input_stats.get(fqn))
+        self.prepare_seconds += time.perf_counter() - t0
+        self._keep(key, w)
+        return w
 
     def get(self, fqn: str, fmt: str, sparsity: tuple[str, float] | None = None) -> np.ndarray:
         """Packed variant of tensor `fqn` in format `fmt` (pruned first when `sparsity` is
         set), prepared on first use."""
-        key = self._key(fqn, fmt, sparsity)
-        if key not in self.packed:
-            t0 = time.perf_counter()
-            src = self.base[fqn] if sparsity is None else self.pruned(fqn, sparsity)
-            self.packed[key] = get_format(fmt).quantize(src.numpy())
-            self.prepare_seconds += time.perf_counter() - t0
-        return self.packed[key]
+        key = ("codes", *self._key(fqn, fmt, sparsity))
+        if key in self.prepared:
+            self.prepared.move_to_end(key)
+            return self.prepared[key]
+        src = self.base[fqn] if sparsity is None else self.pruned(fqn, sparsity)
+        t0 = time.perf_counter()
+        out = get_format(fmt).quantize(src.numpy())
+        self.prepare_seconds += time.perf_counter() - t0
+        self._keep(key, out)
+        return out
+
+    def _keep(self, key: tuple, value) -> None:
+        """Remember a prepared variant, dropping the least recently used past packed_bytes."""
+        self.remade += key in self._made
+        self._made.add(key)
+        size = _size(value)
+        if size > self.packed_bytes:
+            return
+        while self._packed_used + size > self.packed_bytes:
+            self._packed_used -= _size(self.prepared.popitem(last=False)[1])
+        self.prepared[key] = value
+        self._packed_used += size
+
+    def prepare_pruned(self, items: Iterable[tuple[str, tuple[str, float]]],
+                       progress=None) -> int:
+        """Prune every (fqn, (pattern, level)) now, while they fit in packed_bytes (the rest
+        are made on first use); returns how many were made."""
+        made = 0
+        for fqn, sparsity in items:
+            rows, cols = self.shapes[fqn]
+            if self._packed_used + 4 * rows * cols > self.packed_bytes:
+                break
+            self.pruned(fqn, sparsity)
+            made += 1
+            if progress is not None:
+                progress.update(1)
+        return made
 
     def prepare(self, pairs: Iterable[tuple[str, str]], progress=None) -> None:
         """Quantize every pair now; also fill the dense level while it has room, so the
@@ -142,5 +186,11 @@ class VariantCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by packed variants (base weights and the dense LRU not counted)."""
-        return int(sum(a.nbytes for a in self.packed.values()))
+        """Bytes held by prepared variants: packed codes and pruned weights (base weights and
+        the dense LRU not counted); at most packed_bytes."""
+        return self._packed_used
+
+
+def _size(value) -> int:
+    return int(value.nbytes) if isinstance(value, np.ndarray) else value.numel() * \
+        value.element_size()

@@ -33,7 +33,10 @@ _HELP = {
     "study": "study name: the run goes to RUNS_DIR/STUDY", "runs_dir": "where runs are written",
     "resume": "continue an interrupted or finished study", "seed": "random seed",
     "batch_size": "windows per forward pass",
-    "dequant_cache": "memory for dequantized variants kept between trials (LRU), e.g. 4GB", "baselines": "enqueue uniform recipes first",
+    "dequant_cache": "memory for dequantized variants kept between trials (LRU), e.g. 4GB",
+    "variant_cache": "memory for packed codes and pruned weights (LRU; dropped ones are made "
+                     "again), e.g. 4GB",
+    "baselines": "enqueue uniform recipes first",
     "country": "ISO country code for the CO2 estimate", "progress": "show a progress bar",
     "address": "--backend ray: Ray cluster address, auto or HOST:PORT (default: start Ray here)",
     "cpus_per_trial": "--backend ray: CPUs per trial (also torch threads)",

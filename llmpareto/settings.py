@@ -16,6 +16,7 @@ from llmpareto.errors import UserError
 SETTINGS_VERSION = 1
 # Options that may differ between a run and its --resume (they do not change what is searched).
 RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "dequant_cache",
+             "variant_cache",
              "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
              "create_only"}
 _STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -51,6 +52,7 @@ class SearchSettings:
     seed: int = 0
     batch_size: int = 4  # windows per forward pass
     dequant_cache: int = 4 * 10**9  # bytes of dequantized variants kept (LRU) between trials
+    variant_cache: int = 4 * 10**9  # bytes of packed codes and pruned weights kept (LRU)
     baselines: bool = True  # enqueue uniform recipes first
     country: str = "USA"  # ISO code for codecarbon's offline CO2 intensity
     progress: bool = True
@@ -77,6 +79,7 @@ class SearchSettings:
         if self.max_memory is not None:
             self.max_memory = parse_bytes(self.max_memory, "--max-memory")
         self.dequant_cache = parse_bytes(self.dequant_cache, "--dequant-cache")
+        self.variant_cache = parse_bytes(self.variant_cache, "--variant-cache")
         for name in ("max_latency_ms", "max_energy_mj"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or value <= 0):

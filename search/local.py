@@ -79,7 +79,7 @@ def run_local(settings: SearchSettings) -> Front:
     status = "finished"
     with emissions(settings.country) as energy:
         t0, rss0 = time.perf_counter(), peak_rss_bytes()
-        runner.cache.prepare(runner.prepare_pairs())
+        runner.prepare(settings.progress)
         info["cache"] = {"prepare_s": time.perf_counter() - t0, "bytes": runner.cache.nbytes,
                          "peak_rss_before_bytes": rss0, "peak_rss_after_bytes": peak_rss_bytes()}
         bar = _progress(settings, n_done())

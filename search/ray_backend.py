@@ -61,7 +61,7 @@ def _worker_runner(settings_dict: dict) -> tuple[TrialRunner, float]:
     t0 = time.perf_counter()
     _RUNNERS.clear()  # a reused process serves one search at a time: free the old model
     runner = TrialRunner(SearchSettings.from_dict({**settings_dict, "progress": False}))
-    runner.cache.prepare(runner.prepare_pairs())
+    runner.prepare()
     _RUNNERS[key] = runner
     return runner, time.perf_counter() - t0
 

@@ -195,7 +195,7 @@ def _work(study, runner: TrialRunner, rd: RunDir, settings: SearchSettings, info
     rd.write_json(rd.run_json, {**info, "status": "running"})
     attrs, here, status = local_node(), 0, "finished"
     with emissions(settings.country) as energy:
-        runner.cache.prepare(runner.prepare_pairs())
+        runner.prepare(settings.progress)
         bar = tqdm(total=_target(study), initial=n_complete(study), desc="trials", unit="trial",
                    disable=not settings.progress, dynamic_ncols=True)
         try:

@@ -55,7 +55,8 @@ class TrialRunner:
                                  levels=settings.sparsity_levels,
                                  pattern=settings.sparsity_pattern,
                                  method=settings.sparsity_method)
-        self.cache = VariantCache(self.model, self.arch, settings.dequant_cache)
+        self.cache = VariantCache(self.model, self.arch, settings.dequant_cache,
+                                  settings.variant_cache)
         if getattr(self.space, "prunes", False):
             self._set_pruning()
         self.profile = load_profile(settings.device)
@@ -131,6 +132,31 @@ class TrialRunner:
                 for fmt in self.space.choices[key]:
                     pairs.append((t.fqn, effective_format(fmt, t.cols)))
         return list(dict.fromkeys(pairs))
+
+    def prune_items(self) -> list[tuple[str, tuple[str, float]]]:
+        """Every (tensor, (pattern, level)) a pruning space can ask for, lowest level first."""
+        sp = getattr(self.space, "sparsity", self.space)
+        if not getattr(self.space, "prunes", False):
+            return []
+        items = []
+        for key, tensors in sp.groups.items():
+            for level in self.space.choices[key]:
+                if level > 0:
+                    pattern = sp.pattern
+                    items += [(level, t.fqn, (pattern, level)) for t in tensors]
+        return [(fqn, sp_) for _, fqn, sp_ in sorted(items, key=lambda x: x[0])]
+
+    def prepare(self, progress: bool = False) -> None:
+        """Prepare the variants trials will ask for, with a progress bar: every (tensor,
+        format) pair, then (pruning spaces) every pruned tensor while the cache bound allows;
+        the rest are made on first use."""
+        from tqdm.auto import tqdm
+
+        pairs, items = self.prepare_pairs(), self.prune_items()
+        with tqdm(total=len(pairs) + len(items), desc="preparing variants", unit="variant",
+                  disable=not progress, dynamic_ncols=True, leave=False) as bar:
+            self.cache.prepare(pairs, bar)
+            self.cache.prepare_pruned(items, bar)
 
     def cost_only(self, recipe: Recipe) -> TrialResult:
         formats = self.arch.formats_for(recipe)

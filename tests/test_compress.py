@@ -88,6 +88,36 @@ def test_apply_prunes_from_the_base_then_quantizes_and_comes_back(tiny):
         assert torch.equal(p, base[n]), n
 
 
+def test_prepared_level_is_bounded_in_a_joint_space_and_remade_identically(tiny):
+    """formats x levels multiply variants; the prepared level stays under its bound, and a
+    variant dropped from it comes back equal to the first one made."""
+    model, arch = tiny
+    sizes = [4 * t.numel for t in arch.linears]
+    bound = 3 * max(sizes)
+    cache = VariantCache(model, arch, dense_bytes=0, packed_bytes=bound)
+    first = {}
+    for level in (0.25, 0.5, 0.75):
+        for fmt in ("q8_0", "q4_0", "f16"):
+            recipe = Recipe({"_default": {"format": fmt},
+                             "re:.*layers.*": {"format": fmt, "sparsity": level}})
+            apply(model, recipe, cache)
+            assert 0 < cache.nbytes <= bound
+            fqn = arch.linears[0].fqn
+            first[(level, fmt)] = model.get_submodule(fqn).weight.detach().clone()
+    assert cache.remade > 0  # the bound forced re-makes
+    made = cache.remade
+    for (level, fmt), w in first.items():
+        recipe = Recipe({"_default": {"format": fmt},
+                         "re:.*layers.*": {"format": fmt, "sparsity": level}})
+        apply(model, recipe, cache)
+        assert torch.equal(model.get_submodule(arch.linears[0].fqn).weight, w)
+    assert cache.remade > made and cache.nbytes <= bound
+    # prepare_pruned stops at the bound instead of evicting what it just made
+    fresh = VariantCache(model, arch, dense_bytes=0, packed_bytes=bound)
+    items = [(t.fqn, ("unstructured", 0.5)) for t in arch.linears]
+    assert fresh.prepare_pruned(items) < len(items) and fresh.remade == 0
+
+
 def test_recipe_patterns_are_n_of_m_or_unstructured():
     from llmpareto.errors import UserError
 
