@@ -151,6 +151,28 @@ def _rank_lowest(score: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
     return rank < per_row[:, None]
 
 
+def outlier_ratio(scores: list[torch.Tensor], m: float = 5.0) -> float:
+    """OWL's layerwise outlier distribution (Yin et al. 2023): the fraction of the scores
+    (|W| x ||x||, Wanda's metric, over all the group's tensors) above m times their mean."""
+    flat = torch.cat([s.reshape(-1).double() for s in scores])
+    return float((flat > m * flat.mean()).double().mean())
+
+
+def owl_levels(ratios: list[float], sizes: list[int], target: float,
+               lam: float = 0.08) -> list[float]:
+    """OWL's allocation: density rises linearly with the outlier ratio over a band of 2 x lam,
+    shifted so the size-weighted mean sparsity is `target` (OWL's code shifts the plain mean
+    of equal-size blocks; groups here may differ in size)."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    w = torch.tensor(sizes, dtype=torch.float64)
+    span = float(r.max() - r.min())
+    if span == 0:
+        return [float(target)] * len(ratios)
+    d = (r - r.min()) / span * 2 * lam
+    density = d - float((d * w).sum() / w.sum()) + (1 - target)
+    return [float(1 - x) for x in density]
+
+
 PRUNERS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}
 
 

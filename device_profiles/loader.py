@@ -82,6 +82,7 @@ def dump_toml(profile: DeviceProfile) -> str:
     d = profile.to_dict()
     lines = [f"# Device profile {profile.name}: {profile.description}", ""]
     rows = d.pop("measurements", [])
+    kernels = d.pop("sparse_kernels", {})
     for key, value in d.items():
         if not isinstance(value, dict):
             lines.append(f"{key} = {_toml_value(value)}")
@@ -90,6 +91,9 @@ def dump_toml(profile: DeviceProfile) -> str:
             continue
         lines += ["", f"[{table}]"]
         lines += [f'"{k}" = {_toml_value(v)}' for k, v in d[table].items()]
+    for pattern, k in kernels.items():
+        lines += ["", f'[sparse_kernels."{pattern}"]', *(f"{key} = {_toml_value(v)}"
+                                                        for key, v in k.items())]
     for row in rows:
         lines += ["", "[[measurements]]", *(f"{k} = {_toml_value(v)}" for k, v in row.items())]
     return "\n".join(lines) + "\n"

@@ -40,6 +40,19 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class SparseKernel:
+    """How a runtime runs one sparse pattern: the weight formats its kernels take and the
+    speed-up they reach over the dense kernel on the same format (cited or measured)."""
+
+    runtime: str  # e.g. "vLLM, compressed-tensors sparse-24-bitmask, CUTLASS 2:4 GEMM"
+    formats: tuple[str, ...]  # weight formats stored sparse (kept values in this format)
+    decode_speedup: float  # dense matmul time / sparse matmul time, one decoded token
+    prefill_speedup: float  # the same for prefill (compute-bound) matmuls
+    # smaller matrices are kept dense (where the sparse kernel measured slower than dense)
+    min_weights: int = 0
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     name: str
     description: str
@@ -50,7 +63,7 @@ class DeviceProfile:
     eta_compute: float  # fraction of peak_flops a real runtime reaches in prefill matmuls
     overhead_s_per_token: float  # fixed per-token cost (launches, sync, sampling)
     fast_formats: tuple[str, ...]  # weight formats with native kernels on this device
-    sparse: tuple[str, ...]  # hardware sparse patterns (e.g. "2:4"); () if none
+    sparse: tuple[str, ...]  # sparse patterns the runtime runs (e.g. "2:4"); () if none
     power_active_w: float
     power_idle_w: float
     energy_pj_per_byte: float  # memory traffic energy
@@ -70,6 +83,8 @@ class DeviceProfile:
     # Published or measured decode speeds, each marked fit or held-out, each with its source
     # (`llmpareto devices NAME` prints predicted vs measured for both kinds)
     measurements: tuple[Measurement, ...] = ()
+    # One entry per pattern in `sparse`: the kernels that use it (README "Sparsity")
+    sparse_kernels: dict[str, SparseKernel] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     path: str = field(default="", compare=False)  # file it was read from, for messages
 
@@ -87,6 +102,8 @@ class DeviceProfile:
         d.pop("path")
         if not self.measurements:
             d.pop("measurements")  # optional: absent, not an empty list, in TOML and JSON
+        if not self.sparse_kernels:
+            d.pop("sparse_kernels")
         d["fast_formats"], d["sparse"] = list(self.fast_formats), list(self.sparse)
         return d
 
@@ -106,7 +123,8 @@ _STRINGS = ("name", "description", "runtime")
 _LISTS = ("fast_formats", "sparse")
 _TABLES = ("peak_flops", "sources")
 _OPTIONAL = {"schema_version": SCHEMA_VERSION, "overhead_s_per_layer": 0.0,
-             "kernel_weights_per_s": {}, "attention_values_per_s": 0.0, "measurements": []}
+             "kernel_weights_per_s": {}, "attention_values_per_s": 0.0, "measurements": [],
+             "sparse_kernels": {}}
 _ALL = {*_OPTIONAL, *_NUMBERS, *_STRINGS, *_LISTS, *_TABLES}
 
 
@@ -188,11 +206,50 @@ def profile_from_dict(data: dict[str, Any], where: str = "<dict>") -> DeviceProf
     if unsourced:
         raise _err(where, f"no source for {', '.join(unsourced)}; add a URL or a 'derived: ...' "
                           "note under [sources]")
+    out["sparse_kernels"] = _sparse_kernels(where, data.get("sparse_kernels", {}), out["sparse"])
+    unsourced = [f"sparse_kernels.{k}" for k in out["sparse_kernels"]
+                 if not sources.get(f"sparse_kernels.{k}", "").strip()]
+    if unsourced:
+        raise _err(where, f"no source for {', '.join(unsourced)}; cite the measured speed-ups "
+                          "under [sources]")
     out["sources"] = dict(sources)
     out["measurements"] = _measurements(where, data.get("measurements", []))
     if out["power_idle_w"] > out["power_active_w"]:
         raise _err(where, "power_idle_w is above power_active_w")
     return DeviceProfile(**out, schema_version=SCHEMA_VERSION, path=where)
+
+
+_KERNEL_FIELDS = ("runtime", "formats", "decode_speedup", "prefill_speedup", "min_weights")
+
+
+def _sparse_kernels(where: str, table: Any, patterns: tuple[str, ...]) -> dict[str, SparseKernel]:
+    """[sparse_kernels."2:4"] tables: exactly one for each pattern of `sparse`."""
+    from llmpareto.formats import FORMATS
+
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise _err(where, "'sparse_kernels' must be tables like [sparse_kernels.\"2:4\"]")
+    if set(table) != set(patterns):
+        raise _err(where, f"'sparse' lists {list(patterns)} but [sparse_kernels] describes "
+                          f"{sorted(table)}: give one [sparse_kernels.\"N:M\"] table (runtime, "
+                          "formats, decode_speedup, prefill_speedup) per pattern the runtime runs")
+    out = {}
+    for pattern, row in table.items():
+        at = f"sparse_kernels.{pattern}"
+        if not set(_KERNEL_FIELDS[:4]) <= set(row) <= set(_KERNEL_FIELDS):
+            raise _err(where, f"{at}: fields must be {', '.join(_KERNEL_FIELDS)} (min_weights "
+                              f"optional); got {', '.join(sorted(row))}")
+        fmts = row["formats"]
+        if not isinstance(fmts, list) or not fmts or any(f not in FORMATS for f in fmts):
+            raise _err(where, f"{at}: formats must be a non-empty list of weight formats "
+                              f"({', '.join(FORMATS)})")
+        if not isinstance(row["runtime"], str) or not row["runtime"].strip():
+            raise _err(where, f"{at}: runtime must be a non-empty string")
+        out[pattern] = SparseKernel(row["runtime"], tuple(fmts), *(
+            _number(where, f"{at}.{k}", row[k], float, 0, False, math.inf)
+            for k in ("decode_speedup", "prefill_speedup")),
+            _number(where, f"{at}.min_weights", row.get("min_weights", 0), int, 0, True,
+                    math.inf))
+    return out
 
 
 _MEASUREMENT_FIELDS = tuple(f.name for f in fields(Measurement))

@@ -41,6 +41,8 @@ METRICS: dict[str, Metric] = {
         Metric("weights_bytes", "weights at their formats' exact bits per weight, bytes", False),
         Metric("kv_cache_bytes", "f16 KV cache at --context, bytes", False),
         Metric("activation_bytes", "largest live activation buffers of a prefill step", False),
+        Metric("nonzero_params", "weights of the searched tensors left after pruning, count",
+               False),
         Metric("latency_ms", "predicted decode time per token on --device at --context", False),
         Metric("prefill_ms", "predicted prefill time of --prompt-tokens on --device", False),
         Metric("energy_mj", "predicted energy per decoded token on --device, millijoules", False),

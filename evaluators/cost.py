@@ -3,6 +3,11 @@
 Roofline per op and phase: t = max(flops / (peak[dtype] * eta_compute),
 bytes / (bandwidth * eta_mem)); every constant comes from the DeviceProfile. A weight format
 the device has no kernel for is costed as dequantized to f16 (2 bytes a weight, f16 math).
+
+Sparsity saves only where the profile's runtime runs the pattern on that format
+(`sparse_kernels`): the tensor is then stored as its kept values plus index metadata, and its
+matmul takes the dense time divided by the profile's cited speed-up. Everywhere else a pruned
+tensor is stored and read as the dense one (zeros included), and costs exactly the same.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ from typing import ClassVar
 
 from llmpareto.arch import Arch, Tensor2D
 from llmpareto.budget import Workload
-from llmpareto.device_profiles.schema import DeviceProfile
+from llmpareto.device_profiles.schema import DeviceProfile, SparseKernel
 from llmpareto.evaluators.base import Candidate
 from llmpareto.formats import get_format
+from llmpareto.recipe import parse_pattern
+
+Sparsity = dict[str, tuple[str, float]]  # fqn -> (pattern, level), Arch.sparsity_for
 
 KV_BYTES_PER_VALUE = 2  # f16 KV cache, as llama.cpp and transformers keep it by default
 ACT_BYTES = 4  # f32 activations between ops (llama.cpp and torch on CPU)
@@ -27,10 +35,52 @@ def weight_bytes(t: Tensor2D, fmt: str | None, arch: Arch) -> int:
     return get_format(fmt).nbytes(t.rows, t.cols)
 
 
-def weights_bytes(arch: Arch, formats: dict[str, str | None]) -> int:
-    """All weights: searched tensors at their formats, norms and biases in f32."""
-    return sum(weight_bytes(t, formats.get(t.fqn), arch) for t in arch.tensors) \
-        + 4 * arch.other_params
+def sparse_kernel(t: Tensor2D, fmt: str | None, sparsity: tuple[str, float] | None,
+                  p: DeviceProfile | None) -> SparseKernel | None:
+    """The profile's kernel for this tensor's pattern, stored format and size, or None: the
+    tensor is stored and run dense."""
+    if p is None or sparsity is None or fmt is None:
+        return None
+    k = p.sparse_kernels.get(sparsity[0])
+    return k if k is not None and fmt in k.formats and t.numel >= k.min_weights else None
+
+
+def sparse_weight_bytes(t: Tensor2D, fmt: str, pattern: str) -> int:
+    """N:M storage: the kept N/M of each row in `fmt`, plus ceil(log2 M) index bits per kept
+    value (2:4 in f16: 16 + 2 bits per kept weight = 9 bits a weight, as cuSPARSELt, CUTLASS
+    and compressed-tensors' sparse-24-bitmask store it)."""
+    n, m = parse_pattern(pattern)
+    kept = t.rows * (t.cols // m) * n
+    return get_format(fmt).nbytes(t.rows, t.cols // m * n) + -(-kept * (m - 1).bit_length() // 8)
+
+
+def stored_bytes(t: Tensor2D, fmt: str | None, arch: Arch,
+                 sparsity: tuple[str, float] | None = None, p: DeviceProfile | None = None) -> int:
+    """Bytes of one tensor as the profile's runtime stores it: sparse where it can be."""
+    if sparse_kernel(t, fmt, sparsity, p) is not None:
+        return sparse_weight_bytes(t, fmt, sparsity[0])
+    return weight_bytes(t, fmt, arch)
+
+
+def weights_bytes(arch: Arch, formats: dict[str, str | None], sparsity: Sparsity | None = None,
+                  p: DeviceProfile | None = None) -> int:
+    """All weights: searched tensors at their formats (sparse where the profile's runtime
+    stores them so), norms and biases in f32."""
+    sp = sparsity or {}
+    return sum(stored_bytes(t, formats.get(t.fqn), arch, sp.get(t.fqn), p)
+               for t in arch.tensors) + 4 * arch.other_params
+
+
+def nonzero_params(arch: Arch, sparsity: Sparsity | None = None) -> int:
+    """Weights of the searched tensors left after pruning (exact: unstructured pruning removes
+    round(level x numel) of a module, N:M removes (M-N)/M of it)."""
+    sp = sparsity or {}
+    total = 0
+    for t in arch.tensors:
+        pattern, level = sp.get(t.fqn, ("unstructured", 0.0))
+        nm = parse_pattern(pattern)
+        total += t.numel * nm[0] // nm[1] if nm else t.numel - round(level * t.numel)
+    return total
 
 
 def scale_overhead_bytes(arch: Arch, formats: dict[str, str | None]) -> int:
@@ -80,28 +130,37 @@ def _kernel(fmt: str | None, arch: Arch, p: DeviceProfile) -> tuple[str | None, 
 
 
 def _matmul(kind: str, phase: str, t: Tensor2D, fmt: str | None, tokens: int, arch: Arch,
-            p: DeviceProfile) -> OpCost:
+            p: DeviceProfile, sparsity: tuple[str, float] | None = None) -> OpCost:
     read_fmt, dtype = _kernel(fmt, arch, p)
-    b = weight_bytes(t, read_fmt, arch) + ACT_BYTES * tokens * (t.rows + t.cols)
+    act = ACT_BYTES * tokens * (t.rows + t.cols)
+    b = weight_bytes(t, read_fmt, arch) + act
     f = 2.0 * t.numel * tokens
     sec, bound = roofline(b, f, dtype, p)
     rate = p.kernel_weights_per_s.get(read_fmt or "")
     if rate and phase == "decode" and t.numel * tokens / rate > sec:
         sec, bound = t.numel * tokens / rate, "compute"  # the kernel's unpacking, not DRAM
+    kernel = sparse_kernel(t, read_fmt, sparsity, p)
+    if kernel is not None:  # the runtime's sparse kernel: its bytes, its measured speed-up
+        n, m = parse_pattern(sparsity[0])
+        b = sparse_weight_bytes(t, read_fmt, sparsity[0]) + act
+        f *= n / m
+        sec /= kernel.decode_speedup if phase == "decode" else kernel.prefill_speedup
     return OpCost(kind, phase, b, f, sec, bound)
 
 
 def op_costs(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
-             w: Workload) -> list[OpCost]:
+             w: Workload, sparsity: Sparsity | None = None) -> list[OpCost]:
     """Every op of one decoded token (at context w.context) and of the prefill of the prompt."""
     ops: list[OpCost] = []
+    sp = sparsity or {}
     heads = arch.n_heads or arch.n_kv_heads
     head = arch.lm_head or arch.embedding
     emb_fmt = formats.get(arch.embedding.fqn)
     emb_row = weight_bytes(arch.embedding, emb_fmt, arch) / max(arch.embedding.rows, 1)
     for phase, tokens in (("decode", w.batch), ("prefill", w.batch * w.prompt_tokens)):
         for t in arch.linears:
-            ops.append(_matmul(t.kind, phase, t, formats.get(t.fqn), tokens, arch, p))
+            ops.append(_matmul(t.kind, phase, t, formats.get(t.fqn), tokens, arch, p,
+                               sp.get(t.fqn)))
         # attention: decode reads the whole KV cache and writes one row; prefill writes the
         # prompt's rows and reads them back once, with causal (half) score math
         kv_row = arch.n_layers * 2 * arch.n_kv_heads * arch.head_dim * KV_BYTES_PER_VALUE
@@ -153,17 +212,20 @@ class MemoryEvaluator:
     profile: DeviceProfile | None = None  # when set, also says whether it fits
 
     metrics: ClassVar[tuple[str, ...]] = ("memory_bytes", "weights_bytes", "kv_cache_bytes",
-                                          "activation_bytes", "scale_overhead_bytes")
+                                          "activation_bytes", "scale_overhead_bytes",
+                                          "nonzero_params")
     needs_model: ClassVar[bool] = False
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         arch = self.arch.restructure(candidate.recipe.structure)
-        w = weights_bytes(arch, candidate.formats)
+        sparsity = arch.sparsity_for(candidate.recipe)
+        w = weights_bytes(arch, candidate.formats, sparsity, self.profile)
         kv = kv_cache_bytes(arch, self.workload.context, self.workload.batch)
         act = activation_bytes(arch, self.workload)
         out = {"memory_bytes": float(w + kv + act), "weights_bytes": float(w),
                "kv_cache_bytes": float(kv), "activation_bytes": float(act),
-               "scale_overhead_bytes": float(scale_overhead_bytes(arch, candidate.formats))}
+               "scale_overhead_bytes": float(scale_overhead_bytes(arch, candidate.formats)),
+               "nonzero_params": float(nonzero_params(arch, sparsity))}
         if self.profile is not None:
             out["fits_memory"] = float(w + kv + act <= self.profile.memory_bytes)
         return out
@@ -181,16 +243,17 @@ class LatencyEnergyEvaluator:
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         arch = self.arch.restructure(candidate.recipe.structure)
-        ops = op_costs(arch, candidate.formats, self.profile, self.workload)
+        ops = op_costs(arch, candidate.formats, self.profile, self.workload,
+                       arch.sparsity_for(candidate.recipe))
         s = summarize(ops, arch, self.profile, self.workload)
         return {k: s[k] for k in self.metrics}
 
 
 def breakdown(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
-              w: Workload) -> list[dict]:
+              w: Workload, sparsity: Sparsity | None = None) -> list[dict]:
     """Per (phase, kind) totals for `llmpareto cost`: bytes, FLOPs, seconds, bound."""
     rows: dict[tuple[str, str], dict] = {}
-    for o in op_costs(arch, formats, p, w):
+    for o in op_costs(arch, formats, p, w, sparsity):
         r = rows.setdefault((o.phase, o.kind), {"phase": o.phase, "kind": o.kind, "bytes": 0.0,
                                                 "flops": 0.0, "time_ms": 0.0, "memory_ms": 0.0})
         r["bytes"] += o.bytes
@@ -213,8 +276,11 @@ __all__ = [
     "activation_bytes",
     "breakdown",
     "kv_cache_bytes",
+    "nonzero_params",
     "op_costs",
     "roofline",
+    "sparse_weight_bytes",
+    "stored_bytes",
     "summarize",
     "weights_bytes",
 ]

@@ -1,5 +1,5 @@
-"""HF export: safetensors + config + tokenizer that transformers loads offline (float32, the
-dequantized weights the search evaluated)."""
+"""HF export: safetensors + config + tokenizer (float32, the dequantized weights the search
+evaluated); a recipe that prunes is written in compressed-tensors' sparse format instead."""
 
 from __future__ import annotations
 
@@ -9,15 +9,26 @@ from pathlib import Path
 from llmpareto.recipe import Recipe
 
 
-def write_hf(folder: Path, built) -> None:
-    """safetensors + config + tokenizer that AutoModelForCausalLM.from_pretrained loads offline.
+def write_hf(folder: Path, built) -> str:
+    """safetensors + config + tokenizer that AutoModelForCausalLM.from_pretrained loads offline;
+    returns what was written: "dense", or the compressed-tensors sparsity format.
 
     Written by hand rather than save_pretrained, which refuses models that came through the
     GGUF loader; the weights are the dequantized ones the search evaluated.
     """
     from safetensors.torch import save_file
 
+    from llmpareto.export.compressed import write_compressed
+
     model = built.model
+    pruned = {f: sp for f, sp in built.cache.current_sparsity.items() if sp is not None}
+    recipe = Recipe.from_dict({"modules": {
+        k: ({"format": v, **_sparsity(pruned.get(k))} if v else None)
+        for k, v in built.formats.items()}})
+    if pruned:
+        kind = write_compressed(folder, model, built.tokenizer, pruned)
+        (folder / "recipe.json").write_text(recipe.to_json())
+        return kind
     folder.mkdir(parents=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
@@ -28,5 +39,11 @@ def write_hf(folder: Path, built) -> None:
     cfg["dtype"] = "float32"
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     built.tokenizer.save_pretrained(folder)
-    (folder / "recipe.json").write_text(Recipe.to_json(Recipe.from_dict(
-        {"modules": {k: ({"format": v} if v else None) for k, v in built.formats.items()}})))
+    (folder / "recipe.json").write_text(recipe.to_json())
+    return "dense"
+
+
+def _sparsity(sp: tuple[str, float] | None) -> dict:
+    if sp is None:
+        return {}
+    return {"pattern": sp[0]} if ":" in sp[0] else {"sparsity": sp[1]}

@@ -101,7 +101,7 @@ def choose(front: Front, trial: int | None, best: str | None, expr: str | None) 
 
 
 def model_card(run_dir: Path, row: pd.Series, recipe: Recipe, formats: dict, written: list[str],
-               command: str) -> str:
+               command: str, pruned: dict | None = None, hf_kind: str = "dense") -> str:
     info = RunDir(run_dir).read_run_json()
     s = info["settings"]
     counts = pd.Series([f or "unchanged (f32)" for f in formats.values()]).value_counts()
@@ -125,9 +125,29 @@ def model_card(run_dir: Path, row: pd.Series, recipe: Recipe, formats: dict, wri
              "artifact (llama.cpp, transformers' GGUF loader). The `hf/` folder stores the same "
              "weights dequantized to float32: it is for research and fine-tuning, not "
              "deployment."),
+        *_sparsity_card(pruned or {}, formats, hf_kind),
         "", "## Reproduce", "", f"```\n{command}\n```", "",
     ]
     return "\n".join(lines)
+
+
+def _sparsity_card(pruned: dict, formats: dict, hf_kind: str) -> list[str]:
+    if not pruned:
+        return []
+    pats = pd.Series([p if ":" in p else f"unstructured {round(100 * lv)}%"
+                      for p, lv in pruned.values()]).value_counts()
+    quantized = sorted({formats[f] for f in pruned if formats.get(f) not in (None, "f16")})
+    return ["", "## Sparsity", "", *[f"- {p}: {n} tensors" for p, n in pats.items()], "",
+            ("`model.gguf` stores the pruned weights as zeros: llama.cpp runs them at dense "
+             "speed and size (it has no sparse kernels)."),
+            "", (f"`hf/` is compressed-tensors `{hf_kind}` (kept values, a 1-bit mask per weight, "
+                 "and in config.json `quantization_config.sparsity_config`), the layout vLLM "
+                 "(<= 0.19.0; later releases dropped 2:4) and llm-compressor read. "
+                 "transformers 5 alone does not decompress it: load it with llmpareto "
+                 "(`--model hf/`, or `llmpareto.export.compressed.load_compressed`)."),
+            *(["", (f"Pruned tensors in {', '.join(quantized)} are stored dequantized (float32, "
+                    "the values the search scored): compressed-tensors has no layout that holds "
+                    "a GGUF block format and sparsity together.")] if quantized else [])]
 
 
 def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: str | None = None,
@@ -164,14 +184,16 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
         write_gguf(tmp / "model.gguf", built.model, built.cache, built.formats, built.source,
                    built.tokenizer)
         written.append("model.gguf")
+    hf_kind = "dense"
     if "hf" in kinds:
-        write_hf(tmp / "hf", built)
+        hf_kind = write_hf(tmp / "hf", built)
         written.append("hf/")
     command = "llmpareto pick " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if sys.argv[1:2] == ["pick"] else \
         f"llmpareto pick {run_dir} --trial {int(row['trial'])} --out {out} --format {','.join(kinds)}"
+    pruned = {f: sp for f, sp in built.cache.current_sparsity.items() if sp is not None}
     (tmp / "README.md").write_text(model_card(run_dir, row, recipe, built.formats, written,
-                                              command))
+                                              command, pruned, hf_kind))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -124,11 +124,11 @@ def cmd_cost(args: argparse.Namespace) -> int:
     arch = load_arch(args.model)
     profile = load_profile(args.device)
     w = Workload(prompt_tokens=args.prompt_tokens, batch=args.batch, context=args.context)
-    formats = arch.formats_for(recipe)
+    formats, sparsity = arch.formats_for(recipe), arch.sparsity_for(recipe)
     mem = MemoryEvaluator(arch, w, profile).evaluate(Candidate(recipe, formats))
-    totals = summarize(op_costs(arch, formats, profile, w), arch, profile, w)
+    totals = summarize(op_costs(arch, formats, profile, w, sparsity), arch, profile, w)
     totals.update(mem)
-    rows = breakdown(arch, formats, profile, w)
+    rows = breakdown(arch, formats, profile, w, sparsity)
     if args.json:
         print(json.dumps({"model": args.model, "device": profile.name, "workload": vars(w),
                           "totals": totals, "breakdown": rows}, indent=2))

@@ -29,6 +29,9 @@ class WeightFormat:
     gguf_type: int | None = None  # GGMLQuantizationType value when GGUF can hold it
     compute_dtype: str = "int8"  # the kernel dtype a device needs to run it natively
     payload_bits: int = 16  # bits of the weight codes alone, scales and minimums excluded
+    # False for asymmetric formats (d * q + min): a pruned zero comes back as a small non-zero
+    # unless 0 happens to land on the block's grid, so an N:M pattern is not kept
+    keeps_zeros: bool = True
 
     @property
     def bits_per_weight(self) -> float:
@@ -78,7 +81,7 @@ def effective_format(name: str, cols: int) -> str:
 # --- GGUF block formats (the gguf package is the reference implementation) --------------
 
 def _gguf_format(name: str, type_name: str, fallback: str | None, compute: str,
-                 payload_bits: int) -> WeightFormat:
+                 payload_bits: int, keeps_zeros: bool) -> WeightFormat:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
     qtype = GGMLQuantizationType[type_name]
@@ -91,20 +94,20 @@ def _gguf_format(name: str, type_name: str, fallback: str | None, compute: str,
         return quants.dequantize(packed, qtype).reshape(shape)
 
     return WeightFormat(name, block_size, block_bytes, quantize, dequantize, fallback,
-                        int(qtype), compute, payload_bits)
+                        int(qtype), compute, payload_bits, keeps_zeros)
 
 
-for _name, _type, _fallback, _compute, _bits in (
-    ("f16", "F16", None, "f16", 16),
-    ("q8_0", "Q8_0", "f16", "int8", 8),
-    ("q5_1", "Q5_1", "f16", "int8", 5),
-    ("q5_0", "Q5_0", "f16", "int8", 5),
-    ("q4_1", "Q4_1", "f16", "int8", 4),
-    ("q4_0", "Q4_0", "f16", "int8", 4),
+for _name, _type, _fallback, _compute, _bits, _zeros in (
+    ("f16", "F16", None, "f16", 16, True),
+    ("q8_0", "Q8_0", "f16", "int8", 8, True),
+    ("q5_1", "Q5_1", "f16", "int8", 5, False),
+    ("q5_0", "Q5_0", "f16", "int8", 5, True),
+    ("q4_1", "Q4_1", "f16", "int8", 4, False),
+    ("q4_0", "Q4_0", "f16", "int8", 4, True),
     # llama.cpp converts a tq2_0 tensor whose rows are not a multiple of 256 to q4_0.
-    ("tq2_0", "TQ2_0", "q4_0", "int8", 2),
+    ("tq2_0", "TQ2_0", "q4_0", "int8", 2, True),
 ):
-    register(_gguf_format(_name, _type, _fallback, _compute, _bits))
+    register(_gguf_format(_name, _type, _fallback, _compute, _bits, _zeros))
 
 GGUF_FORMATS = tuple(FORMATS)
 
@@ -146,7 +149,7 @@ def _rtn_format(bits: int, group: int) -> WeightFormat:
         f"int{bits}_g{group}", group, block_bytes,
         lambda w: rtn_quantize(w, bits, group),
         lambda p, s: rtn_dequantize(p, s, group),
-        fallback, None, "int8" if bits <= 8 else "f16", bits,
+        fallback, None, "int8" if bits <= 8 else "f16", bits, keeps_zeros=False,
     )
 
 

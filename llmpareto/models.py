@@ -122,16 +122,28 @@ def load_model(source: ModelSource):
         kwargs["gguf_file"] = source.gguf_file
     try:
         tok = AutoTokenizer.from_pretrained(source.directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source.directory, dtype=torch.float32,
-            **({} if source.gguf_file else {"use_safetensors": source.use_safetensors}),
-            **kwargs,
-        )
+        if not source.gguf_file and _is_sparse(source.directory):
+            from llmpareto.export.compressed import load_compressed
+
+            model = load_compressed(Path(source.directory), torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source.directory, dtype=torch.float32,
+                **({} if source.gguf_file else {"use_safetensors": source.use_safetensors}),
+                **kwargs,
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not load model {source.describe()}: {exc}") from None
     model.eval()
     model.requires_grad_(False)
     return model, tok
+
+
+def _is_sparse(directory: str) -> bool:
+    """A compressed-tensors sparse folder: transformers 5 would load it with random weights."""
+    from llmpareto.export.compressed import sparsity_format_of
+
+    return sparsity_format_of(Path(directory)) is not None
 
 
 def load_arch(spec: str, allow_pickle: bool = False):

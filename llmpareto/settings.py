@@ -132,6 +132,12 @@ class SearchSettings:
                                 "be in [0, 1), e.g. 0,0.25,0.5")
             self.sparsity_levels = sorted({float(v) for v in levels})
         spaces = [n.strip() for n in str(self.space).split(",")]
+        if ({"formats", "sparsity"} <= set(spaces) and self.formats is None
+                and parse_pattern(self.sparsity_pattern) is not None):
+            from llmpareto.formats import GGUF_FORMATS, get_format
+
+            # N:M must survive quantization: the default formats minus asymmetric ones
+            self.formats = [f for f in GGUF_FORMATS if get_format(f).keeps_zeros]
         if ("sparsity" in spaces and self.sparsity_method in NEEDS_CALIBRATION
                 and self.calib_tokens == 0):
             raise UserError(f"--sparsity-method {self.sparsity_method} prunes from calibration "

@@ -85,11 +85,21 @@ class TrialRunner:
         """Calibration statistics of the base model, once per run, for the pruning method
         (Wanda: each input column's norm; SparseGPT: full x^T x, cols^2 float64 a module)."""
         from llmpareto.compress.calibration import pruning_stats
+        from llmpareto.compress.prune import outlier_ratio
 
         method = self.settings.sparsity_method
         self.cache.set_pruning(method, pruning_stats(
             self.model, [t.fqn for t in self.arch.linears], method, self.windows.calib,
             self.settings.batch_size))
+        sp = getattr(self.space, "sparsity", self.space)
+        stats = self.cache.input_stats  # OWL scores: Wanda's metric, or |W| for magnitude
+
+        def score(fqn):
+            w = self.cache.base[fqn].abs().double()
+            return w * stats[fqn].col_norm[None, :] if fqn in stats else w
+
+        sp.set_outliers({k: outlier_ratio([score(t.fqn) for t in ts])
+                         for k, ts in sp.groups.items()})
 
     def _check_budget(self) -> None:
         """Refuse a budget no candidate in the space can meet, naming the best achievable."""

@@ -47,6 +47,36 @@ class SparsitySpace(CategoricalSpace):
             self.groups.setdefault(PREFIX + _group_key(t, self.granularity), []).append(t)
         options = self.levels if nm is None else [0.0, 1.0 - nm[0] / nm[1]]
         self.choices: dict[str, list[float]] = {k: list(options) for k in self.groups}
+        self.outliers: dict[str, float] = {}  # group -> OWL outlier ratio (set_outliers)
+
+    def set_outliers(self, ratios: dict[str, float]) -> None:
+        """Each group's OWL outlier ratio (compress.prune.outlier_ratio on the base model's
+        statistics); adds OWL-style baselines for unstructured levels."""
+        self.outliers = dict(ratios)
+
+    def owl_params(self, target: float) -> dict[str, float]:
+        """OWL's allocation at mean sparsity `target`, on this space's level grid: each group
+        rounded down, then raised one grid step at a time (largest remainder first) while the
+        size-weighted mean stays nearest `target`."""
+        from llmpareto.compress.prune import owl_levels
+
+        keys = list(self.groups)
+        sizes = [sum(t.numel for t in self.groups[k]) for k in keys]
+        want = owl_levels([self.outliers[k] for k in keys], sizes, target)
+        grid = self.levels
+        idx = [max([i for i, g in enumerate(grid) if g <= w + 1e-12] or [0]) for w in want]
+        total = sum(sizes)
+
+        def mean(ix):
+            return sum(grid[i] * n for i, n in zip(ix, sizes)) / total
+
+        order = sorted(range(len(keys)), key=lambda j: grid[idx[j]] - want[j])
+        for j in order:
+            if idx[j] + 1 < len(grid):
+                up = idx[:j] + [idx[j] + 1] + idx[j + 1:]
+                if abs(mean(up) - target) < abs(mean(idx) - target):
+                    idx = up
+        return {k: grid[i] for k, i in zip(keys, idx)}
 
     def module_choices(self, params: dict[str, Any]) -> dict[str, dict]:
         """fqn -> {"sparsity"/"pattern"} of every pruned projection (level > 0)."""
@@ -70,10 +100,18 @@ class SparsitySpace(CategoricalSpace):
         return Recipe(modules)
 
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:
-        """Every group at one level: uniform sparsity at each level (> 0) of the space."""
+        """Every group at one level: uniform sparsity at each level (> 0) of the space; then,
+        once outlier ratios are set (unstructured only), OWL's allocation at each of those
+        mean levels where it differs from uniform."""
         levels = [v for v in self.choices[next(iter(self.choices))] if v > 0]
-        return [(f"uniform {self._label(v)} {self.method}", dict.fromkeys(self.choices, v))
-                for v in levels]
+        out = [(f"uniform {self._label(v)} {self.method}", dict.fromkeys(self.choices, v))
+               for v in levels]
+        if self.outliers and parse_pattern(self.pattern) is None:
+            for v in levels:
+                owl = self.owl_params(v)
+                if len(set(owl.values())) > 1:
+                    out.append((f"OWL {self._label(v)} {self.method}", owl))
+        return out
 
     def _label(self, level: float) -> str:
         return self.pattern if parse_pattern(self.pattern) else f"{round(100 * level)}%"
@@ -95,6 +133,15 @@ class JointSpace(CategoricalSpace):
     prunes = True  # class attribute, not a field
 
     def __post_init__(self) -> None:
+        from llmpareto.formats import get_format
+
+        lossy = [f for f in self.formats.formats if not get_format(f).keeps_zeros]
+        if lossy and parse_pattern(self.sparsity.pattern) is not None:
+            raise UserError(
+                f"--sparsity-pattern {self.sparsity.pattern} with --formats {','.join(lossy)}: "
+                "these formats store d*q+min, so pruned zeros come back non-zero and the "
+                f"{self.sparsity.pattern} pattern is lost; leave them out of --formats (or omit "
+                "--formats: the default then drops them) or use --sparsity-pattern unstructured")
         self.choices = {**self.formats.choices, **self.sparsity.choices}
         self.groups = self.formats.groups  # what the variant cache prepares (dense formats)
 

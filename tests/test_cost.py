@@ -123,3 +123,57 @@ def test_measured_attention_rate_charges_decode_per_cached_value():
     # a rate faster than the KV bytes can stream never makes attention quicker than the bytes
     fast = dataclasses.replace(base, attention_values_per_s=1e15)
     assert attention_s(fast, 1000) == attention_s(base, 1000)
+
+
+def _sparse_profile(speedup: float = 1.25):
+    from llmpareto.device_profiles.schema import SparseKernel
+
+    base = load_profile("rtx-4090")
+    kernel = SparseKernel("a 2:4 runtime", ("f16",), speedup, 1.1)
+    return dataclasses.replace(base, sparse=("2:4",), sparse_kernels={"2:4": kernel})
+
+
+def _costs(arch, recipe, profile, w=None):
+    w = w or Workload(context=16, prompt_tokens=8)
+    cand = Candidate(recipe, arch.formats_for(recipe))
+    out = MemoryEvaluator(arch, w, profile).evaluate(cand)
+    out.update(LatencyEnergyEvaluator(arch, profile, w).evaluate(cand))
+    out["matmul_decode_s"] = sum(o.seconds for o in op_costs(
+        arch, cand.formats, profile, w, arch.sparsity_for(recipe))
+        if o.phase == "decode" and o.kind == "mlp.proj")
+    return out
+
+
+def test_2_4_saves_bytes_and_the_cited_speedup_only_where_the_runtime_runs_it():
+    arch = synthetic(4, 4096, 4096)
+    numel = 4 * 4096 * 4096
+    dense, pruned = Recipe.uniform("f16"), Recipe({"_default": {"format": "f16", "pattern": "2:4"}})
+    sp = _sparse_profile(1.25)
+    d, s = _costs(arch, dense, sp), _costs(arch, pruned, sp)
+    # kept half in f16 + 2 index bits per kept weight: 9 bits a weight
+    assert d["weights_bytes"] == 2 * numel and s["weights_bytes"] == numel * 9 / 8
+    assert s["matmul_decode_s"] == pytest.approx(d["matmul_decode_s"] / 1.25, rel=1e-12)
+    assert s["latency_ms"] < d["latency_ms"] and s["nonzero_params"] == numel / 2
+    # a format the sparse kernels do not take: stored and run dense, zeros included
+    q4, q4p = Recipe.uniform("q4_0"), Recipe({"_default": {"format": "q4_0", "pattern": "2:4"}})
+    assert {k: v for k, v in _costs(arch, q4p, sp).items() if k != "nonzero_params"} == \
+        {k: v for k, v in _costs(arch, q4, sp).items() if k != "nonzero_params"}
+    # no sparse runtime (raspberry-pi-5, and the llama.cpp rtx-4090 profile itself): the
+    # pruned model costs exactly what the dense one does, unstructured or 2:4
+    half = Recipe({"_default": {"format": "f16", "sparsity": 0.5}})
+    for name in ("raspberry-pi-5", "jetson-agx-orin-64gb"):
+        p = load_profile(name)
+        base = _costs(arch, dense, p)
+        for r in (pruned, half):
+            c = _costs(arch, r, p)
+            assert c.pop("nonzero_params") == numel / 2
+            assert c == {k: v for k, v in base.items() if k != "nonzero_params"}
+
+
+def test_nonzero_params_is_exact_per_module():
+    from llmpareto.evaluators.cost import nonzero_params
+
+    arch = synthetic(3, 7, 9)  # 63 weights a module: 30% prunes round(18.9) = 19
+    r = Recipe({"model.layers.0.mlp.proj": {"format": "f16", "sparsity": 0.3},
+                "model.layers.1.mlp.proj": {"format": "f16", "pattern": "1:3"}})
+    assert nonzero_params(arch, arch.sparsity_for(r)) == (63 - 19) + 21 + 63

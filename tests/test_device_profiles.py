@@ -31,6 +31,9 @@ def test_every_shipped_profile_loads_with_sources(name, tmp_path):
     assert load_profile(str(copy)) == p  # round trip, and a path works where a name does
 
 
+_KERNEL = {"runtime": "vLLM", "formats": ["f16"], "decode_speedup": 1.2, "prefill_speedup": 1.1}
+
+
 def _write(tmp_path, mutate):
     data = tomllib.loads((profile_dir() / "raspberry-pi-5.toml").read_text())
     data.pop("measurements", None)  # optional; test_profile_check covers its rows
@@ -41,6 +44,9 @@ def _write(tmp_path, mutate):
     for table in ("peak_flops", "sources"):
         if table in data:
             lines += [f"[{table}]"] + [f'"{k}" = {_toml_value(v)}' for k, v in data[table].items()]
+    for pattern, row in data.get("sparse_kernels", {}).items():
+        lines += [f'[sparse_kernels."{pattern}"]'] + [f"{k} = {_toml_value(v)}"
+                                                      for k, v in row.items()]
     f = tmp_path / "bad.toml"
     f.write_text("\n".join(lines) + "\n")
     return f
@@ -61,6 +67,14 @@ def _write(tmp_path, mutate):
     (lambda d: d.update(schema_version=7), "schema_version 7"),
     (lambda d: d.update(attention_values_per_s=-1.0), "'attention_values_per_s' = -1.0 is out"),
     (lambda d: d.update(attention_values_per_s=2e9), "no source for attention_values_per_s"),
+    (lambda d: d.update(sparse=["2:4"]), "'sparse' lists .'2:4'. but .sparse_kernels. describes"),
+    (lambda d: d.update(sparse=["2:4"], sparse_kernels={"2:4": dict(_KERNEL, formats=["q4_k"])}),
+     "sparse_kernels.2:4: formats must be"),
+    (lambda d: d.update(sparse=["2:4"], sparse_kernels={"2:4": dict(_KERNEL,
+                                                                    decode_speedup=0.0)}),
+     "'sparse_kernels.2:4.decode_speedup' = 0.0 is out of range"),
+    (lambda d: d.update(sparse=["2:4"], sparse_kernels={"2:4": _KERNEL}),
+     "no source for sparse_kernels.2:4"),
 ])
 def test_bad_profiles_name_file_and_field(tmp_path, mutate, match):
     f = _write(tmp_path, mutate)

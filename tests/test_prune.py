@@ -102,3 +102,36 @@ def test_input_stats_hooks_match_the_inputs(tiny_model_dir):
 def test_bad_pruning_input_is_named(args, match):
     with pytest.raises(UserError, match=match):
         prune(torch.ones(4, 8), *args)
+
+
+def test_owl_outlier_ratio_and_allocation():
+    from llmpareto.compress.prune import outlier_ratio, owl_levels
+
+    x = torch.ones(1010, dtype=torch.float64)
+    x[:10] = 100.0  # mean 1.98: exactly the 10 big ones are above 5 x mean
+    assert outlier_ratio([x[:500], x[500:].reshape(10, 51)]) == pytest.approx(10 / 1010)
+    levels = owl_levels([0.01, 0.02, 0.04], [1, 1, 2], target=0.5, lam=0.08)
+    assert (levels[0] * 1 + levels[1] * 1 + levels[2] * 2) / 4 == pytest.approx(0.5, abs=1e-12)
+    assert levels[0] > levels[1] > levels[2]  # more outliers: pruned less
+    assert levels[0] - levels[2] == pytest.approx(0.16, abs=1e-12)  # a band of 2 x lambda
+    assert owl_levels([0.3, 0.3], [5, 7], 0.4) == [0.4, 0.4]
+
+
+def test_owl_baselines_snap_to_the_grid_at_the_same_mean(tiny_model_dir):
+    from llmpareto.arch import Arch
+    from llmpareto.models import load_model, resolve_model
+    from llmpareto.spaces import build_space
+
+    model, _ = load_model(resolve_model(str(tiny_model_dir)))
+    arch = Arch.from_model(model)
+    grid = [round(0.05 * i, 2) for i in range(15)]
+    space = build_space("sparsity", arch, levels=grid, granularity="module")
+    assert not any(label.startswith("OWL") for label, _ in space.baselines())
+    ratios = {k: 0.001 * (i % 5) for i, k in enumerate(space.groups)}
+    space.set_outliers(ratios)
+    owl = dict(space.baselines())["OWL 50% wanda"]
+    sizes = {k: sum(t.numel for t in ts) for k, ts in space.groups.items()}
+    mean = sum(owl[k] * n for k, n in sizes.items()) / sum(sizes.values())
+    assert abs(mean - 0.5) <= 0.025 and set(owl.values()) <= set(grid)
+    low, high = min(ratios, key=ratios.get), max(ratios, key=ratios.get)
+    assert owl[low] > owl[high]  # fewer outliers, pruned more

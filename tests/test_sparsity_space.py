@@ -35,10 +35,10 @@ def test_joint_formats_sparsity_search_prunes_then_quantizes(tiny_settings, tmp_
                                 "sparsity_method": "sparsegpt", "sparsity_pattern": "2:4",
                                 "granularity": "block"})
     labels = front.trials["baseline"].fillna("").tolist()
-    assert labels[:7] == [f"uniform {f}" for f in ("f16", "q8_0", "q5_1", "q5_0", "q4_1",
-                                                   "q4_0", "tq2_0")]
-    assert labels[7] == "uniform 2:4 sparsegpt + f16"
-    r = Recipe.load(tmp_path / "runs" / "t" / "recipes" / "7.json")
+    # 2:4 must survive quantization: the default formats lose the asymmetric q5_1 and q4_1
+    assert labels[:5] == [f"uniform {f}" for f in ("f16", "q8_0", "q5_0", "q4_0", "tq2_0")]
+    assert labels[5] == "uniform 2:4 sparsegpt + f16"
+    r = Recipe.load(tmp_path / "runs" / "t" / "recipes" / "5.json")
     assert r.resolve("model.layers.1.mlp.down_proj") == {"format": "f16", "pattern": "2:4"}
     done = front.trials[front.trials["state"] == "COMPLETE"]
     assert len(done) == 11 and done["perplexity"].notna().all() and len(front) >= 1
@@ -63,6 +63,8 @@ def test_sparsity_space_choices_by_pattern_and_granularity(tiny_model_dir):
     (["--sparsity-pattern", "3:5"], "5 does not divide"),
     (["--sparsity-method", "obs"], "magnitude, wanda, sparsegpt"),
     (["--calib-tokens", "0"], "--calib-tokens > 0"),
+    (["--space", "formats,sparsity", "--sparsity-pattern", "2:4", "--formats", "q8_0,q4_1"],
+     "--formats q4_1: .*pattern is lost"),
 ])
 def test_bad_sparsity_input_is_one_clear_error_and_stores_nothing(tiny_settings, tmp_path,
                                                                   capsys, argv, match):

@@ -1,0 +1,152 @@
+"""compressed-tensors export of a sparse recipe: `sparse-24-bitmask` when every pruned module is
+2:4, `sparse-bitmask` otherwise; and the reader that turns such a folder back into a model.
+
+The on-disk layout is the one compressed-tensors 0.14 wrote and vLLM (<= 0.19.0) and
+llm-compressor read: per pruned Linear `<module>.compressed` (kept values, in the weight dtype),
+`<module>.bitmask` (1 bit per weight, packed little-endian by compressed-tensors'
+`pack_bitmasks`), `<module>.shape`, and for `sparse-bitmask` `<module>.row_offsets`; config.json
+carries `quantization_config.sparsity_config` (compressed-tensors' own pydantic config).
+compressed-tensors >= 0.15 dropped its sparse compressors and transformers 5 no longer reads
+`sparsity_config` (such a folder would load with random weights), so the layout is written and
+read here, with the library's bit packing and config classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmpareto.errors import UserError
+
+SPARSE_FORMATS = {"sparse-24-bitmask": ("shape", "compressed", "bitmask"),
+                  "sparse-bitmask": ("shape", "compressed", "bitmask", "row_offsets")}
+
+
+def compress_24(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """2:4 layout: kept values (rows, cols/2), bitmask (rows, ceil(cols/8)) uint8, shape (2, 1)."""
+    from compressed_tensors.utils import pack_bitmasks
+
+    rows, cols = w.shape
+    groups = w.reshape(-1, 4)
+    if cols % 4 or bool(((groups != 0).sum(1) > 2).any()):
+        raise UserError("sparse-24-bitmask needs 2:4 weights (at most 2 non-zeros in every 4)")
+    keep = _two_per_group(groups).reshape(rows, cols)
+    return {"shape": torch.tensor([rows, cols]).reshape(-1, 1),
+            "compressed": w[keep].reshape(rows, cols // 2).contiguous(),
+            "bitmask": pack_bitmasks(keep)}
+
+
+def _two_per_group(groups: torch.Tensor) -> torch.Tensor:
+    """Exactly two kept per group of 4: its non-zeros, then zeros at its first positions (a
+    group can hold fewer than two non-zeros where quantization rounded a weight to 0)."""
+    nz = groups != 0
+    order = torch.cumsum((~nz).int(), 1)  # 1, 2, ... over each group's zeros
+    return nz | (~nz & (order <= 2 - nz.sum(1, keepdim=True)))
+
+
+def compress_bitmask(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Unstructured layout: non-zeros (1-D, row-major), bitmask, row_offsets (rows,), shape (2,)."""
+    from compressed_tensors.utils import pack_bitmasks
+
+    keep = w != 0
+    counts = keep.sum(-1)
+    return {"shape": torch.tensor(list(w.shape)), "compressed": w[keep].contiguous(),
+            "bitmask": pack_bitmasks(keep), "row_offsets": torch.cumsum(counts, 0) - counts}
+
+
+def decompress(p: dict[str, torch.Tensor]) -> torch.Tensor:
+    from compressed_tensors.utils import unpack_bitmasks
+
+    shape = p["shape"].flatten().tolist()
+    out = torch.zeros(shape, dtype=p["compressed"].dtype)
+    out[unpack_bitmasks(p["bitmask"], shape)] = p["compressed"].flatten()
+    return out
+
+
+def sparse_format(patterns: set[str]) -> str:
+    return "sparse-24-bitmask" if patterns == {"2:4"} else "sparse-bitmask"
+
+
+def write_compressed(folder: Path, model, tokenizer, pruned: dict[str, tuple[str, float]],
+                     note: dict | None = None) -> str:
+    """Write `model` (float32 weights as the search evaluated them) with the Linears named in
+    `pruned` (fqn -> (pattern, level)) compressed; every other module is dense and listed in
+    `ignore`. Returns the sparsity format written."""
+    import compressed_tensors
+    from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
+    from safetensors.torch import save_file
+
+    fmt = sparse_format({p for p, _ in pruned.values()})
+    folder.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied: the loader points it at the embedding
+    pack = compress_24 if fmt == "sparse-24-bitmask" else compress_bitmask
+    for fqn in pruned:
+        state.update({f"{fqn}.{k}": v for k, v in pack(state.pop(f"{fqn}.weight")).items()})
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    zeros = sum(int((model.get_submodule(f).weight == 0).sum()) for f in pruned)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    cls = Sparse24BitMaskConfig if fmt == "sparse-24-bitmask" else BitmaskConfig
+    sparsity = cls(targets=["Linear"], ignore=[n for n in linears if n not in pruned],
+                   global_sparsity=zeros / total,
+                   sparsity_structure="2:4" if fmt == "sparse-24-bitmask" else "unstructured")
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)  # the GGUF loader's note: these weights are plain
+    cfg["architectures"] = [type(model).__name__]
+    cfg["dtype"] = cfg["torch_dtype"] = "float32"
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors",
+                                  "version": compressed_tensors.__version__,
+                                  "sparsity_config": sparsity.model_dump(),
+                                  "transform_config": {}, **({"llmpareto": note} if note else {})}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    tokenizer.save_pretrained(folder)
+    return fmt
+
+
+def sparsity_format_of(folder: Path) -> str | None:
+    """The compressed-tensors sparsity format a HF folder's config.json declares, if any."""
+    try:
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = cfg.get("quantization_config") or {}
+    fmt = (qc.get("sparsity_config") or {}).get("format") if isinstance(qc, dict) else None
+    return fmt if fmt not in (None, "dense") else None
+
+
+def load_compressed(folder: Path, dtype: torch.dtype = torch.float32):
+    """A transformers model from a sparse compressed-tensors folder (decompressed here:
+    transformers 5 would leave those weights random)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    folder = Path(folder)
+    fmt = sparsity_format_of(folder)
+    if fmt not in SPARSE_FORMATS:
+        raise UserError(f"{folder}: sparsity format {fmt!r} is not supported; llmpareto reads "
+                        f"{', '.join(SPARSE_FORMATS)}")
+    names = SPARSE_FORMATS[fmt]
+    state: dict[str, torch.Tensor] = {}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                prefix, _, leaf = key.rpartition(".")
+                if leaf in names:
+                    grouped.setdefault(prefix, {})[leaf] = f.get_tensor(key)
+                else:
+                    state[key] = f.get_tensor(key)
+    for prefix, parts in grouped.items():
+        if set(parts) != set(names):
+            raise UserError(f"{folder}: {prefix} has {sorted(parts)} of the {fmt} tensors "
+                            f"{list(names)}; the file is incomplete")
+        state[f"{prefix}.weight"] = decompress(parts)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    del config.quantization_config  # else transformers builds a quantizer for it
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
