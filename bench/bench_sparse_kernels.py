@@ -278,6 +278,12 @@ def main(argv=None) -> int:
             dense_copies = [wp.clone() for _ in range(n)]
             dense_cache = {}
             for bname in backends:
+
+                def failed(b, note, bname=bname, out_f=out_f, in_f=in_f, n=n, model=model):
+                    return {"model": model, "shape": f"{out_f}x{in_f}", "batch": b,
+                            "backend": bname, "mode": "-", "cold": not a.hot, "copies": n,
+                            "note": note[:200]}
+
                 SparseSemiStructuredTensor._FORCE_CUTLASS = bname == "cutlass"
                 raw = bname.startswith("cslt_raw")
                 try:
@@ -289,18 +295,7 @@ def main(argv=None) -> int:
                         impl = type(sp_copies[0]).__name__
                 except Exception as exc:  # noqa: BLE001
                     for b in batches:
-                        rows.append(
-                            {
-                                "model": model,
-                                "shape": f"{out_f}x{in_f}",
-                                "batch": b,
-                                "backend": bname,
-                                "mode": "-",
-                                "cold": not a.hot,
-                                "copies": n,
-                                "note": f"convert failed: {type(exc).__name__}: {exc}"[:200],
-                            }
-                        )
+                        rows.append(failed(b, f"convert failed: {type(exc).__name__}: {exc}"))
                     print(
                         f"# {model} {out_f}x{in_f} {bname}: convert failed: {exc}", file=sys.stderr
                     )
@@ -331,18 +326,7 @@ def main(argv=None) -> int:
                         if not rel < a.tol:
                             note += f"; MISMATCH rel_err={rel:.3g}"
                     except Exception as exc:  # noqa: BLE001
-                        rows.append(
-                            {
-                                "model": model,
-                                "shape": f"{out_f}x{in_f}",
-                                "batch": b,
-                                "backend": bname,
-                                "mode": "-",
-                                "cold": not a.hot,
-                                "copies": n,
-                                "note": f"{impl}; matmul failed: {type(exc).__name__}: {exc}"[:200],
-                            }
-                        )
+                        rows.append(failed(b, f"{impl}; matmul failed: {type(exc).__name__}: {exc}"))
                         continue
                     if a.profile and b == batches[0]:
                         _profile(

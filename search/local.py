@@ -92,7 +92,10 @@ def run_local(settings: SearchSettings) -> Front:
             status = "interrupted"
         finally:
             bar.close()
-    info["cache"].update(dense_hits=runner.cache.hits, dense_misses=runner.cache.misses)
+    c = runner.cache  # over the whole run: what trials made on first use included
+    info["cache"].update(dense_hits=c.hits, dense_misses=c.misses, prepare_total_s=c.prepare_seconds,
+                         bytes_end=c.nbytes, bytes_bound=c.packed_bytes, remade=c.remade,
+                         peak_rss_end_bytes=peak_rss_bytes())
     info.update(status=status, search_energy=energy, recovered_trials=recovered,
                 completed_trials=n_done())
     rd.write_json(rd.run_json, info)
