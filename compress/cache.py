@@ -54,6 +54,16 @@ class VariantCache:
         self._dense_used = 0
         self.current: dict[str, str | None] = {fqn: None for fqn in self.shapes}
         self.current_sparsity: dict[str, tuple[str, float] | None] = dict.fromkeys(self.shapes)
+        self.current_slice: dict[str, tuple | None] = dict.fromkeys(self.shapes)  # slice keys
+        # students: each block's down_proj and o_proj input column norms on calibration text
+        # (set_importance), which decide the MLP channels and attention groups kept
+        self.importance: dict[str, torch.Tensor] = {}
+        self._slices: dict[tuple, dict] = {}
+        self.modules = {fqn: model.get_submodule(fqn) for fqn in self.shapes}
+        cfg = model.config
+        self.base_config = {k: getattr(cfg, k) for k in
+                            ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+                            if hasattr(cfg, k)}
         # how pruned variants are made: a method of compress.prune.PRUNERS, and the base
         # model's calibration statistics per module when the method needs them
         self.pruning_method = "magnitude"
@@ -72,43 +82,83 @@ class VariantCache:
         return self.params[fqn]
 
     @staticmethod
-    def _key(fqn: str, fmt: str, sparsity: tuple[str, float] | None) -> tuple:
-        return (fqn, fmt) if sparsity is None else (fqn, fmt, *sparsity)
+    def _key(fqn: str, fmt: str | None, sparsity: tuple[str, float] | None,
+             sl: tuple | None = None) -> tuple:
+        """(fqn, format, sparsity, slice key): one variant; the slice key names the student
+        shape a narrowed tensor was cut to (compress.restructure.slices_for)."""
+        return (fqn, fmt, sparsity, None if sl is None else sl[0])
 
     def set_pruning(self, method: str, input_stats: dict | None = None) -> None:
         """Prune with `method` from now on (pruned variants made before are dropped)."""
         self.pruning_method, self.input_stats = method, dict(input_stats or {})
-        for key in [k for k in self.prepared if k[0] == "pruned" or len(k) > 3]:
+        for key in [k for k in self.prepared if k[3] is not None]:
             self._packed_used -= _size(self.prepared.pop(key))
-        for key in [k for k in self.dense if len(k) > 2]:
+        for key in [k for k in self.dense if k[2] is not None]:
             self._dense_used -= self.dense.pop(key).numel() * 4
-        self._made = {k for k in self._made if k[0] == "codes" and len(k) == 3}
+        self._made = {k for k in self._made if k[3] is None}
 
-    def pruned(self, fqn: str, sparsity: tuple[str, float]) -> torch.Tensor:
-        """float32 base weights of `fqn` pruned to `sparsity` (pattern, level), made once and
-        kept while the bound allows; quantizing it into several formats prunes once."""
+    def set_importance(self, col_norms: dict[str, torch.Tensor]) -> None:
+        """Input column norms (down_proj, o_proj) that decide what a narrower student keeps."""
+        self.importance = dict(col_norms)
+        self._slices.clear()
+
+    def slices(self, structure: dict | None) -> dict[str, tuple]:
+        """fqn -> (key, rows, cols) of every tensor `structure` narrows (memoized)."""
+        from llmpareto.compress.restructure import slices_for
+
+        s = {k: v for k, v in (structure or {}).items() if k in ("mlp_ratio", "heads")}
+        key = tuple(sorted(s.items()))
+        if key not in self._slices:
+            a = self.arch
+            kinds = {t.fqn: t.kind for t in a.linears}
+            layers = {t.fqn: t.layer for t in a.linears}
+            self._slices[key] = slices_for(s, self.shapes, kinds, layers, a.n_kv_heads,
+                                           a.head_dim, self.importance) if s else {}
+        return self._slices[key]
+
+    def source(self, fqn: str, sl: tuple | None = None) -> torch.Tensor:
+        """The base weights of `fqn`, cut to a student's rows and columns when `sl` is set."""
+        from llmpareto.compress.restructure import slice_weight
+
+        return self.base[fqn] if sl is None else slice_weight(self.base[fqn], sl[1], sl[2])
+
+    def _stats(self, fqn: str, sl: tuple | None):
+        """Calibration statistics of `fqn`'s inputs, cut to the kept input columns."""
+        stats = self.input_stats.get(fqn)
+        if stats is None or sl is None or sl[2] is None:
+            return stats
+        from llmpareto.compress.prune import InputStats
+
+        cols = sl[2]
+        xtx = stats.xtx[cols] if stats.xtx.dim() == 1 else stats.xtx[cols][:, cols]
+        return InputStats(xtx, stats.tokens)
+
+    def pruned(self, fqn: str, sparsity: tuple[str, float], sl: tuple | None = None) -> torch.Tensor:
+        """float32 base weights of `fqn` (cut to `sl`) pruned to `sparsity` (pattern, level),
+        made once and kept while the bound allows; quantizing into several formats prunes once."""
         from llmpareto.compress.prune import prune
 
-        key = ("pruned", fqn, *sparsity)
+        key = ("pruned", *self._key(fqn, None, sparsity, sl))
         if key in self.prepared:
             self.prepared.move_to_end(key)
             return self.prepared[key]
         t0 = time.perf_counter()
         pattern, level = sparsity
-        w = prune(self.base[fqn], self.pruning_method, 0.0 if ":" in pattern else level,
-                  pattern, self.input_stats.get(fqn))
+        w = prune(self.source(fqn, sl), self.pruning_method, 0.0 if ":" in pattern else level,
+                  pattern, self._stats(fqn, sl))
         self.prepare_seconds += time.perf_counter() - t0
         self._keep(key, w)
         return w
 
-    def get(self, fqn: str, fmt: str, sparsity: tuple[str, float] | None = None) -> np.ndarray:
-        """Packed variant of tensor `fqn` in format `fmt` (pruned first when `sparsity` is
-        set), prepared on first use."""
-        key = ("codes", *self._key(fqn, fmt, sparsity))
+    def get(self, fqn: str, fmt: str, sparsity: tuple[str, float] | None = None,
+            sl: tuple | None = None) -> np.ndarray:
+        """Packed variant of tensor `fqn` in format `fmt` (cut to `sl`, then pruned when
+        `sparsity` is set), prepared on first use."""
+        key = ("codes", *self._key(fqn, fmt, sparsity, sl))
         if key in self.prepared:
             self.prepared.move_to_end(key)
             return self.prepared[key]
-        src = self.base[fqn] if sparsity is None else self.pruned(fqn, sparsity)
+        src = self.source(fqn, sl) if sparsity is None else self.pruned(fqn, sparsity, sl)
         t0 = time.perf_counter()
         out = get_format(fmt).quantize(src.numpy())
         self.prepare_seconds += time.perf_counter() - t0
@@ -133,7 +183,7 @@ class VariantCache:
         are made on first use); returns how many were made."""
         made = 0
         for fqn, sparsity in items:
-            rows, cols = self.shapes[fqn]
+            rows, cols = self.shapes[fqn]  # unpruned students' shapes: made on first use
             if self._packed_used + 4 * rows * cols > self.packed_bytes:
                 break
             self.pruned(fqn, sparsity)
@@ -148,26 +198,34 @@ class VariantCache:
         for fqn, fmt in pairs:
             self.get(fqn, fmt)
             size = 4 * self.shapes[fqn][0] * self.shapes[fqn][1]
-            if (fqn, fmt) not in self.dense and self._dense_used + size <= self.dense_bytes:
+            if (self._key(fqn, fmt, None) not in self.dense
+                    and self._dense_used + size <= self.dense_bytes):
                 self.dequantized(fqn, fmt)
             if progress is not None:
                 progress.update(1)
 
-    def dequantized(self, fqn: str, fmt: str | None,
-                    sparsity: tuple[str, float] | None = None) -> torch.Tensor:
-        """float32 weights of `fqn` in format `fmt` (None: the base weights), pruned first
-        when `sparsity` is set (then a format is required). Do not modify."""
-        if fmt is None:
-            if sparsity is not None:
-                raise ValueError(f"{fqn}: a pruned variant needs a stored format")
+    def dequantized(self, fqn: str, fmt: str | None, sparsity: tuple[str, float] | None = None,
+                    sl: tuple | None = None) -> torch.Tensor:
+        """float32 weights of `fqn` in format `fmt` (None: the base weights), cut to a
+        student's shape when `sl` is set, pruned when `sparsity` is set (then a format is
+        required). Do not modify."""
+        from llmpareto.compress.restructure import narrowed_shape
+
+        if fmt is None and sparsity is not None:
+            raise ValueError(f"{fqn}: a pruned variant needs a stored format")
+        if fmt is None and sl is None:
             return self.base[fqn]
-        key = self._key(fqn, fmt, sparsity)
+        key = self._key(fqn, fmt, sparsity, sl)
         if key in self.dense:
             self.hits += 1
             self.dense.move_to_end(key)
             return self.dense[key]
         self.misses += 1
-        packed, shape = self.get(fqn, fmt, sparsity), self.shapes[fqn]
+        if fmt is None:  # the base weights cut to the student's shape
+            out = self.source(fqn, sl)
+            self._remember(key, out)
+            return out
+        packed, shape = self.get(fqn, fmt, sparsity, sl), narrowed_shape(*self.shapes[fqn], sl)
         out = dequantize_torch(fmt, packed, shape)
         if out is None:  # formats without a torch path use the reference numpy one
             out = torch.from_numpy(get_format(fmt).dequantize(packed, shape))

@@ -22,13 +22,38 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
     _set_layers(model, recipe.structure.get("layers"), cache)
     formats = cache.arch.formats_for(recipe)
     pruned = cache.arch.sparsity_for(recipe)
+    slices = cache.slices(recipe.structure)
     for fqn, fmt in formats.items():
-        sparsity = pruned.get(fqn)
-        if cache.current[fqn] == fmt and cache.current_sparsity[fqn] == sparsity:
+        sparsity, sl = pruned.get(fqn), slices.get(fqn)
+        skey = None if sl is None else sl[0]
+        if (cache.current[fqn] == fmt and cache.current_sparsity[fqn] == sparsity
+                and cache.current_slice[fqn] == skey):
             continue
-        cache.weight(fqn).data = cache.dequantized(fqn, fmt, sparsity)
-        cache.current[fqn], cache.current_sparsity[fqn] = fmt, sparsity
+        w = cache.dequantized(fqn, fmt, sparsity, sl)
+        cache.weight(fqn).data = w
+        mod = cache.modules[fqn]
+        if isinstance(mod, torch.nn.Linear):  # a narrower student: the module says so too
+            mod.out_features, mod.in_features = w.shape
+        cache.current[fqn], cache.current_sparsity[fqn], cache.current_slice[fqn] = \
+            fmt, sparsity, skey
+    _set_config(model, recipe.structure, cache)
     return formats
+
+
+def _set_config(model: torch.nn.Module, structure: dict, cache: VariantCache) -> None:
+    """The config says what the student is: MLP width and attention heads (the export and
+    the KV cache read it)."""
+    from llmpareto.compress.restructure import mlp_width
+
+    cfg, base = model.config, cache.base_config
+    for k, v in base.items():
+        setattr(cfg, k, v)
+    ratio, heads = structure.get("mlp_ratio"), structure.get("heads")
+    if ratio is not None and "intermediate_size" in base:
+        cfg.intermediate_size = mlp_width(base["intermediate_size"], ratio)
+    if heads is not None and "num_key_value_heads" in base:
+        per = base["num_attention_heads"] // base["num_key_value_heads"]
+        cfg.num_key_value_heads, cfg.num_attention_heads = heads, heads * per
 
 
 def _set_layers(model: torch.nn.Module, layers: list[int] | None, cache: VariantCache) -> None:

@@ -56,20 +56,38 @@ class Arch:
         return sum(t.numel for t in self.tensors) + self.other_params
 
     def restructure(self, structure: dict | None) -> Arch:
-        """The architecture a recipe's `structure` leaves (kept blocks); self if none."""
-        layers = (structure or {}).get("layers")
-        unsupported = sorted(set(structure or {}) - {"layers"})
-        if unsupported:
-            raise UserError(f"recipe structure {unsupported} is not supported yet; only "
-                            "'layers' (the blocks to keep) is")
-        if layers is None:
+        """The architecture a recipe's `structure` leaves: kept blocks, a narrower MLP
+        (`mlp_ratio`), fewer attention groups per block (`heads`); self if none."""
+        from llmpareto.compress.restructure import check_structure, mlp_width
+
+        s = {k: v for k, v in (structure or {}).items() if v is not None}
+        if not s:
             return self
-        check_layers(layers, self.n_layers)
-        kept = set(layers)
-        dropped = self.n_layers - len(kept)
-        return replace(self, linears=[t for t in self.linears if t.layer in kept],
-                       n_layers=len(kept),
-                       other_params=self.other_params - dropped * self.layer_other_params)
+        check_structure(s, self.n_layers, self.n_kv_heads)
+        out = self
+        if "layers" in s:
+            kept = set(s["layers"])
+            dropped = self.n_layers - len(kept)
+            out = replace(out, linears=[t for t in out.linears if t.layer in kept],
+                          n_layers=len(kept),
+                          other_params=out.other_params - dropped * out.layer_other_params)
+        if s.get("mlp_ratio", 1) < 1:
+            inter = next((t.cols for t in out.linears if t.kind == "mlp.down_proj"), None)
+            if inter is not None:
+                k = mlp_width(inter, s["mlp_ratio"])
+                out = replace(out, linears=[_narrow(t, k, inter, "mlp.gate_proj", "mlp.up_proj",
+                                                    "mlp.down_proj") for t in out.linears])
+        heads = s.get("heads", self.n_kv_heads)
+        if heads < self.n_kv_heads:
+            per = (self.n_heads or self.n_kv_heads) // self.n_kv_heads  # query heads a group
+            q_old, q_new = self.n_kv_heads * per * self.head_dim, heads * per * self.head_dim
+            kv_old, kv_new = self.n_kv_heads * self.head_dim, heads * self.head_dim
+            linears = [_narrow(t, q_new, q_old, "self_attn.q_proj", None, "self_attn.o_proj")
+                       for t in out.linears]
+            linears = [_narrow(t, kv_new, kv_old, "self_attn.k_proj", "self_attn.v_proj", None)
+                       for t in linears]
+            out = replace(out, linears=linears, n_kv_heads=heads, n_heads=heads * per)
+        return out
 
     def formats_for(self, recipe: Recipe) -> dict[str, str | None]:
         """fqn -> the format each tensor really gets (None: left as it is), for the tensors
@@ -156,6 +174,16 @@ class Arch:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return cls.from_model(model)
+
+
+def _narrow(t: Tensor2D, new: int, old: int, row_kind: str, row_kind2: str | None,
+            col_kind: str | None) -> Tensor2D:
+    """`t` with `old` rows (for the row kinds) or columns (for the column kind) cut to `new`."""
+    if t.kind in (row_kind, row_kind2) and t.rows == old:
+        return replace(t, rows=new)
+    if t.kind == col_kind and t.cols == old:
+        return replace(t, cols=new)
+    return t
 
 
 def _find_layers(model):
