@@ -54,7 +54,7 @@ class VariantCache:
         self._dense_used = 0
         self.current: dict[str, str | None] = {fqn: None for fqn in self.shapes}
         self.current_sparsity: dict[str, tuple[str, float] | None] = dict.fromkeys(self.shapes)
-        self.current_slice: dict[str, tuple | None] = dict.fromkeys(self.shapes)  # slice keys
+        self.current_slice: dict[str, tuple | None] = dict.fromkeys(self.shapes)  # (key, rows, cols)
         # students: each block's down_proj and o_proj input column norms on calibration text
         # (set_importance), which decide the MLP channels and attention groups kept
         self.importance: dict[str, torch.Tensor] = {}
@@ -80,6 +80,16 @@ class VariantCache:
 
     def weight(self, fqn: str) -> torch.nn.Parameter:
         return self.params[fqn]
+
+    def pruned_modules(self) -> dict[str, tuple[str, float]]:
+        """Module name (as the model now names it: blocks renumber when a student drops some)
+        -> (pattern, level) of every pruned tensor the model holds now."""
+        out = {}
+        for name, p in self.model.named_parameters():
+            fqn = self.fqn_of_param.get(id(p))
+            if fqn is not None and self.current_sparsity.get(fqn) is not None:
+                out[name.removesuffix(".weight")] = self.current_sparsity[fqn]
+        return out
 
     @staticmethod
     def _key(fqn: str, fmt: str | None, sparsity: tuple[str, float] | None,

@@ -40,3 +40,18 @@ def pruning_stats(model: torch.nn.Module, fqns: list[str], method: str, windows:
         return {}
     return collect_input_stats(model, windows, fqns, diag_only=method == "wanda",
                                batch_size=batch_size)
+
+
+def student_importance(model: torch.nn.Module, arch, windows: np.ndarray, batch_size: int,
+                       stats: dict[str, InputStats] | None = None) -> dict[str, torch.Tensor]:
+    """Input column norms of every down_proj (MLP channels) and o_proj (attention heads) on
+    the base model's calibration text; reuses pruning statistics already gathered."""
+    fqns = [t.fqn for t in arch.linears if t.kind in ("mlp.down_proj", "self_attn.o_proj")]
+    stats = dict(stats or {})
+    missing = [f for f in fqns if f not in stats]
+    if missing:
+        if len(windows) == 0:
+            return {}
+        stats.update(collect_input_stats(model, windows, missing, diag_only=True,
+                                         batch_size=batch_size))
+    return {f: stats[f].col_norm for f in fqns}

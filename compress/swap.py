@@ -25,9 +25,9 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
     slices = cache.slices(recipe.structure)
     for fqn, fmt in formats.items():
         sparsity, sl = pruned.get(fqn), slices.get(fqn)
-        skey = None if sl is None else sl[0]
+        now = cache.current_slice[fqn]
         if (cache.current[fqn] == fmt and cache.current_sparsity[fqn] == sparsity
-                and cache.current_slice[fqn] == skey):
+                and (now and now[0]) == (sl and sl[0])):
             continue
         w = cache.dequantized(fqn, fmt, sparsity, sl)
         cache.weight(fqn).data = w
@@ -35,7 +35,7 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
         if isinstance(mod, torch.nn.Linear):  # a narrower student: the module says so too
             mod.out_features, mod.in_features = w.shape
         cache.current[fqn], cache.current_sparsity[fqn], cache.current_slice[fqn] = \
-            fmt, sparsity, skey
+            fmt, sparsity, sl
     _set_config(model, recipe.structure, cache)
     return formats
 

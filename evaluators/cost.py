@@ -218,7 +218,7 @@ class MemoryEvaluator:
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         arch = self.arch.restructure(candidate.recipe.structure)
-        sparsity = arch.sparsity_for(candidate.recipe)
+        sparsity = self.arch.sparsity_for(candidate.recipe)
         w = weights_bytes(arch, candidate.formats, sparsity, self.profile)
         kv = kv_cache_bytes(arch, self.workload.context, self.workload.batch)
         act = activation_bytes(arch, self.workload)
@@ -244,7 +244,7 @@ class LatencyEnergyEvaluator:
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         arch = self.arch.restructure(candidate.recipe.structure)
         ops = op_costs(arch, candidate.formats, self.profile, self.workload,
-                       arch.sparsity_for(candidate.recipe))
+                       self.arch.sparsity_for(candidate.recipe))
         s = summarize(ops, arch, self.profile, self.workload)
         return {k: s[k] for k in self.metrics}
 

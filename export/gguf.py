@@ -52,33 +52,51 @@ def _check_gguf_formats(formats: dict[str, str | None]) -> None:
         )
 
 
-def _copy_metadata(writer, source_gguf: str, n_blocks: int) -> None:
+# Shape keys a student changes: written from the (restructured) model's config instead.
+_SHAPE_KEYS = ("llama.block_count", "llama.feed_forward_length", "llama.attention.head_count",
+               "llama.attention.head_count_kv", "llama.attention.key_length",
+               "llama.attention.value_length")
+
+
+def _head_dim(cfg) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _write_shape(writer, cfg) -> None:
+    """Shapes from the (possibly restructured) config; a student with fewer heads keeps its
+    head size, which llama.cpp would otherwise derive as hidden / heads."""
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(_head_dim(cfg))
+    writer.add_value_length(_head_dim(cfg))
+
+
+def _copy_metadata(writer, source_gguf: str, cfg) -> None:
     import gguf
 
     reader = gguf.GGUFReader(source_gguf)
     for key, field in reader.fields.items():
-        if key.startswith(_OWN_KEYS) or key == "llama.block_count":
+        if key.startswith(_OWN_KEYS) or key in _SHAPE_KEYS:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), vtype, sub)
-    writer.add_block_count(n_blocks)
+    _write_shape(writer, cfg)
 
 
-def _hf_metadata(writer, cfg, tokenizer, n_blocks: int) -> None:
+def _hf_metadata(writer, cfg, tokenizer) -> None:
     if getattr(cfg, "model_type", "") != "llama":
         raise UserError(f"GGUF export supports llama-family models; this one is "
                         f"{getattr(cfg, 'model_type', '?')!r}: use --format hf")
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(n_blocks)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    _write_shape(writer, cfg)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     rope = getattr(cfg, "rope_parameters", None) or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 1e4))))
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_rope_dimension_count(_head_dim(cfg))
     writer.add_vocab_size(cfg.vocab_size)
     _bpe_tokenizer(writer, tokenizer, cfg)
 
@@ -118,9 +136,9 @@ def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
     n_blocks = cfg.num_hidden_layers
     writer = gguf.GGUFWriter(str(path), arch="llama")
     if source.gguf_file:
-        _copy_metadata(writer, str(Path(source.directory) / source.gguf_file), n_blocks)
+        _copy_metadata(writer, str(Path(source.directory) / source.gguf_file), cfg)
     else:
-        _hf_metadata(writer, cfg, tokenizer, n_blocks)
+        _hf_metadata(writer, cfg, tokenizer)
     writer.add_name(f"{getattr(cfg, 'name_or_path', '') or 'model'} (llmpareto)")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # mixed per tensor; informative only
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -135,7 +153,8 @@ def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
         fqn = cache.fqn_of_param.get(id(param), name.rsplit(".", 1)[0])
         fmt = formats.get(fqn)
         if fqn in formats and fmt is not None:
-            data = cache.get(fqn, fmt, cache.current_sparsity.get(fqn))  # zeros stored
+            data = cache.get(fqn, fmt, cache.current_sparsity.get(fqn),  # zeros stored
+                             cache.current_slice.get(fqn))  # a student's shape
             qtype = gguf.GGMLQuantizationType(get_format(fmt).gguf_type)
         else:
             data, qtype = param.detach().float().numpy(), gguf.GGMLQuantizationType.F32

@@ -21,9 +21,9 @@ def write_hf(folder: Path, built) -> str:
     from llmpareto.export.compressed import write_compressed
 
     model = built.model
-    pruned = {f: sp for f, sp in built.cache.current_sparsity.items() if sp is not None}
+    pruned = built.cache.pruned_modules()
     recipe = Recipe.from_dict({"modules": {
-        k: ({"format": v, **_sparsity(pruned.get(k))} if v else None)
+        k: ({"format": v, **_sparsity(built.cache.current_sparsity.get(k))} if v else None)
         for k, v in built.formats.items()}})
     if pruned:
         kind = write_compressed(folder, model, built.tokenizer, pruned)

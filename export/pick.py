@@ -57,6 +57,14 @@ class Rebuilder:
     def build(self, recipe: Recipe) -> Built:
         from llmpareto.compress import apply
 
+        narrows = {"mlp_ratio", "heads"} & {k for k, v in recipe.structure.items() if v is not None}
+        if narrows and not self.cache.importance:  # rank channels and groups as the search did
+            from llmpareto.compress.calibration import student_importance
+
+            apply(self.model, Recipe(), self.cache)  # on the base model
+            self.cache.set_importance(student_importance(
+                self.model, self.cache.arch, self._windows().calib, self.settings["batch_size"],
+                self.cache.input_stats))
         formats = apply(self.model, recipe, self.cache)
         return Built(self.model, self.tokenizer, self.cache, formats, self.source)
 
@@ -191,7 +199,8 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
     command = "llmpareto pick " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if sys.argv[1:2] == ["pick"] else \
         f"llmpareto pick {run_dir} --trial {int(row['trial'])} --out {out} --format {','.join(kinds)}"
-    pruned = {f: sp for f, sp in built.cache.current_sparsity.items() if sp is not None}
+    pruned = {f: sp for f, sp in built.cache.current_sparsity.items()
+              if sp is not None and f in built.formats}  # the kept tensors, original names
     (tmp / "README.md").write_text(model_card(run_dir, row, recipe, built.formats, written,
                                               command, pruned, hf_kind))
     if out.exists():

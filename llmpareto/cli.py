@@ -15,7 +15,11 @@ _HELP = {
     "text": "text file(s) for calibration and evaluation (default: CPython docs)",
     "window": "tokens per window", "calib_tokens": "calibration tokens (for kl_nats)",
     "eval_tokens": "evaluation tokens (for perplexity)",
-    "space": "search space: formats, sparsity, or formats,sparsity (prune, then quantize)",
+    "space": "search space: formats, sparsity, students, or a join such as formats,sparsity "
+             "or formats,sparsity,students (cut to the student, prune, then quantize)",
+    "student_blocks": "--space ...students: numbers of blocks kept, e.g. 30,27,24",
+    "student_mlp_ratios": "--space ...students: MLP widths kept, e.g. 1,0.75,0.5",
+    "student_heads": "--space ...students: KV heads kept per block (whole groups), e.g. 3,2",
     "formats": "comma-separated weight formats to choose from",
     "sparsity_method": "--space ...sparsity: magnitude | wanda | sparsegpt",
     "sparsity_pattern": "--space ...sparsity: unstructured (levels) or N:M, e.g. 2:4",

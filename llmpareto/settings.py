@@ -36,6 +36,9 @@ class SearchSettings:
     sparsity_method: str = "wanda"  # magnitude | wanda | sparsegpt (--space ...sparsity)
     sparsity_pattern: str = "unstructured"  # or N:M, e.g. 2:4: per group dense or N:M
     sparsity_levels: list[float] | None = None  # unstructured levels; None: 0, 0.1, ..., 0.7
+    student_blocks: list[int] | None = None  # --space ...students: blocks kept; None: 100-70%
+    student_mlp_ratios: list[float] | None = None  # MLP width kept; None: 1, 0.875, 0.75, 0.5
+    student_heads: list[int] | None = None  # KV groups kept per block; None: every count
     objectives: list[str] = field(default_factory=lambda: ["perplexity", "memory_bytes"])
     max_memory: int | None = None  # bytes; candidates above never pay for a forward pass
     device: str = "raspberry-pi-5"  # profile name, TOML path, or "host" (measured here)
@@ -102,6 +105,7 @@ class SearchSettings:
         if self.calib_tokens < 0:
             raise UserError("--calib-tokens must be 0 or more")
         self._check_sparsity()
+        self._check_students()
         if self.study is None:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1])
             self.study = f"{stem.strip('-.') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -143,6 +147,30 @@ class SearchSettings:
             raise UserError(f"--sparsity-method {self.sparsity_method} prunes from calibration "
                             "activations: set --calib-tokens > 0, or use --sparsity-method "
                             "magnitude")
+
+    def _check_students(self) -> None:
+        for name, kind in (("student_blocks", int), ("student_mlp_ratios", float),
+                           ("student_heads", int)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            try:
+                items = value.split(",") if isinstance(value, str) else list(value)
+                parsed = [kind(float(v)) if kind is int else kind(v) for v in items
+                          if str(v).strip()]
+                if kind is int and any(float(v) != int(float(v)) for v in items if str(v).strip()):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise UserError(f"{flag} {value!r}: give comma-separated "
+                                f"{'whole numbers' if kind is int else 'numbers'}") from None
+            if not parsed:
+                raise UserError(f"{flag} needs at least one value")
+            setattr(self, name, parsed)
+        spaces = [n.strip() for n in str(self.space).split(",")]
+        if "students" in spaces and self.calib_tokens == 0:
+            raise UserError("--space ...students ranks blocks, MLP channels and attention groups "
+                            "on calibration text: set --calib-tokens > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,6 +4,7 @@ one-trial data flow: cost first, then, only if feasible, apply the recipe and sc
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -54,11 +55,16 @@ class TrialRunner:
                                  granularity=settings.granularity,
                                  levels=settings.sparsity_levels,
                                  pattern=settings.sparsity_pattern,
-                                 method=settings.sparsity_method)
+                                 method=settings.sparsity_method,
+                                 blocks=settings.student_blocks,
+                                 mlp_ratios=settings.student_mlp_ratios,
+                                 heads=settings.student_heads)
         self.cache = VariantCache(self.model, self.arch, settings.dequant_cache,
                                   settings.variant_cache)
         if getattr(self.space, "prunes", False):
             self._set_pruning()
+        if getattr(self.space, "restructures", False):
+            self._set_students()
         self.profile = load_profile(settings.device)
         self.workload = Workload(prompt_tokens=settings.prompt_tokens, context=settings.context)
         limit = settings.max_memory
@@ -91,7 +97,7 @@ class TrialRunner:
         self.cache.set_pruning(method, pruning_stats(
             self.model, [t.fqn for t in self.arch.linears], method, self.windows.calib,
             self.settings.batch_size))
-        sp = getattr(self.space, "sparsity", self.space)
+        sp = self._part("sparsity")
         stats = self.cache.input_stats  # OWL scores: Wanda's metric, or |W| for magnitude
 
         def score(fqn):
@@ -100,6 +106,23 @@ class TrialRunner:
 
         sp.set_outliers({k: outlier_ratio([score(t.fqn) for t in ts])
                          for k, ts in sp.groups.items()})
+
+    def _part(self, name: str):
+        """The space itself, or its part of that name in a joint space (None if absent)."""
+        return self.space if self.space.name == name else getattr(self.space, name, None)
+
+    def _set_students(self) -> None:
+        """Block Influence (which blocks a student keeps) and the input norms that decide its
+        MLP channels and attention groups: on the base model, once per run."""
+        from llmpareto.compress.calibration import student_importance
+        from llmpareto.compress.restructure import block_influence
+
+        part = self._part("students")
+        part.set_block_influence(block_influence(self.model, self.windows.calib,
+                                                 self.settings.batch_size))
+        self.cache.set_importance(student_importance(
+            self.model, self.arch, self.windows.calib, self.settings.batch_size,
+            self.cache.input_stats))
 
     def _check_budget(self) -> None:
         """Refuse a budget no candidate in the space can meet, naming the best achievable."""
@@ -124,8 +147,9 @@ class TrialRunner:
     def smallest_params(self) -> dict[str, str]:
         from llmpareto.formats import get_format
         from llmpareto.spaces.sparsity import PREFIX
+        from llmpareto.spaces.students import PREFIX as STUDENT
 
-        return {k: max(c) if k.startswith(PREFIX) else
+        return {k: max(c) if k.startswith(PREFIX) else min(c) if k.startswith(STUDENT) else
                 min(c, key=lambda f: get_format(f).bits_per_weight)
                 for k, c in self.space.choices.items()}
 
@@ -145,8 +169,8 @@ class TrialRunner:
 
     def prune_items(self) -> list[tuple[str, tuple[str, float]]]:
         """Every (tensor, (pattern, level)) a pruning space can ask for, lowest level first."""
-        sp = getattr(self.space, "sparsity", self.space)
-        if not getattr(self.space, "prunes", False):
+        sp = self._part("sparsity")
+        if sp is None:
             return []
         items = []
         for key, tensors in sp.groups.items():
@@ -179,7 +203,8 @@ class TrialRunner:
     def run(self, recipe: Recipe) -> TrialResult:
         """Score a recipe; a samplers' repeat of an earlier candidate costs nothing."""
         key = (tuple(sorted(self.arch.formats_for(recipe).items(), key=lambda kv: kv[0])),
-               tuple(sorted(self.arch.sparsity_for(recipe).items())))
+               tuple(sorted(self.arch.sparsity_for(recipe).items())),
+               json.dumps(recipe.structure, sort_keys=True))
         if key in self._seen:
             old = self._seen[key]
             return TrialResult(dict(old.metrics), dict(old.constraints), old.formats, {}, True)

@@ -5,6 +5,9 @@ Spaces are registered by name (`SPACES`); `--space formats,sparsity` joins sever
 
 from llmpareto.spaces.base import SPACES, Space, build_space
 from llmpareto.spaces.formats import FormatSpace
-from llmpareto.spaces.sparsity import JointSpace, SparsitySpace
+from llmpareto.spaces.joint import JointSpace
+from llmpareto.spaces.sparsity import SparsitySpace
+from llmpareto.spaces.students import StudentSpace
 
-__all__ = ["SPACES", "FormatSpace", "JointSpace", "Space", "SparsitySpace", "build_space"]
+__all__ = ["SPACES", "FormatSpace", "JointSpace", "Space", "SparsitySpace", "StudentSpace",
+           "build_space"]

@@ -38,7 +38,9 @@ SPACES: dict[str, Callable[..., Space]] = {}
 
 # the options each space takes from build_space's keyword arguments
 SPACE_OPTIONS: dict[str, tuple[str, ...]] = {}
-JOINT = {("formats", "sparsity"): "llmpareto.spaces.sparsity:JointSpace"}
+JOINT = {key: "llmpareto.spaces.joint:JointSpace" for key in (
+    ("formats", "sparsity"), ("formats", "students"), ("formats", "sparsity", "students"),
+    ("sparsity", "students"))}
 
 
 def register_space(name: str, options: tuple[str, ...] = ()):

@@ -1,6 +1,6 @@
 """Sparsity space (AMC-style): a pruning level per block projection, module or projection kind
-(`--granularity`), unstructured levels or, for an N:M pattern, dense or N:M per group; and the
-joint space `formats,sparsity` (prune, then quantize the pruned weights).
+(`--granularity`), unstructured levels or, for an N:M pattern, dense or N:M per group (the joint
+space `formats,sparsity`, prune then quantize, is in spaces/joint.py).
 
 Embeddings and the output head are never pruned. How the pruned weights are made (magnitude,
 Wanda, SparseGPT) is a run setting, not a per-module choice.
@@ -8,14 +8,14 @@ Wanda, SparseGPT) is a run setting, not a per-module choice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llmpareto.arch import Arch, Tensor2D
 from llmpareto.errors import UserError
 from llmpareto.recipe import Recipe, parse_pattern
 from llmpareto.spaces.base import CategoricalSpace, register_space
-from llmpareto.spaces.formats import GRANULARITIES, FormatSpace, _group_key
+from llmpareto.spaces.formats import GRANULARITIES, _group_key
 
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 PREFIX = "sparsity:"  # parameter names, apart from the format space's in a joint space
@@ -120,49 +120,6 @@ class SparsitySpace(CategoricalSpace):
         return {"space": self.name, "levels": self.levels, "pattern": self.pattern,
                 "method": self.method, "granularity": self.granularity,
                 "choices": self.choices}
-
-
-@dataclass
-class JointSpace(CategoricalSpace):
-    """formats x sparsity: each projection gets a format and a level; pruning comes first."""
-
-    formats: FormatSpace
-    sparsity: SparsitySpace
-    name: str = "formats,sparsity"
-    choices: dict[str, list] = field(init=False)
-    prunes = True  # class attribute, not a field
-
-    def __post_init__(self) -> None:
-        from llmpareto.formats import get_format
-
-        lossy = [f for f in self.formats.formats if not get_format(f).keeps_zeros]
-        if lossy and parse_pattern(self.sparsity.pattern) is not None:
-            raise UserError(
-                f"--sparsity-pattern {self.sparsity.pattern} with --formats {','.join(lossy)}: "
-                "these formats store d*q+min, so pruned zeros come back non-zero and the "
-                f"{self.sparsity.pattern} pattern is lost; leave them out of --formats (or omit "
-                "--formats: the default then drops them) or use --sparsity-pattern unstructured")
-        self.choices = {**self.formats.choices, **self.sparsity.choices}
-        self.groups = self.formats.groups  # what the variant cache prepares (dense formats)
-
-    def recipe_from_params(self, params: dict[str, Any]) -> Recipe:
-        modules = self.formats.recipe_from_params(params).modules
-        for fqn, choice in self.sparsity.module_choices(params).items():
-            modules[fqn] = {**(modules.get(fqn) or {}), **choice}
-        return Recipe(modules)
-
-    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
-        """Uniform formats, dense; then uniform sparsity in the first (widest) format."""
-        dense = dict.fromkeys(self.sparsity.choices, 0.0)
-        out = [(label, {**p, **dense}) for label, p in self.formats.baselines()]
-        label0, first = self.formats.baselines()[0]
-        out += [(f"{label} + {label0.removeprefix('uniform ')}", {**first, **p})
-                for label, p in self.sparsity.baselines()]
-        return out
-
-    def describe(self) -> dict[str, Any]:
-        return {"space": self.name, "formats": self.formats.describe(),
-                "sparsity": self.sparsity.describe()}
 
 
 register_space("sparsity", ("levels", "pattern", "granularity", "method"))(SparsitySpace)

@@ -87,7 +87,7 @@ def test_student_is_a_real_smaller_model_with_its_config_and_parameter_count(stu
 
 
 def test_heads_keep_grouped_query_groups_whole(student_setup):
-    model, arch, cache, _ = student_setup
+    _model, arch, cache, _ = student_setup
     slices = cache.slices({"heads": 1})
     per_q, hd = 2 * arch.head_dim, arch.head_dim  # 4 query heads over 2 KV heads
     for layer in range(2):
@@ -121,7 +121,7 @@ def test_student_cost_sees_fewer_blocks_narrower_mlp_and_smaller_kv(student_setu
 def test_students_quantize_and_prune_their_own_shapes(student_setup):
     from llmpareto.formats import get_format
 
-    model, arch, cache, _ = student_setup
+    model, _arch, cache, _ = student_setup
     recipe = Recipe({"_default": {"format": "q4_0"},
                      "re:.*mlp.*": {"format": "q8_0", "sparsity": 0.5}},
                     structure={"mlp_ratio": 0.5})
@@ -152,3 +152,65 @@ def test_bad_structures_are_named(student_setup, structure, match):
     _, arch, _, _ = student_setup
     with pytest.raises(UserError, match=match):
         arch.restructure(structure)
+
+
+@pytest.fixture(scope="module")
+def three_way(tiny_model_dir, tmp_path_factory):
+    import llmpareto
+
+    runs = tmp_path_factory.mktemp("runs")
+    front = llmpareto.search(model=str(tiny_model_dir), runs_dir=str(runs), study="s3", window=64,
+                             eval_tokens=128, calib_tokens=128, trials=14, progress=False,
+                             context=256, space="formats,sparsity,students",
+                             formats="q8_0,q4_0", sparsity_levels="0,0.5", granularity="block",
+                             student_blocks="2,1", student_mlp_ratios="1,0.5",
+                             student_heads="2,1")
+    return runs / "s3", front
+
+
+def test_three_way_joint_search_runs_end_to_end(three_way):
+    run, front = three_way
+    t = front.trials.set_index("trial")
+    labels = t["baseline"].fillna("").tolist()
+    assert labels[:2] == ["uniform q8_0", "uniform q4_0"]
+    assert "student blocks=1 + q8_0" in labels and "student heads=1 + q8_0" in labels
+    done = t[t["state"] == "COMPLETE"]
+    assert len(done) == 14 and done["perplexity"].notna().all()
+    one_block = labels.index("student blocks=1 + q8_0")
+    assert Recipe.load(run / "recipes" / f"{one_block}.json").structure["layers"] in ([0], [1])
+    assert t.loc[one_block, "memory_bytes"] < t.loc[0, "memory_bytes"]  # fewer blocks, less KV
+    heads = labels.index("student heads=1 + q8_0")
+    assert t.loc[heads, "kv_cache_bytes"] == t.loc[0, "kv_cache_bytes"] / 2
+
+
+def test_a_student_exports_to_gguf_and_hf_and_runs_in_llama_cpp(three_way, tmp_path):
+    import gguf
+
+    from llmpareto.evaluators.llamacpp import gguf_perplexity
+    from llmpareto.evaluators.quality import window_nll
+    from llmpareto.export.gguf import write_gguf
+    from llmpareto.export.hf import write_hf
+    from llmpareto.export.pick import Rebuilder
+
+    run, _ = three_way
+    rb = Rebuilder(run)
+    recipe = Recipe({"_default": {"format": "q8_0"}},
+                    structure={"layers": [1], "mlp_ratio": 0.5, "heads": 1})
+    built = rb.build(recipe)
+    windows = rb.eval_windows()
+    nll, n = window_nll(built.model, windows, 4)
+    path = write_gguf(tmp_path / "s.gguf", built.model, built.cache, built.formats, built.source,
+                      built.tokenizer)
+    fields = gguf.GGUFReader(path).fields
+    assert fields["llama.block_count"].contents() == 1
+    assert fields["llama.feed_forward_length"].contents() == 128
+    assert fields["llama.attention.head_count_kv"].contents() == 1
+    assert fields["llama.attention.head_count"].contents() == 2
+    ppl = float(np.exp(nll / n))
+    assert abs(gguf_perplexity(str(path), windows) - ppl) / ppl < 0.01
+    write_hf(tmp_path / "hf", built)
+    again, _ = load_model(resolve_model(str(tmp_path / "hf")))
+    assert again.config.intermediate_size == 128 and again.config.num_key_value_heads == 1
+    ids = torch.from_numpy(windows[:2])
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, built.model(ids).logits, rtol=0, atol=1e-5)

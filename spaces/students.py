@@ -1,0 +1,92 @@
+"""Student space (NAS-style): how many blocks a student keeps, its MLP width and its attention
+groups; and the joint spaces that add formats and sparsity to it.
+
+Which blocks are kept is not searched: a student of n blocks keeps the n of highest Block
+Influence on calibration text (set_block_influence, once per run); its narrower MLP and its
+attention groups are chosen by importance too (compress.restructure). Recipes carry the kept
+block list itself, so `pick` rebuilds the same student without recomputing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmpareto.arch import Arch
+from llmpareto.errors import UserError
+from llmpareto.recipe import Recipe
+from llmpareto.spaces.base import CategoricalSpace, register_space
+
+PREFIX = "student:"
+DEFAULT_BLOCK_FRACTIONS = (1.0, 0.9, 0.8, 0.7)
+DEFAULT_MLP_RATIOS = (1.0, 0.875, 0.75, 0.5)
+
+
+def _grid(values, name: str, lo: float, hi: float, kind=float) -> list:
+    out = sorted({kind(v) for v in values}, reverse=True)
+    bad = [v for v in out if not lo <= v <= hi]
+    if bad or not out:
+        raise UserError(f"--student-{name} {values!r}: every value must be in [{lo}, {hi}] for "
+                        "this model (a student is never larger than its teacher)")
+    return out
+
+
+@dataclass
+class StudentSpace(CategoricalSpace):
+    arch: Arch
+    blocks: list[int] | None = None  # numbers of blocks kept; None: 100/90/80/70% of them
+    mlp_ratios: list[float] | None = None  # MLP width kept; None: 1, 0.875, 0.75, 0.5
+    heads: list[int] | None = None  # KV groups kept per block; None: every count
+    name: str = "students"
+    influence: list[float] = field(default_factory=list)  # Block Influence, set per run
+    restructures = True  # class attribute: the run gathers block and channel importance
+
+    def __post_init__(self) -> None:
+        n, kv = self.arch.n_layers, self.arch.n_kv_heads
+        blocks = self.blocks or [max(1, round(f * n)) for f in DEFAULT_BLOCK_FRACTIONS]
+        self.blocks = _grid(blocks, "blocks", 1, n, int)
+        self.mlp_ratios = _grid(self.mlp_ratios or DEFAULT_MLP_RATIOS, "mlp-ratios", 1e-9, 1.0)
+        self.heads = _grid(self.heads or range(1, kv + 1), "heads", 1, kv, int)
+        grids = {"blocks": self.blocks, "mlp_ratio": self.mlp_ratios, "heads": self.heads}
+        self.choices: dict[str, list] = {PREFIX + k: v for k, v in grids.items()}
+
+    def set_block_influence(self, influence: list[float]) -> None:
+        self.influence = list(influence)
+
+    def structure_from_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        from llmpareto.compress.restructure import keep_blocks
+
+        n = int(params.get(PREFIX + "blocks", self.arch.n_layers))
+        out: dict[str, Any] = {}
+        if n < self.arch.n_layers:
+            if not self.influence:
+                raise UserError("a student with fewer blocks needs Block Influence: set "
+                                "--calib-tokens > 0")
+            out["layers"] = keep_blocks(self.influence, n)
+        ratio = float(params.get(PREFIX + "mlp_ratio", 1.0))
+        if ratio < 1:
+            out["mlp_ratio"] = ratio
+        heads = int(params.get(PREFIX + "heads", self.arch.n_kv_heads))
+        if heads < self.arch.n_kv_heads:
+            out["heads"] = heads
+        return out
+
+    def recipe_from_params(self, params: dict[str, Any]) -> Recipe:
+        return Recipe({}, structure=self.structure_from_params(params))
+
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
+        """Students that shrink one dimension at a time, the others as the teacher's."""
+        full = {k: c[0] for k, c in self.choices.items()}
+        out = []
+        for key, grid in self.choices.items():
+            for v in grid[1:]:
+                label = key.removeprefix(PREFIX)
+                out.append((f"student {label}={v}", {**full, key: v}))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"space": self.name, "blocks": self.blocks, "mlp_ratios": self.mlp_ratios,
+                "heads": self.heads, "choices": self.choices}
+
+
+register_space("students", ("blocks", "mlp_ratios", "heads"))(StudentSpace)
