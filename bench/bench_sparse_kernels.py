@@ -37,20 +37,8 @@ SHAPES = {
     "llama-3-8b": [(4096, 4096), (14336, 4096), (4096, 14336)],
 }
 BATCHES = (1, 4, 16, 64)
-FIELDS = (
-    "model",
-    "shape",
-    "batch",
-    "backend",
-    "mode",
-    "cold",
-    "copies",
-    "dense_us",
-    "sparse_us",
-    "ratio",
-    "rel_err",
-    "note",
-)
+FIELDS = ("model", "shape", "batch", "backend", "mode", "cold", "copies", "dense_us",
+          "sparse_us", "ratio", "rel_err", "note")
 
 
 def prune_24(w):
