@@ -59,6 +59,7 @@ class VariantCache:
         # (set_importance), which decide the MLP channels and attention groups kept
         self.importance: dict[str, torch.Tensor] = {}
         self._slices: dict[tuple, dict] = {}
+        self.override: dict[str, torch.Tensor] = {}  # set_override: distilled weights
         self.modules = {fqn: model.get_submodule(fqn) for fqn in self.shapes}
         cfg = model.config
         self.base_config = {k: getattr(cfg, k) for k in
@@ -126,10 +127,29 @@ class VariantCache:
                                            a.head_dim, self.importance) if s else {}
         return self._slices[key]
 
+    def set_override(self, weights: dict[str, torch.Tensor]) -> None:
+        """Use these float32 weights (a distilled student's: already cut to its shape and
+        pruned) instead of the base model's for their tensors; their variants are remade."""
+        self.override = dict(weights)
+        for level in (self.prepared, self.dense):
+            for key in [k for k in level if (k[1] if k[0] in ("codes", "pruned") else k[0])
+                        in self.override]:
+                value = level.pop(key)
+                if level is self.prepared:
+                    self._packed_used -= _size(value)
+                else:
+                    self._dense_used -= _size(value)
+        for fqn in self.override:
+            self.current[fqn] = self.current_sparsity[fqn] = self.current_slice[fqn] = None
+        self.current.update(dict.fromkeys(self.override, "?"))  # apply() sets them again
+
     def source(self, fqn: str, sl: tuple | None = None) -> torch.Tensor:
-        """The base weights of `fqn`, cut to a student's rows and columns when `sl` is set."""
+        """The base weights of `fqn`, cut to a student's rows and columns when `sl` is set
+        (a distilled student's weights, when set_override gave them)."""
         from llmpareto.compress.restructure import slice_weight
 
+        if fqn in self.override:
+            return self.override[fqn]
         return self.base[fqn] if sl is None else slice_weight(self.base[fqn], sl[1], sl[2])
 
     def _stats(self, fqn: str, sl: tuple | None):
@@ -148,6 +168,8 @@ class VariantCache:
         made once and kept while the bound allows; quantizing into several formats prunes once."""
         from llmpareto.compress.prune import prune
 
+        if fqn in self.override:  # distilled with its pruning mask held: already pruned
+            return self.override[fqn]
         key = ("pruned", *self._key(fqn, None, sparsity, sl))
         if key in self.prepared:
             self.prepared.move_to_end(key)
@@ -223,7 +245,7 @@ class VariantCache:
 
         if fmt is None and sparsity is not None:
             raise ValueError(f"{fqn}: a pruned variant needs a stored format")
-        if fmt is None and sl is None:
+        if fmt is None and sl is None and fqn not in self.override:
             return self.base[fqn]
         key = self._key(fqn, fmt, sparsity, sl)
         if key in self.dense:

@@ -252,7 +252,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: np.ndar
             qat_formats: dict[str, str] | None = None, checkpoint: Path | None = None,
             checkpoint_every: int = 50, progress: bool = False, seed: int = 0,
             cache_teacher: bool = True, teacher_cache_bytes: int = 2**30,
-            weight_decay: float = 0.0, max_grad_norm: float | None = 1.0) -> dict:
+            weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+            keep_zero: dict[str, torch.Tensor] | None = None) -> dict:
     """Train `student` in place (AdamW on its parameters that require grad) to match `teacher`
     on token `windows` (n_windows, window_len) for `steps` steps of `batch_size` windows.
 
@@ -262,6 +263,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: np.ndar
     every forward (STE); export them with the same formats (see quantized_state). Resumes
     from `checkpoint` when it exists and writes it every `checkpoint_every` steps and at the
     end. Teacher outputs are cached up to `teacher_cache_bytes` of host memory.
+    `keep_zero` {module name: bool mask of kept weights}: a pruned module stays pruned (its
+    weights are multiplied by the mask after every step).
     """
     _check(steps, windows, temperature, alpha, batch_size, checkpoint_every)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -276,6 +279,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: np.ndar
     device = next(student.parameters()).device
     cache = _TeacherCache(teacher.eval(), [j for _, j in pairs],
                           teacher_cache_bytes if cache_teacher else 0)
+    named = dict(student.named_parameters())
+    masks = {named[f"{m}.weight"]: mask for m, mask in (keep_zero or {}).items()}
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
         torch.manual_seed(seed)
         projections, params, opt, start, losses = _setup(student, teacher, len(pairs), cfg,
@@ -295,6 +300,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: np.ndar
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
+            with torch.no_grad():
+                for param, mask in masks.items():
+                    param.mul_(mask)
             losses.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")

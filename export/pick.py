@@ -139,6 +139,22 @@ def model_card(run_dir: Path, row: pd.Series, recipe: Recipe, formats: dict, wri
     return "\n".join(lines)
 
 
+def _distilled(run_dir: Path, trial: int, recipe: Recipe, built: Built) -> Built:
+    """The same candidate with the weights `llmpareto distill` recovered, in its formats."""
+    from safetensors.torch import load_file
+
+    from llmpareto.compress import apply
+    from llmpareto.distill_run import distill_dir
+
+    path = distill_dir(run_dir, trial) / "student.safetensors"
+    if not path.is_file():
+        raise UserError(f"trial {trial} has not been distilled: run `llmpareto distill "
+                        f"{run_dir} --trial {trial} --steps N` first, or drop --distilled")
+    built.cache.set_override(load_file(str(path)))
+    apply(built.model, recipe, built.cache)
+    return built
+
+
 def _sparsity_card(pruned: dict, formats: dict, hf_kind: str) -> list[str]:
     if not pruned:
         return []
@@ -160,8 +176,9 @@ def _sparsity_card(pruned: dict, formats: dict, hf_kind: str) -> list[str]:
 
 def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: str | None = None,
          where_expr: str | None = None, formats: str | list[str] = "gguf,hf",
-         force: bool = False) -> Path:
-    """Export one front point of `run_dir` into `out`; returns `out`."""
+         force: bool = False, distilled: bool = False) -> Path:
+    """Export one front point of `run_dir` into `out` (its distilled weights with
+    `distilled`, from `llmpareto distill`); returns `out`."""
     from llmpareto.export.gguf import write_gguf
     from llmpareto.export.hf import write_hf
 
@@ -173,9 +190,15 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
     front = Front.load(run_dir)
-    row = choose(front, trial, best, where_expr)
+    trials = front.trials if front.trials is not None else front.df
+    if distilled and trial is not None and trial in set(trials["trial"]):
+        row = trials[trials["trial"] == trial].iloc[0]  # recovered: it may beat the front now
+    else:
+        row = choose(front, trial, best, where_expr)
     recipe = front.recipe(int(row["trial"]))
     built = build(run_dir, recipe)
+    if distilled:
+        built = _distilled(run_dir, int(row["trial"]), recipe, built)
     if "gguf" in kinds:  # refuse before writing anything
         from llmpareto.export.gguf import _check_gguf_formats
 

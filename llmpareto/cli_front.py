@@ -82,8 +82,23 @@ def cmd_pick(args: argparse.Namespace) -> int:
     if args.trial is None and args.best is None:
         raise UserError("say which point: --trial N, or --best METRIC [--where EXPR]")
     out = pick(args.run, args.out, trial=args.trial, best=args.best, where_expr=args.where,
-               formats=args.format, force=args.force)
+               formats=args.format, force=args.force, distilled=args.distilled)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from llmpareto.distill_run import distill_trial
+
+    r = distill_trial(args.run, args.trial, args.steps, lr=args.lr, batch_size=args.batch_size,
+                      seq_len=args.seq_len, temperature=args.temperature, alpha=args.alpha,
+                      qat=args.qat, checkpoint_every=args.checkpoint_every,
+                      progress=args.progress)
+    print(f"trial {args.trial}: {r['distill_steps']} steps"
+          + (f" (resumed at {r['resumed_from']})" if r["resumed_from"] else "")
+          + f", loss {r['first_loss']:.4g} -> {r['last_loss']:.4g}, "
+          f"{r['seconds_per_step']:.3f} s/step; distilled_perplexity "
+          f"{r['distilled_perplexity']:.4g} (recorded in trials.csv and front.csv)")
     return 0
 
 
@@ -106,4 +121,22 @@ def add_front_commands(sub) -> None:
     pp.add_argument("--out", required=True, help="output directory")
     pp.add_argument("--format", default="gguf,hf", help="gguf, hf or gguf,hf")
     pp.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    pp.add_argument("--distilled", action="store_true",
+                    help="export the weights `llmpareto distill` recovered for this trial")
     pp.set_defaults(func=cmd_pick)
+    pd_ = sub.add_parser("distill", help="recover a searched candidate by distillation from the "
+                         "base model (checkpointed, resumable)")
+    pd_.add_argument("run", help="run directory, e.g. runs/<study>")
+    pd_.add_argument("--trial", type=int, required=True)
+    pd_.add_argument("--steps", type=int, required=True, help="optimizer steps (>= 1)")
+    pd_.add_argument("--lr", type=float, default=1e-4)
+    pd_.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    pd_.add_argument("--seq-len", type=int, help="tokens per window (default: the run's)")
+    pd_.add_argument("--temperature", type=float, default=2.0)
+    pd_.add_argument("--alpha", type=float, default=0.5,
+                     help="weight of the hard-label loss (1 - alpha: soft targets)")
+    pd_.add_argument("--qat", action="store_true",
+                     help="apply the recipe's formats in the forward pass (straight-through)")
+    pd_.add_argument("--checkpoint-every", type=int, default=50)
+    pd_.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    pd_.set_defaults(func=cmd_distill)

@@ -1,0 +1,84 @@
+"""`llmpareto distill RUN --trial N`: a searched student recovered from the base model, recorded
+next to its trial, resumed from its checkpoint, exported with `pick --distilled`."""
+
+import gguf
+import numpy as np
+import pandas as pd
+import pytest
+
+import llmpareto
+from llmpareto.cli import main
+from llmpareto.export.gguf import gguf_name
+from llmpareto.formats import get_format
+
+
+@pytest.fixture(scope="module")
+def student_run(tiny_model_dir, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    llmpareto.search(model=str(tiny_model_dir), runs_dir=str(runs), study="d", window=64,
+                     eval_tokens=128, calib_tokens=128, trials=4, progress=False, context=256,
+                     space="formats,students", formats="q8_0,q4_0", student_blocks="2",
+                     student_mlp_ratios="1,0.5", student_heads="2")
+    run = runs / "d"
+    t = pd.read_csv(run / "trials.csv")
+    trial = int(t.index[t["baseline"] == "student mlp_ratio=0.5 + q8_0"][0])
+    return run, trial
+
+
+def _cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err.strip().splitlines()[-1] if out.err.strip() else ""
+
+
+def test_distill_records_resumes_and_exports_the_recovered_student(student_run, capsys,
+                                                                   tmp_path):
+    run, trial = student_run
+    rc, out, _ = _cli(capsys, "distill", run, "--trial", trial, "--steps", 4,
+                      "--checkpoint-every", 2, "--lr", "1e-3", "--qat", "--no-progress")
+    assert rc == 0 and "distilled_perplexity" in out
+    t = pd.read_csv(run / "trials.csv").set_index("trial")
+    first = t.loc[trial, "distilled_perplexity"]
+    assert np.isfinite(first) and t.loc[trial, "distill_steps"] == 4
+    assert pd.isna(t.drop(index=trial)["distilled_perplexity"]).all()
+    # more steps continue from the checkpoint instead of starting over
+    rc, out, _ = _cli(capsys, "distill", run, "--trial", trial, "--steps", 6,
+                      "--checkpoint-every", 2, "--lr", "1e-3", "--qat", "--no-progress")
+    assert rc == 0 and "resumed at 4" in out
+    # the export holds the distilled weights in the recipe's formats, bit for bit
+    assert main(["pick", str(run), "--trial", str(trial), "--out", str(tmp_path / "x"),
+                 "--distilled", "--format", "gguf,hf"]) == 0
+    from safetensors.torch import load_file
+
+    distilled = load_file(str(run / "distill" / f"trial-{trial}" / "student.safetensors"))
+    fqn = "model.layers.0.mlp.down_proj"
+    w = distilled[fqn].numpy()
+    assert w.shape == (64, 128)  # the student's narrower MLP
+    f = get_format("q8_0")
+    expected = f.dequantize(f.quantize(w), w.shape)
+    tensors = {x.name: x for x in gguf.GGUFReader(tmp_path / "x" / "model.gguf").tensors}
+    t = tensors[gguf_name(fqn + ".weight", 2)]
+    got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    hf = load_file(str(tmp_path / "x" / "hf" / "model.safetensors"))[fqn + ".weight"].numpy()
+    assert np.array_equal(hf, expected)  # on the q8_0 grid: what QAT trained against
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--trial", "99", "--steps", "2"], "trial 99 does not exist"),
+    (["--trial", "0", "--steps", "0"], "at least 1 step"),
+    (["--trial", "0", "--steps", "2", "--seq-len", "1000"], "--seq-len 1000"),
+])
+def test_bad_distill_input_is_one_clear_error_and_changes_nothing(student_run, capsys, argv,
+                                                                  match):
+    run, _ = student_run
+    before = (run / "trials.csv").read_bytes()
+    rc, _, last = _cli(capsys, "distill", run, *argv)
+    assert rc == 2 and last.startswith("llmpareto: error:") and match in last
+    assert (run / "trials.csv").read_bytes() == before
+
+
+def test_pick_distilled_needs_a_distilled_trial(student_run, capsys, tmp_path):
+    run, _ = student_run
+    rc, _, last = _cli(capsys, "pick", run, "--trial", 0, "--out", tmp_path / "y", "--distilled")
+    assert rc == 2 and "has not been distilled" in last and not (tmp_path / "y").exists()
