@@ -88,12 +88,17 @@ def cmd_pick(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from llmpareto.distill_run import distill_trial
+    from llmpareto.distill_run import distill_front, distill_trial
 
-    r = distill_trial(args.run, args.trial, args.steps, lr=args.lr, batch_size=args.batch_size,
-                      seq_len=args.seq_len, temperature=args.temperature, alpha=args.alpha,
-                      qat=args.qat, checkpoint_every=args.checkpoint_every,
-                      progress=args.progress)
+    kw = {"lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len,
+          "temperature": args.temperature, "alpha": args.alpha, "qat": args.qat,
+          "checkpoint_every": args.checkpoint_every, "progress": args.progress}
+    if args.front:
+        table = distill_front(args.run, args.steps, args.rounds, **kw)
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print("recorded in trials.csv and front.csv (distilled_perplexity, distill_steps)")
+        return 0
+    r = distill_trial(args.run, args.trial, args.steps, **kw)
     print(f"trial {args.trial}: {r['distill_steps']} steps"
           + (f" (resumed at {r['resumed_from']})" if r["resumed_from"] else "")
           + f", loss {r['first_loss']:.4g} -> {r['last_loss']:.4g}, "
@@ -127,8 +132,15 @@ def add_front_commands(sub) -> None:
     pd_ = sub.add_parser("distill", help="recover a searched candidate by distillation from the "
                          "base model (checkpointed, resumable)")
     pd_.add_argument("run", help="run directory, e.g. runs/<study>")
-    pd_.add_argument("--trial", type=int, required=True)
-    pd_.add_argument("--steps", type=int, required=True, help="optimizer steps (>= 1)")
+    which = pd_.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int)
+    which.add_argument("--front", action="store_true",
+                       help="every front point, successive halving over --rounds")
+    pd_.add_argument("--steps", type=int, required=True,
+                     help="optimizer steps (>= 1); with --front, of the first round")
+    pd_.add_argument("--rounds", type=int, default=2,
+                     help="--front: rounds; each keeps the half that recovered most and "
+                          "doubles its steps")
     pd_.add_argument("--lr", type=float, default=1e-4)
     pd_.add_argument("--batch-size", type=int, default=4, help="windows per step")
     pd_.add_argument("--seq-len", type=int, help="tokens per window (default: the run's)")

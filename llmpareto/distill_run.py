@@ -135,3 +135,30 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
             "seconds_per_step": result["seconds_per_step"], "resumed_from": result["resumed_from"],
             "first_loss": result["losses"][0] if result["losses"] else float("nan"),
             "last_loss": result["losses"][-1] if result["losses"] else float("nan")}
+
+
+def distill_front(run_dir: str | Path, steps: int, rounds: int = 2, **kwargs) -> pd.DataFrame:
+    """Multi-fidelity over the front, successive-halving style: every front point is distilled
+    `steps` steps, the half that recovered most (relative perplexity gain) continues to twice
+    the steps (resuming its checkpoint), and so on for `rounds` rounds. Optuna's pruners and
+    Ray Tune's schedulers are single-objective, so the search itself runs at fidelity 0."""
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds}: at least 1")
+    rd = RunDir(Path(run_dir))
+    if not rd.front_csv.is_file():
+        raise UserError(f"{rd.path} has no front.csv: is it a finished llmpareto run?")
+    front = pd.read_csv(rd.front_csv)
+    alive = [int(t) for t in front["trial"]]
+    base = dict(zip(front["trial"].astype(int), front["perplexity"]))
+    rows = []
+    for r in range(rounds):
+        total = steps * 2 ** r
+        for t in alive:
+            res = distill_trial(rd.path, t, total, **kwargs)
+            rows.append({"round": r, "trial": t, "steps": total, "perplexity": base[t],
+                         "distilled_perplexity": res["distilled_perplexity"],
+                         "seconds": res["seconds"]})
+        gain = {row["trial"]: 1 - row["distilled_perplexity"] / row["perplexity"]
+                for row in rows if row["round"] == r}
+        alive = sorted(alive, key=lambda t: -gain[t])[:max(1, math.ceil(len(alive) / 2))]
+    return pd.DataFrame(rows)

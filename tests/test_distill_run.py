@@ -82,3 +82,15 @@ def test_pick_distilled_needs_a_distilled_trial(student_run, capsys, tmp_path):
     run, _ = student_run
     rc, _, last = _cli(capsys, "pick", run, "--trial", 0, "--out", tmp_path / "y", "--distilled")
     assert rc == 2 and "has not been distilled" in last and not (tmp_path / "y").exists()
+
+
+def test_distill_front_halves_the_candidates_each_round(student_run, capsys):
+    run, _ = student_run
+    front = pd.read_csv(run / "front.csv")
+    rc, out, _ = _cli(capsys, "distill", run, "--front", "--steps", 1, "--rounds", 2,
+                      "--no-progress", "--checkpoint-every", 1)
+    assert rc == 0
+    t = pd.read_csv(run / "front.csv").set_index("trial")
+    steps = t["distill_steps"].astype(int)
+    n = len(front)
+    assert (steps >= 1).all() and int((steps == 2).sum()) == max(1, -(-n // 2))
