@@ -28,3 +28,17 @@ def non_dominated(points: np.ndarray) -> np.ndarray:
         if dominated.any():
             mask[i] = False
     return mask
+
+
+def hypervolume_2d(points: np.ndarray, reference: tuple[float, float]) -> float:
+    """Area dominated by `points` (n x 2, both minimized) and bounded by `reference`; points
+    not better than the reference in both objectives add nothing."""
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    ref = np.asarray(reference, dtype=float)
+    pts = pts[~np.isnan(pts).any(axis=1) & np.all(pts < ref, axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    front = pts[non_dominated(pts)]
+    front = front[np.argsort(front[:, 0])]
+    xs = np.append(front[1:, 0], ref[0])
+    return float(np.sum((xs - front[:, 0]) * (ref[1] - front[:, 1])))
