@@ -125,6 +125,7 @@ def model_card(run_dir: Path, row: pd.Series, recipe: Recipe, formats: dict, wri
         f"- Run: `{run_dir}`, study `{s['study']}`, seed {s['seed']}",
         "", "## Recipe (tensors per format)", "",
         *[f"- {fmt}: {n}" for fmt, n in counts.items()],
+        *([f"- student of the source model: {recipe.structure}"] if recipe.structure else []),
         "", "Full recipe: `recipe.json`.", "", "## Predicted metrics (search time)", "",
         *[f"- {m}: {row[m]:.6g}" for m in metrics],
         "", "## Files", "",
