@@ -89,8 +89,24 @@ def test_distill_front_halves_the_candidates_each_round(student_run, capsys):
     front = pd.read_csv(run / "front.csv")
     rc, out, _ = _cli(capsys, "distill", run, "--front", "--steps", 1, "--rounds", 2,
                       "--no-progress", "--checkpoint-every", 1)
-    assert rc == 0
+    assert rc == 0 and "recorded in trials.csv" in out
     t = pd.read_csv(run / "front.csv").set_index("trial")
     steps = t["distill_steps"].astype(int)
     n = len(front)
     assert (steps >= 1).all() and int((steps == 2).sum()) == max(1, -(-n // 2))
+
+
+def test_distill_on_a_run_whose_model_is_gone_is_one_error(student_run, capsys, tmp_path):
+    import json
+    import shutil
+
+    run, trial = student_run
+    copy = tmp_path / "moved"
+    shutil.copytree(run, copy)
+    info = json.loads((copy / "run.json").read_text())
+    info["settings"]["model"] = str(tmp_path / "deleted-model")
+    (copy / "run.json").write_text(json.dumps(info))
+    before = (copy / "trials.csv").read_bytes()
+    rc, _, last = _cli(capsys, "distill", copy, "--trial", trial, "--steps", 1, "--no-progress")
+    assert rc == 2 and last.startswith("llmpareto: error:") and "deleted-model" in last
+    assert (copy / "trials.csv").read_bytes() == before
