@@ -110,3 +110,48 @@ def test_distill_on_a_run_whose_model_is_gone_is_one_error(student_run, capsys, 
     rc, _, last = _cli(capsys, "distill", copy, "--trial", trial, "--steps", 1, "--no-progress")
     assert rc == 2 and last.startswith("llmpareto: error:") and "deleted-model" in last
     assert (copy / "trials.csv").read_bytes() == before
+
+
+def test_a_killed_distillation_resumes_from_its_checkpoint(student_run, tmp_path):
+    """SIGKILL the `distill` process once a checkpoint exists; the same command continues from
+    it and ends with the weights of a run that was never interrupted."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    run, trial = student_run
+    runs = {}
+    for name in ("killed", "straight"):
+        runs[name] = tmp_path / name
+        shutil.copytree(run, runs[name], ignore=shutil.ignore_patterns("distill"))
+    argv = ["--trial", str(trial), "--steps", "120", "--checkpoint-every", "2", "--no-progress",
+            "--lr", "1e-3"]
+    cmd = [sys.executable, "-m", "llmpareto.cli", "distill"]
+    ckpt = runs["killed"] / "distill" / f"trial-{trial}" / "checkpoint.pt"
+    proc = subprocess.Popen(cmd + [str(runs["killed"])] + argv, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), proc.stderr.read()[-2000:]
+    at_kill = torch.load(ckpt, weights_only=True)["step"]
+    assert 2 <= at_kill < 120
+    again = subprocess.run(cmd + [str(runs["killed"])] + argv, capture_output=True, text=True,
+                           check=False)
+    assert again.returncode == 0 and f"resumed at {at_kill}" in again.stdout, again.stderr[-2000:]
+    straight = subprocess.run(cmd + [str(runs["straight"])] + argv, capture_output=True,
+                              text=True, check=False)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = (load_file(str(runs[n] / "distill" / f"trial-{trial}" / "student.safetensors"))
+            for n in ("killed", "straight"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
