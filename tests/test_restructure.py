@@ -214,3 +214,26 @@ def test_a_student_exports_to_gguf_and_hf_and_runs_in_llama_cpp(three_way, tmp_p
     ids = torch.from_numpy(windows[:2])
     with torch.no_grad():
         assert torch.allclose(again(ids).logits, built.model(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--student-blocks", "3,2"], "never larger than its teacher"),  # the teacher has 2
+    (["--student-blocks", "0"], "never larger than its teacher"),
+    (["--student-heads", "3"], r"\[1, 2\]"),  # 2 KV heads: 3 breaks the attention groups
+    (["--student-mlp-ratios", "1.5"], "never larger than its teacher"),
+    (["--student-blocks", "1.5"], "whole numbers"),
+    (["--calib-tokens", "0"], "--calib-tokens > 0"),
+])
+def test_bad_student_input_is_one_clear_error_and_stores_nothing(tiny_settings, tmp_path, capsys,
+                                                                 argv, match):
+    import re
+
+    from llmpareto.cli import main
+
+    base = ["search", "--model", tiny_settings["model"], "--runs-dir", str(tmp_path / "r"),
+            "--study", "bad", "--space", "formats,students", "--trials", "3", "--window", "64",
+            "--eval-tokens", "128", "--calib-tokens", "128", "--no-progress"]
+    assert main(base + argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("llmpareto: error:") and re.search(match, last), last
+    assert not (tmp_path / "r" / "bad" / "study.db").exists()
