@@ -139,9 +139,7 @@ class VariantCache:
                     self._packed_used -= _size(value)
                 else:
                     self._dense_used -= _size(value)
-        for fqn in self.override:
-            self.current[fqn] = self.current_sparsity[fqn] = self.current_slice[fqn] = None
-        self.current.update(dict.fromkeys(self.override, "?"))  # apply() sets them again
+        self.current.update(dict.fromkeys(self.override, "?"))  # so apply() sets them again
 
     def source(self, fqn: str, sl: tuple | None = None) -> torch.Tensor:
         """The base weights of `fqn`, cut to a student's rows and columns when `sl` is set

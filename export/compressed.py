@@ -76,17 +76,17 @@ def write_compressed(folder: Path, model, tokenizer, pruned: dict[str, tuple[str
     `ignore`. Returns the sparsity format written."""
     import compressed_tensors
     from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
-    from safetensors.torch import save_file
+
+    from llmpareto.export.hf import write_folder
 
     fmt = sparse_format({p for p, _ in pruned.values()})
-    folder.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied: the loader points it at the embedding
     pack = compress_24 if fmt == "sparse-24-bitmask" else compress_bitmask
-    for fqn in pruned:
-        state.update({f"{fqn}.{k}": v for k, v in pack(state.pop(f"{fqn}.weight")).items()})
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    def compress(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for fqn in pruned:
+            state.update({f"{fqn}.{k}": v for k, v in pack(state.pop(f"{fqn}.weight")).items()})
+        return state
+
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     zeros = sum(int((model.get_submodule(f).weight == 0).sum()) for f in pruned)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -94,16 +94,13 @@ def write_compressed(folder: Path, model, tokenizer, pruned: dict[str, tuple[str
     sparsity = cls(targets=["Linear"], ignore=[n for n in linears if n not in pruned],
                    global_sparsity=zeros / total,
                    sparsity_structure="2:4" if fmt == "sparse-24-bitmask" else "unstructured")
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)  # the GGUF loader's note: these weights are plain
-    cfg["architectures"] = [type(model).__name__]
-    cfg["dtype"] = cfg["torch_dtype"] = "float32"
-    cfg["quantization_config"] = {"quant_method": "compressed-tensors",
-                                  "version": compressed_tensors.__version__,
-                                  "sparsity_config": sparsity.model_dump(),
-                                  "transform_config": {}, **({"llmpareto": note} if note else {})}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    tokenizer.save_pretrained(folder)
+    write_folder(folder, model, tokenizer, compress, {
+        "architectures": [type(model).__name__], "torch_dtype": "float32",
+        "quantization_config": {"quant_method": "compressed-tensors",
+                                "version": compressed_tensors.__version__,
+                                "sparsity_config": sparsity.model_dump(),
+                                "transform_config": {},
+                                **({"llmpareto": note} if note else {})}})
     return fmt
 
 
