@@ -14,7 +14,7 @@ import numpy as np
 
 from llmpareto.errors import UserError
 
-QuantizeFn = Callable[[np.ndarray], np.ndarray]
+QuantizeFn = Callable[..., np.ndarray]  # (w, imatrix=None) -> packed
 DequantizeFn = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
 
 
@@ -23,7 +23,7 @@ class WeightFormat:
     name: str
     block_size: int  # weights per block, along a row; a row must be a multiple of it
     block_bytes: int  # stored bytes per block, scales and minimums included
-    quantize: QuantizeFn  # float32 (rows, cols) -> packed uint8/float16 array
+    quantize: QuantizeFn  # float32 (rows, cols)[, imatrix (cols,)] -> packed uint8/f16 array
     dequantize: DequantizeFn  # (packed, shape) -> float32 (rows, cols)
     fallback: str | None  # used where a row is not a multiple of block_size (as llama.cpp does)
     gguf_type: int | None = None  # GGMLQuantizationType value when GGUF can hold it
@@ -32,6 +32,9 @@ class WeightFormat:
     # False for asymmetric formats (d * q + min): a pruned zero comes back as a small non-zero
     # unless 0 happens to land on the block's grid, so an N:M pattern is not kept
     keeps_zeros: bool = True
+    # llama.cpp's quantizer for this type weighs its rounding error by an importance matrix
+    # (per-column mean squared activation) when given one; `quantize(w, imatrix)` passes it
+    takes_imatrix: bool = False
 
     @property
     def bits_per_weight(self) -> float:
@@ -78,38 +81,67 @@ def effective_format(name: str, cols: int) -> str:
     return name
 
 
-# --- GGUF block formats (the gguf package is the reference implementation) --------------
+# --- GGUF block formats -------------------------------------------------------------------
+# Without an importance matrix the simple types go through the gguf package's numpy reference
+# (bit-identical to ggml's `quantize_row_*_ref`); with one, and for the K- and i-quants always,
+# through llama.cpp's own `ggml_quantize_chunk` (llmpareto.ggml), as llama-quantize does.
 
 def _gguf_format(name: str, type_name: str, fallback: str | None, compute: str,
-                 payload_bits: int, keeps_zeros: bool) -> WeightFormat:
+                 payload_bits: int, keeps_zeros: bool, takes_imatrix: bool) -> WeightFormat:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
     qtype = GGMLQuantizationType[type_name]
     block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+    numpy_ref = type_name in ("F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "TQ2_0")
 
-    def quantize(w: np.ndarray) -> np.ndarray:
-        return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+    def quantize(w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if numpy_ref and (imatrix is None or not takes_imatrix):
+            return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+        from llmpareto import ggml
+
+        return ggml.quantize(w, int(qtype), imatrix if takes_imatrix else None)
 
     def dequantize(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        return quants.dequantize(packed, qtype).reshape(shape)
+        if numpy_ref:
+            return quants.dequantize(packed, qtype).reshape(shape)
+        from llmpareto import ggml
+
+        return ggml.dequantize(packed, name, shape)
 
     return WeightFormat(name, block_size, block_bytes, quantize, dequantize, fallback,
-                        int(qtype), compute, payload_bits, keeps_zeros)
+                        int(qtype), compute, payload_bits, keeps_zeros, takes_imatrix)
 
 
-for _name, _type, _fallback, _compute, _bits, _zeros in (
-    ("f16", "F16", None, "f16", 16, True),
-    ("q8_0", "Q8_0", "f16", "int8", 8, True),
-    ("q5_1", "Q5_1", "f16", "int8", 5, False),
-    ("q5_0", "Q5_0", "f16", "int8", 5, True),
-    ("q4_1", "Q4_1", "f16", "int8", 4, False),
-    ("q4_0", "Q4_0", "f16", "int8", 4, True),
-    # llama.cpp converts a tq2_0 tensor whose rows are not a multiple of 256 to q4_0.
-    ("tq2_0", "TQ2_0", "q4_0", "int8", 2, True),
+# (name, GGML type, llama.cpp's fallback for rows that are not a multiple of the block,
+#  kernel dtype, payload bits, keeps a pruned zero, takes an importance matrix)
+for _spec in (
+    ("f16", "F16", None, "f16", 16, True, False),
+    ("q8_0", "Q8_0", "f16", "int8", 8, True, False),
+    ("q6_K", "Q6_K", "q8_0", "int8", 6, True, True),
+    ("q5_K", "Q5_K", "q5_1", "int8", 5, False, True),
+    ("q5_1", "Q5_1", "f16", "int8", 5, False, True),
+    ("q5_0", "Q5_0", "f16", "int8", 5, True, True),
+    ("q4_K", "Q4_K", "q5_0", "int8", 4, False, True),
+    ("q4_1", "Q4_1", "f16", "int8", 4, False, True),
+    ("q4_0", "Q4_0", "f16", "int8", 4, True, True),
+    # non-uniform 16-level grid without a zero (kvalues_iq4nl)
+    ("iq4_nl", "IQ4_NL", "f16", "int8", 4, False, True),
+    ("iq4_xs", "IQ4_XS", "iq4_nl", "int8", 4, False, True),
+    ("q3_K", "Q3_K", "q4_0", "int8", 3, True, True),
+    ("q2_K", "Q2_K", "q4_0", "int8", 2, False, True),
+    # ggml refuses to make these without an importance matrix (ggml_quantize_requires_imatrix)
+    ("iq2_xs", "IQ2_XS", "iq4_nl", "int8", 2, False, True),
+    ("iq2_xxs", "IQ2_XXS", "iq4_nl", "int8", 2, False, True),
+    ("tq2_0", "TQ2_0", "q4_0", "int8", 2, True, False),
 ):
-    register(_gguf_format(_name, _type, _fallback, _compute, _bits, _zeros))
+    register(_gguf_format(*_spec))
 
+# The fallbacks are llama.cpp's `tensor_type_fallback` (src/llama-quant.cpp): a K- or i-quant
+# whose rows are not a multiple of 256 becomes q4_0 (q2_K, q3_K, tq2_0), q5_0 (q4_K), q5_1
+# (q5_K), q8_0 (q6_K) or iq4_nl (iq4_xs); a 32-block type that does not fit becomes f16.
 GGUF_FORMATS = tuple(FORMATS)
+# the 32-weight block types llama.cpp had before K-quants (and the ternary tq2_0)
+SIMPLE_FORMATS = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "tq2_0")
 
 
 # --- Round-to-nearest integer formats: per-group fp16 scale and fp16 minimum -------------

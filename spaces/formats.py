@@ -17,7 +17,9 @@ from llmpareto.recipe import Recipe
 from llmpareto.spaces.base import CategoricalSpace, register_space
 
 GRANULARITIES = ("module", "block", "type")
-DEFAULT_FORMATS = GGUF_FORMATS  # exportable to GGUF, so every front point can run in llama.cpp
+# exportable to GGUF, so every front point can run in llama.cpp; the 2-bit i-quants only when
+# named (they need an importance matrix and are far from lossless on small models)
+DEFAULT_FORMATS = tuple(f for f in GGUF_FORMATS if not f.startswith("iq2"))
 
 
 def parse_formats(formats: str | list[str] | None) -> list[str]:
