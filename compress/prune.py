@@ -92,6 +92,22 @@ def wanda(w: torch.Tensor, sparsity: float, pattern: str = "unstructured",
     return w.masked_fill(_mask(score, sparsity, pattern), 0)
 
 
+def hessian_inverse(xtx: torch.Tensor, damp: float = 0.01,
+                    perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor U of (H + damp x mean(diag H) x I)^-1 (H^-1 = U^T U), H = `xtx`
+    with its columns taken in the order `perm` (None: as they are), and the mask of dead
+    columns (no activation, in xtx's own order): their H diagonal is set to 1 so the factor
+    exists, and the caller zeroes their weights (SparseGPT's and GPTQ's reference code)."""
+    H = xtx.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    if perm is not None:
+        H = H[perm][:, perm]
+    H += damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return Hinv, dead
+
+
 def sparsegpt(w: torch.Tensor, sparsity: float, pattern: str = "unstructured",
               stats: InputStats | None = None, blocksize: int = 128,
               damp: float = 0.01) -> torch.Tensor:
@@ -105,12 +121,8 @@ def sparsegpt(w: torch.Tensor, sparsity: float, pattern: str = "unstructured",
     nm = parse_pattern(pattern)
     rows, cols = w.shape
     W = w.double().clone()
-    H = stats.xtx.clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    Hinv, dead = hessian_inverse(stats.xtx, damp)
     W[:, dead] = 0.0
-    H += damp * torch.diagonal(H).mean() * torch.eye(cols, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     counts = _pruned_counts(rows, cols, round(sparsity * rows * cols)) if nm is None else None
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
