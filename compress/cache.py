@@ -21,6 +21,7 @@ import torch
 
 from llmpareto.arch import Arch
 from llmpareto.compress.dequant import dequantize_torch
+from llmpareto.compress.quantizers import DiskVariants, Quantizer
 from llmpareto.formats import get_format
 
 DEFAULT_DENSE_BYTES = 4 * 10**9  # all 7 GGUF variants of a 135M model fit
@@ -78,6 +79,34 @@ class VariantCache:
         self.layer_types = list(getattr(model.config, "layer_types", None) or [])
         self.prepare_seconds = 0.0
         self.hits = self.misses = 0
+        # how packed variants are made (compress.quantizers), and where calibrated ones are
+        # kept between runs (None: not on disk)
+        self.quantizer = Quantizer()
+        self.disk: DiskVariants | None = None
+
+    def set_quantizer(self, quantizer: Quantizer, disk: DiskVariants | None = None) -> None:
+        """Quantize with `quantizer` from now on (packed variants made before are dropped)."""
+        self.quantizer, self.disk = quantizer, disk
+        for level in (self.prepared, self.dense):
+            for key in [k for k in level if (k[0] == "codes" if level is self.prepared
+                                             else k[1] is not None)]:
+                value = level.pop(key)
+                if level is self.prepared:
+                    self._packed_used -= _size(value)
+                else:
+                    self._dense_used -= _size(value)
+        self._made = {k for k in self._made if k[0] != "codes"}
+
+    def fingerprint(self) -> str:
+        """sha256 of the base weights of every searched tensor (names, shapes and bytes)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for fqn in sorted(self.base):
+            t = self.base[fqn].contiguous()
+            h.update(f"{fqn}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
 
     def weight(self, fqn: str) -> torch.nn.Parameter:
         return self.params[fqn]
@@ -188,10 +217,22 @@ class VariantCache:
         if key in self.prepared:
             self.prepared.move_to_end(key)
             return self.prepared[key]
-        src = self.source(fqn, sl) if sparsity is None else self.pruned(fqn, sparsity, sl)
-        t0 = time.perf_counter()
-        out = get_format(fmt).quantize(src.numpy())
-        self.prepare_seconds += time.perf_counter() - t0
+        disk_key = (key, self.pruning_method if sparsity else None)
+        on_disk = self.disk is not None and fqn not in self.override
+        out = self.disk.load(disk_key) if on_disk else None
+        if out is None:
+            src = self.source(fqn, sl) if sparsity is None else self.pruned(fqn, sparsity, sl)
+            t0 = time.perf_counter()
+            out = self.quantizer.quantize(fqn, fmt, src, None if sl is None else sl[2])
+            if sparsity is not None and self.quantizer.name == "gptq":
+                # GPTQ's compensation reaches pruned positions: put their zeros back
+                # (approximate; SparseGPT's joint pruning + quantization is not done here)
+                f = get_format(fmt)
+                w = torch.from_numpy(f.dequantize(out, tuple(src.shape))).masked_fill(src == 0, 0.0)
+                out = f.quantize(w.numpy())
+            self.prepare_seconds += time.perf_counter() - t0
+            if on_disk:
+                self.disk.save(disk_key, out)
         self._keep(key, out)
         return out
 

@@ -46,6 +46,7 @@ class Rebuilder:
         self.source = resolve_model(self.settings["model"], self.settings.get("allow_pickle", False))
         self.model, self.tokenizer = load_model(self.source)
         self.cache = VariantCache(self.model, Arch.from_model(self.model), dense_bytes=0)
+        self._set_quantizer()
         if "sparsity" in str(self.settings.get("space", "")):  # prune as the search did
             from llmpareto.compress.calibration import pruning_stats
 
@@ -67,6 +68,20 @@ class Rebuilder:
                 self.cache.input_stats))
         formats = apply(self.model, recipe, self.cache)
         return Built(self.model, self.tokenizer, self.cache, formats, self.source)
+
+    def _set_quantizer(self) -> None:
+        """Quantize as the search did (runs from before --quantizer were round-to-nearest)."""
+        from llmpareto.compress.quantizers import setup_quantizer
+
+        s = self.settings
+        if s.get("quantizer", "rtn") == "rtn":
+            return
+        w = self._windows()
+        setup_quantizer(self.cache, w.calib, w.sha256, quantizer=s["quantizer"],
+                        imatrix=s.get("imatrix", "on"), batch_size=s["batch_size"],
+                        window=s["window"], damp=s.get("gptq_damp", 0.01),
+                        act_order=s.get("gptq_act_order", True),
+                        disk_cache=s.get("disk_cache"))
 
     def _windows(self):
         from llmpareto.text import read_text, tokenize_windows

@@ -25,6 +25,14 @@ _HELP = {
     "sparsity_pattern": "--space ...sparsity: unstructured (levels) or N:M, e.g. 2:4",
     "sparsity_levels": "--space ...sparsity: comma-separated unstructured levels in [0, 1)",
     "granularity": "module | block | type (one format per projection kind)",
+    "quantizer": "rtn | imatrix | gptq: how each format is made (README \"Quantizers\")",
+    "imatrix": "on (from the calibration text) | off | FILE (a llama.cpp imatrix .dat/.gguf)",
+    "gptq_damp": "--quantizer gptq: damping as a fraction of the mean diagonal of x^T x",
+    "gptq_act_order": "--quantizer gptq: quantize columns by descending activation energy",
+    "presets": "llama.cpp presets enqueued as baselines (comma list of Q2_K, Q3_K_S, Q3_K_M, "
+               "Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, Q8_0; default all), or none",
+    "disk_cache": "folder for calibrated variants kept between runs (default "
+                  "$LLMPARETO_CACHE or ~/.cache/llmpareto), or off",
     "objectives": "comma-separated metrics to minimize: perplexity, kl (kl_nats), memory_bytes",
     "max_memory": "memory budget: bytes or 120MB, 0.5GB, 300MiB",
     "context": "context tokens: KV cache held in memory and read by each decoded token",
@@ -67,7 +75,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
                         "batch_size", "population", "prompt_tokens", "max_concurrent"):
             p.add_argument(flag, type=int, default=None if f.name == "population" else default,
                            help=_HELP.get(f.name))
-        elif f.name == "cpus_per_trial":
+        elif f.name in ("cpus_per_trial", "gptq_damp"):
             p.add_argument(flag, type=float, default=default, help=_HELP[f.name])
         else:
             p.add_argument(flag, default=None if f.name in ("objectives",) else default,

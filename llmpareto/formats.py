@@ -179,7 +179,7 @@ def _rtn_format(bits: int, group: int) -> WeightFormat:
     fallback = f"int{bits}_g{group // 2}" if group > 64 else "f16"
     return WeightFormat(
         f"int{bits}_g{group}", group, block_bytes,
-        lambda w: rtn_quantize(w, bits, group),
+        lambda w, imatrix=None: rtn_quantize(w, bits, group),
         lambda p, s: rtn_dequantize(p, s, group),
         fallback, None, "int8" if bits <= 8 else "f16", bits, keeps_zeros=False,
     )

@@ -16,7 +16,7 @@ from llmpareto.errors import UserError
 SETTINGS_VERSION = 1
 # Options that may differ between a run and its --resume (they do not change what is searched).
 RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "dequant_cache",
-             "variant_cache",
+             "variant_cache", "disk_cache",
              "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
              "create_only"}
 _STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -33,6 +33,12 @@ class SearchSettings:
     space: str = "formats"
     formats: list[str] | None = None  # None: the GGUF formats, so every point exports
     granularity: str = "type"  # type: one format per projection kind; block; module
+    quantizer: str = "imatrix"  # rtn | imatrix | gptq (compress.quantizers; README "Quantizers")
+    imatrix: str = "on"  # on: from the calibration windows; off; or a llama.cpp imatrix file
+    gptq_damp: float = 0.01  # --quantizer gptq: damping, a fraction of mean(diag(x^T x))
+    gptq_act_order: bool = True  # --quantizer gptq: columns by descending activation energy
+    disk_cache: str | None = None  # calibrated variants kept between runs; None: ~/.cache/..
+    presets: list[str] | None = None  # llama.cpp presets enqueued as baselines; None: all 8
     sparsity_method: str = "wanda"  # magnitude | wanda | sparsegpt (--space ...sparsity)
     sparsity_pattern: str = "unstructured"  # or N:M, e.g. 2:4: per group dense or N:M
     sparsity_levels: list[float] | None = None  # unstructured levels; None: 0, 0.1, ..., 0.7
@@ -106,6 +112,7 @@ class SearchSettings:
             raise UserError("--calib-tokens must be 0 or more")
         self._check_sparsity()
         self._check_students()
+        self._check_quantizer()
         if self.study is None:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1])
             self.study = f"{stem.strip('-.') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -147,6 +154,53 @@ class SearchSettings:
             raise UserError(f"--sparsity-method {self.sparsity_method} prunes from calibration "
                             "activations: set --calib-tokens > 0, or use --sparsity-method "
                             "magnitude")
+
+    def _check_quantizer(self) -> None:
+        from pathlib import Path
+
+        from llmpareto.compress.quantizers import QUANTIZERS, check_quantizer
+
+        if self.quantizer not in QUANTIZERS:
+            raise UserError(f"--quantizer {self.quantizer!r}; choose one of "
+                            f"{', '.join(QUANTIZERS)}")
+        spaces = [n.strip() for n in str(self.space).split(",")]
+        if "formats" in spaces and self.formats is None and self.quantizer == "gptq":
+            from llmpareto.spaces.formats import DEFAULT_FORMATS
+
+            # the default formats GPTQ can round onto (none of the K- and i-quants)
+            q = QUANTIZERS["gptq"]()
+            self.formats = [f for f in DEFAULT_FORMATS if q.targets(f)]
+        check_quantizer(self.quantizer, self.formats if "formats" in spaces else None)
+        if self.imatrix not in ("on", "off") and not Path(self.imatrix).is_file():
+            raise UserError(f"--imatrix {self.imatrix!r}: no such file; give on, off, or a "
+                            "llama.cpp imatrix file (.dat or .gguf from llama-imatrix)")
+        uses = self.quantizer == "imatrix" and self.imatrix != "off"
+        if self.quantizer == "imatrix" and self.imatrix == "off":
+            raise UserError("--quantizer imatrix --imatrix off: the imatrix quantizer needs an "
+                            "importance matrix; use --imatrix on (or FILE), or --quantizer rtn")
+        if self.imatrix == "on" and uses and self.calib_tokens == 0:
+            raise UserError("--imatrix on computes the importance matrix on calibration text: "
+                            "set --calib-tokens > 0, or pass --imatrix FILE")
+        from llmpareto.spaces.presets import PRESETS
+
+        if isinstance(self.presets, str):
+            self.presets = [] if self.presets.strip().lower() in ("none", "") else \
+                [p.strip() for p in self.presets.split(",") if p.strip()]
+        unknown = [p for p in self.presets or [] if p not in PRESETS]
+        if unknown:
+            raise UserError(f"--presets {','.join(unknown)}: unknown llama.cpp preset; choose "
+                            f"from {','.join(PRESETS)}, or none")
+        if not 0 <= float(self.gptq_damp) < 1:
+            raise UserError(f"--gptq-damp {self.gptq_damp!r} must be in [0, 1), e.g. 0.01")
+        from llmpareto import ggml
+        from llmpareto.formats import get_format
+
+        needy = [f for f in self.formats or [] if get_format(f).gguf_type is not None
+                 and get_format(f).takes_imatrix and ggml.requires_imatrix(get_format(f).gguf_type)]
+        if needy and not uses:
+            raise UserError(f"{', '.join(needy)} cannot be made without an importance matrix "
+                            f"(llama.cpp refuses to); use --quantizer imatrix with --imatrix on "
+                            f"or FILE, or drop {', '.join(needy)} from --formats")
 
     def _check_students(self) -> None:
         for name, kind in (("student_blocks", int), ("student_mlp_ratios", float),

@@ -69,6 +69,7 @@ def run_local(settings: SearchSettings) -> Front:
     load_s = time.perf_counter() - t_load
     study, info, recovered = open_run(settings, runner, rd)
     info["load_s"] = load_s
+    runner.write_imatrix(rd.path / "imatrix.gguf")
     rd.write_json(rd.run_json, {**info, "status": "running"})
 
     def n_done() -> int:
@@ -97,7 +98,7 @@ def run_local(settings: SearchSettings) -> Front:
                          bytes_end=c.nbytes, bytes_bound=c.packed_bytes, remade=c.remade,
                          peak_rss_end_bytes=peak_rss_bytes())
     info.update(status=status, search_energy=energy, recovered_trials=recovered,
-                completed_trials=n_done())
+                completed_trials=n_done(), quantizer=runner.quantizer_info())
     rd.write_json(rd.run_json, info)
     front = write_outputs(study, rd, settings.objectives)
     if status == "interrupted":

@@ -140,7 +140,7 @@ def run_rdb(settings: SearchSettings) -> Front:
             raise UserError(f"{where} was just created by another process; pass --resume "
                             "or start a `llmpareto worker`") from None
         if settings.baselines:
-            enqueue_baselines(study, runner.space)
+            enqueue_baselines(study, runner.space, runner.preset_baselines())
     else:
         study = _load(storage, name, sampler)
         fail_stale(study)  # not every RUNNING trial: other workers may be alive

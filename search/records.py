@@ -15,6 +15,9 @@ from llmpareto.front import Front
 from llmpareto.rundir import RunDir
 
 BASELINE_ATTR = "baseline"  # user attr holding the label of an enqueued uniform recipe
+# user attr of a baseline the space's parameters cannot express (a llama.cpp preset mixes types
+# within a group): its whole recipe, which every backend evaluates instead of the params
+RECIPE_ATTR = "recipe"
 
 
 def trials_frame(study: optuna.Study, rd: RunDir) -> pd.DataFrame:

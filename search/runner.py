@@ -8,6 +8,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmpareto.arch import Arch
 from llmpareto.budget import Budget, Workload
@@ -61,6 +62,7 @@ class TrialRunner:
                                  heads=settings.student_heads)
         self.cache = VariantCache(self.model, self.arch, settings.dequant_cache,
                                   settings.variant_cache)
+        self._set_quantizer()
         if getattr(self.space, "prunes", False):
             self._set_pruning()
         if getattr(self.space, "restructures", False):
@@ -106,6 +108,72 @@ class TrialRunner:
 
         sp.set_outliers({k: outlier_ratio([score(t.fqn) for t in ts])
                          for k, ts in sp.groups.items()})
+
+    def _set_quantizer(self) -> None:
+        """The run's quantizer (--quantizer) with its calibration (compress.quantizers)."""
+        from llmpareto.compress.quantizers import setup_quantizer
+
+        s = self.settings
+        self.calibrate_s = setup_quantizer(
+            self.cache, self.windows.calib, self.windows.sha256, quantizer=s.quantizer,
+            imatrix=s.imatrix, batch_size=s.batch_size, window=s.window, damp=s.gptq_damp,
+            act_order=s.gptq_act_order, disk_cache=s.disk_cache)
+
+    def preset_baselines(self) -> list[tuple[str, dict, Recipe]]:
+        """llama.cpp's presets (Q2_K ... Q8_0) as (label, closest params, whole recipe): the
+        per-tensor types llama-quantize assigns this model, read back from llama.cpp itself
+        (with the run's importance matrix under --quantizer imatrix); [] when the space has no
+        formats or the model has no GGUF form."""
+        from llmpareto.compress.quantizers import cache_root
+        from llmpareto.spaces.presets import PRESETS, preset_label, presets_cached
+
+        fspace = self._part("formats")
+        wanted = PRESETS if self.settings.presets is None else tuple(self.settings.presets)
+        if fspace is None or not wanted or \
+                getattr(self.model.config, "model_type", "") != "llama":
+            return []
+        q = self.cache.quantizer
+        imatrix = q.imatrix if q.name == "imatrix" else None
+        root = Path(self.settings.disk_cache) if self.settings.disk_cache not in (None, "off") \
+            else cache_root()
+        recipes = presets_cached(self.model, self.cache, self.source, self.tokenizer,
+                                 self.cache.fingerprint(), root / "presets.json", wanted,
+                                 imatrix)
+        rest = {k: v for k, v in self.space.baselines()[0][1].items() if k not in fspace.choices}
+        same: dict[str, list[str]] = {}  # presets llama.cpp makes alike on this model: one trial
+        for name, formats in recipes.items():
+            key = json.dumps({k: v for k, v in formats.items() if v is not None}, sort_keys=True)
+            same.setdefault(key, []).append(name)
+        out = []
+        for key, names in same.items():
+            formats = json.loads(key)
+            recipe = Recipe({fqn: {"format": f} for fqn, f in formats.items()})
+            label = preset_label(" = ".join(names)) + (" imatrix" if imatrix else "")
+            out.append((label, {**fspace.closest_params(formats), **rest}, recipe))
+        return out
+
+    def quantizer_info(self) -> dict:
+        """run.json's record of how variants were made."""
+        c = self.cache
+        out = {**c.quantizer.settings(), "calibrate_s": round(self.calibrate_s, 3)}
+        if c.quantizer.name == "imatrix":
+            out["imatrix_source"] = c.quantizer.source
+        if c.disk is not None:
+            out.update(disk_folder=str(c.disk.folder), disk_loaded=c.disk.loaded,
+                       disk_saved=c.disk.saved)
+        return out
+
+    def write_imatrix(self, path: Path) -> Path | None:
+        """The importance matrix this run computed, as a llama.cpp imatrix file (GGUF), so
+        `llama-quantize --imatrix` can use the same one."""
+        from llmpareto.compress.imatrix import to_gguf_names, write_imatrix
+
+        q = self.cache.quantizer
+        if q.name != "imatrix" or q.source != "on" or not q.imatrix:
+            return None
+        return write_imatrix(path, to_gguf_names(q.imatrix, self.arch.n_layers),
+                             int(self.windows.calib.size), chunk_size=self.settings.window,
+                             datasets=[f"llmpareto calibration, text {self.windows.sha256[:16]}"])
 
     def _part(self, name: str):
         """The space itself, or its part of that name in a joint space (None if absent)."""

@@ -16,8 +16,9 @@ from optuna.trial import FrozenTrial, TrialState
 from llmpareto.errors import UserError
 from llmpareto.front import Front
 from llmpareto.rundir import RunDir
-from llmpareto.search.records import BASELINE_ATTR, trials_frame, write_outputs
+from llmpareto.search.records import BASELINE_ATTR, RECIPE_ATTR, trials_frame, write_outputs
 from llmpareto.settings import SearchSettings
+from llmpareto.spaces.base import recipe_of
 
 # User attrs naming who ran a trial (distributed backends); they become trials.csv columns.
 NODE_COLUMNS = ("node", "node_ip")
@@ -62,7 +63,8 @@ def requeue_if_fixed(study: optuna.Study, trial: FrozenTrial) -> None:
     fixed = trial.system_attrs.get("fixed_params")
     if fixed:
         study.enqueue_trial(fixed, user_attrs={k: v for k, v in trial.user_attrs.items()
-                                               if k == BASELINE_ATTR}, skip_if_exists=False)
+                                               if k in (BASELINE_ATTR, RECIPE_ATTR)},
+                            skip_if_exists=False)
 
 
 def recover_interrupted(study: optuna.Study) -> int:
@@ -81,9 +83,14 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def enqueue_baselines(study: optuna.Study, space) -> None:
+def enqueue_baselines(study: optuna.Study, space, recipes: list | None = None) -> None:
+    """The space's uniform baselines, then `recipes`: (label, closest params, Recipe) of
+    baselines outside the space (llama.cpp's presets), evaluated by their whole recipe."""
     for label, params in space.baselines():
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
+    for label, params, recipe in recipes or []:
+        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label,
+                                                RECIPE_ATTR: recipe.to_dict()})
 
 
 def check_same_settings(old_dict: dict, settings: SearchSettings, where: str) -> None:
@@ -124,7 +131,7 @@ def open_run(settings: SearchSettings, runner, rd: RunDir):
     study = open_study(rd, settings, sampler)
     recovered = recover_interrupted(study) if settings.resume else 0
     if not settings.resume and settings.baselines:
-        enqueue_baselines(study, runner.space)
+        enqueue_baselines(study, runner.space, runner.preset_baselines())
     return study, run_info(settings, runner, population), recovered
 
 
@@ -152,7 +159,7 @@ def write_distributed_outputs(study: optuna.Study, rd: RunDir, objectives: list[
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     for t in complete:
         if not rd.recipe_path(t.number).exists():
-            space.recipe_from_params(t.params).save(rd.recipe_path(t.number))
+            recipe_of(space, t.params, t.user_attrs).save(rd.recipe_path(t.number))
     if complete:  # front.png as a local run draws it (nothing to draw before any trial)
         write_outputs(study, rd, objectives)
     trials = trials_frame(study, rd)

@@ -29,8 +29,15 @@ class CategoricalSpace:
     prunes = False  # True: recipes may prune, so the run gathers calibration statistics
 
     def suggest(self, trial: Any) -> Recipe:
-        return self.recipe_from_params({k: trial.suggest_categorical(k, c)
-                                        for k, c in self.choices.items()})
+        params = {k: trial.suggest_categorical(k, c) for k, c in self.choices.items()}
+        return recipe_of(self, params, trial.user_attrs)
+
+
+def recipe_of(space: Space, params: dict[str, Any], user_attrs: dict[str, Any]) -> Recipe:
+    """A trial's recipe: its params through the space, or the whole recipe a baseline carries
+    (search.records.RECIPE_ATTR) when the params cannot express it."""
+    fixed = user_attrs.get("recipe")
+    return Recipe.from_dict(fixed) if fixed else space.recipe_from_params(params)
 
 
 SPACES: dict[str, Callable[..., Space]] = {}

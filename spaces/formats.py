@@ -88,6 +88,20 @@ class FormatSpace(CategoricalSpace):
             for fmt in self.formats
         ]
 
+    def closest_params(self, formats: dict[str, str]) -> dict[str, str]:
+        """The space's nearest point to a per-tensor assignment (e.g. a llama.cpp preset, which
+        can mix types within a group): each group's most common format among its choices, by
+        weight count, or failing that the first choice."""
+        out = {}
+        for key, tensors in self.groups.items():
+            weight: dict[str, int] = {}
+            for t in tensors:
+                f = formats.get(t.fqn)
+                if f in self.choices[key]:
+                    weight[f] = weight.get(f, 0) + t.rows * t.cols
+            out[key] = max(weight, key=weight.get) if weight else self.choices[key][0]
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {"space": self.name, "formats": self.formats, "granularity": self.granularity,
                 "choices": self.choices}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from llmpareto.tiny import build_tiny_model
+
+# calibrated variants and preset recipes go to a throw-away cache, never the user's
+os.environ.setdefault("LLMPARETO_CACHE", tempfile.mkdtemp(prefix="llmpareto-test-cache-"))
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +29,10 @@ def tiny_settings(tiny_model_dir, tmp_path) -> dict:
     """Keyword arguments for a fast search on the tiny model."""
     return {"model": str(tiny_model_dir), "runs_dir": str(tmp_path / "runs"), "study": "t",
             "window": 64, "eval_tokens": 256, "calib_tokens": 128, "trials": 10,
-            "progress": False, "context": 512}
+            "progress": False, "context": 512,
+            # the pre-K-quant formats, no llama.cpp presets: tests count these baselines (the
+            # K-quants and presets have their own tests; every K-quant falls back at width 64)
+            "formats": "f16,q8_0,q5_1,q5_0,q4_1,q4_0,tq2_0", "presets": "none"}
 
 
 class StudyWatch:

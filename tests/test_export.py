@@ -20,7 +20,7 @@ def run(tiny_model_dir, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     front = llmpareto.search(model=str(tiny_model_dir), runs_dir=str(runs), study="e", window=64,
                              eval_tokens=256, calib_tokens=0, trials=12, progress=False,
-                             context=512, granularity="module", seed=1)
+                             context=512, granularity="module", seed=1, quantizer="rtn")
     return runs / "e", front
 
 
@@ -93,7 +93,8 @@ def _same_weights_and_logits(reloaded, model, ids) -> None:
 def test_formats_gguf_cannot_hold_export_to_hf_only(tiny_model_dir, tmp_path):
     front = llmpareto.search(model=str(tiny_model_dir), runs_dir=str(tmp_path), study="i",
                              window=64, eval_tokens=128, calib_tokens=0, trials=2,
-                             progress=False, context=256, formats="int4_g64,int8_g64")
+                             progress=False, context=256, formats="int4_g64,int8_g64",
+                             quantizer="rtn")
     trial = int(front.df["trial"].iloc[0])
     with pytest.raises(UserError, match="GGUF cannot hold.*--format hf"):
         pick(tmp_path / "i", tmp_path / "o", trial=trial, formats="gguf")
@@ -172,7 +173,8 @@ def test_student_with_fewer_blocks_exports_and_runs_in_llama_cpp(tiny_model_dir,
 
     rb_dir = tmp_path / "run"
     llmpareto.search(model=str(tiny_model_dir), runs_dir=str(tmp_path), study="run", window=64,
-                     eval_tokens=128, calib_tokens=0, trials=1, progress=False, context=256)
+                     eval_tokens=128, calib_tokens=0, trials=1, progress=False, context=256,
+                     quantizer="rtn")
     rb = Rebuilder(rb_dir)
     full = rb.cache.arch
     student = Recipe({"_default": {"format": "q8_0"}}, structure={"layers": [1]})

@@ -33,12 +33,13 @@ def test_sparsity_search_runs_with_uniform_baselines_and_dense_cost(tiny_setting
 def test_joint_formats_sparsity_search_prunes_then_quantizes(tiny_settings, tmp_path):
     front = llmpareto.search(**{**tiny_settings, "space": "formats,sparsity", "trials": 11,
                                 "sparsity_method": "sparsegpt", "sparsity_pattern": "2:4",
-                                "granularity": "block"})
+                                "granularity": "block", "formats": None})
     labels = front.trials["baseline"].fillna("").tolist()
     # 2:4 must survive quantization: the default formats lose the asymmetric q5_1 and q4_1
-    assert labels[:5] == [f"uniform {f}" for f in ("f16", "q8_0", "q5_0", "q4_0", "tq2_0")]
-    assert labels[5] == "uniform 2:4 sparsegpt + f16"
-    r = Recipe.load(tmp_path / "runs" / "t" / "recipes" / "5.json")
+    zeros = ("f16", "q8_0", "q6_K", "q5_0", "q4_0", "q3_K", "tq2_0")
+    assert labels[:7] == [f"uniform {f}" for f in zeros]
+    assert labels[7] == "uniform 2:4 sparsegpt + f16"
+    r = Recipe.load(tmp_path / "runs" / "t" / "recipes" / "7.json")
     assert r.resolve("model.layers.1.mlp.down_proj") == {"format": "f16", "pattern": "2:4"}
     done = front.trials[front.trials["state"] == "COMPLETE"]
     assert len(done) == 11 and done["perplexity"].notna().all() and len(front) >= 1
