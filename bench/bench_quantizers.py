@@ -66,7 +66,9 @@ def uniform_table(evals: int, calib: int) -> pd.DataFrame:
     from llmpareto.recipe import Recipe
 
     rows = []
+    root = os.environ["LLMPARETO_CACHE"]
     for q in ("rtn", "imatrix", "gptq"):
+        os.environ["LLMPARETO_CACHE"] = f"{root}/uniform-{q}"  # nothing from (a) on disk
         for second in (False, True):  # the second run reads its variants from disk
             runner = _runner(q, evals, calib, presets="none")
             for fmt in ("q4_0", "q3_K", "int3_g64"):
@@ -84,6 +86,7 @@ def uniform_table(evals: int, calib: int) -> pd.DataFrame:
                 else:
                     rows.append(row)
             del runner
+    os.environ["LLMPARETO_CACHE"] = root
     return pd.DataFrame(rows)
 
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from llmpareto.cli import main
@@ -126,3 +127,35 @@ def test_unknown_device_and_impossible_latency(capsys, tmp_path, tiny_model_dir)
 def test_profile_host_llamacpp_flags(capsys, argv, match):
     assert main(["profile-host", "--quick", *argv]) == 2
     assert match in capsys.readouterr().err
+
+
+def _foreign_imatrix(tmp_path):
+    """An imatrix file as llama-imatrix writes it, for a model 2048 wide."""
+    from llmpareto.compress.imatrix import write_imatrix
+
+    path = tmp_path / "other.gguf"
+    write_imatrix(path, {"blk.0.attn_q.weight": np.ones(2048, np.float32)}, tokens=512)
+    return path
+
+
+@pytest.mark.parametrize("extra, match", [
+    # GPTQ's x^T x needs full rank: the tiny model's widest input is 256 (down_proj)
+    (["--quantizer", "gptq", "--calib-tokens", "128"],
+     "--quantizer gptq needs at least 256 calibration tokens"),
+    # llama.cpp refuses to make iq2_xxs without an importance matrix
+    (["--formats", "q4_0,iq2_xxs", "--quantizer", "rtn"], "iq2_xxs cannot be made without"),
+    (["--imatrix", "off"], "--quantizer imatrix --imatrix off"),
+    (["--quantizer", "gptq", "--formats", "q8_0,q4_K"], "--quantizer gptq cannot target q4_K"),
+    (["--quantizer", "awq"], "--quantizer 'awq'; choose one of rtn, imatrix, gptq"),
+    (["--imatrix", "/no/such/imatrix.dat"], "no such file"),
+    (["--presets", "Q4_K_X"], "unknown llama.cpp preset"),
+    ("foreign", "made for another model"),
+])
+def test_bad_quantizer_input_is_one_line_and_stores_nothing(capsys, tmp_path, tiny_model_dir,
+                                                            extra, match):
+    if extra == "foreign":
+        extra = ["--imatrix", str(_foreign_imatrix(tmp_path))]
+    code, err = run_cli(capsys, *tiny_args(tiny_model_dir, tmp_path, "--study", "q", *extra))
+    assert code == 2 and match in err, err
+    assert err.count("llmpareto: error:") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs" / "q" / "study.db").exists()
