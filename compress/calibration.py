@@ -15,12 +15,8 @@ def collect_input_stats(model: torch.nn.Module, windows: np.ndarray, fqns: list[
     """Forward the calibration windows through the (base) model and accumulate, for each linear
     in `fqns`, its inputs' x^T x (or only its diagonal: cols floats, enough for Wanda).
     Memory: sum of cols^2 float64 over `fqns` (full) or sum of cols (diagonal)."""
-    stats, hooks = {}, []
-    for fqn in fqns:
-        mod = model.get_submodule(fqn)
-        stats[fqn] = InputStats.empty(mod.in_features, diag_only)
-        hooks.append(mod.register_forward_hook(
-            lambda m, args, out, s=stats[fqn]: s.add(args[0])))
+    stats: dict[str, InputStats] = {}
+    hooks = _hook(model, fqns, diag_only, stats)
     try:
         for i in range(0, len(windows), batch_size):
             model(input_ids=torch.from_numpy(windows[i:i + batch_size]), use_cache=False)
@@ -28,6 +24,18 @@ def collect_input_stats(model: torch.nn.Module, windows: np.ndarray, fqns: list[
         for h in hooks:
             h.remove()
     return stats
+
+
+def _hook(model: torch.nn.Module, fqns: list[str], diag_only: bool,
+          stats: dict[str, InputStats]) -> list:
+    """Forward hooks that add each linear's inputs to a new InputStats in `stats`."""
+    hooks = []
+    for fqn in fqns:
+        mod = model.get_submodule(fqn)
+        stats[fqn] = InputStats.empty(mod.in_features, diag_only)
+        hooks.append(mod.register_forward_hook(
+            lambda m, args, out, s=stats[fqn]: s.add(args[0])))
+    return hooks
 
 
 def pruning_stats(model: torch.nn.Module, fqns: list[str], method: str, windows: np.ndarray,
@@ -122,13 +130,8 @@ def blockwise_stats(model: torch.nn.Module, windows: np.ndarray, batch_size: int
         h.remove()
     stats: dict[str, InputStats] = {}
     for layer in layers:
-        mine = [n for n in fqns if _owner(model, n, layer) is not None]
-        hooks = []
-        for fqn in mine:
-            mod = model.get_submodule(fqn)
-            stats[fqn] = InputStats.empty(mod.in_features, diag_only)
-            hooks.append(mod.register_forward_hook(
-                lambda m, args, out, s=stats[fqn]: s.add(args[0])))
+        hooks = _hook(model, [n for n in fqns if _owner(model, n, layer) is not None],
+                      diag_only, stats)
         try:
             for j, (args, kwargs) in enumerate(caught):
                 out = layer(*args, **kwargs)
