@@ -218,7 +218,8 @@ class VariantCache:
             self.prepared.move_to_end(key)
             return self.prepared[key]
         disk_key = (key, self.pruning_method if sparsity else None)
-        on_disk = self.disk is not None and fqn not in self.override
+        on_disk = (self.disk is not None and fqn not in self.override
+                   and self.quantizer.calibrates(fmt))
         out = self.disk.load(disk_key) if on_disk else None
         if out is None:
             src = self.source(fqn, sl) if sparsity is None else self.pruned(fqn, sparsity, sl)

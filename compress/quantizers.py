@@ -39,6 +39,10 @@ class Quantizer:
     def targets(self, fmt: str) -> bool:
         return True
 
+    def calibrates(self, fmt: str) -> bool:
+        """Whether `fmt` comes out differently from plain rounding (worth keeping on disk)."""
+        return False
+
     def quantize(self, fqn: str, fmt: str, w: torch.Tensor, cols: torch.Tensor | None) -> np.ndarray:
         """Packed bytes of `w` (float32, rows x cols) in `fmt`; `cols` are the base model's
         input columns `w` keeps (a narrower student), None for all."""
@@ -56,6 +60,9 @@ class ImatrixQuantizer(Quantizer):
     calibrated = True
     imatrix: dict[str, np.ndarray] = field(default_factory=dict)  # fqn -> (cols,) float32
     source: str = "computed"  # or the imatrix file read
+
+    def calibrates(self, fmt: str) -> bool:
+        return get_format(fmt).takes_imatrix
 
     def quantize(self, fqn: str, fmt: str, w: torch.Tensor, cols: torch.Tensor | None) -> np.ndarray:
         f = get_format(fmt)
@@ -87,6 +94,9 @@ class GPTQQuantizer(Quantizer):
         from llmpareto.compress.gptq import GRIDS
 
         return fmt == "f16" or fmt in GRIDS
+
+    def calibrates(self, fmt: str) -> bool:
+        return fmt != "f16" and self.targets(fmt)
 
     def quantize(self, fqn: str, fmt: str, w: torch.Tensor, cols: torch.Tensor | None) -> np.ndarray:
         from llmpareto.compress.gptq import gptq_quantize, prepare_hessian
