@@ -98,15 +98,19 @@ class VariantCache:
         self._made = {k for k in self._made if k[0] != "codes"}
 
     def fingerprint(self) -> str:
-        """sha256 of the base weights of every searched tensor (names, shapes and bytes)."""
+        """sha256 of the base weights of every searched tensor (names, shapes and bytes); the
+        base weights never change, so it is hashed once (the disk key and presets both ask)."""
         import hashlib
 
+        if getattr(self, "_fingerprint", None):
+            return self._fingerprint
         h = hashlib.sha256()
         for fqn in sorted(self.base):
             t = self.base[fqn].contiguous()
             h.update(f"{fqn}{tuple(t.shape)}{t.dtype}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def weight(self, fqn: str) -> torch.nn.Parameter:
         return self.params[fqn]
