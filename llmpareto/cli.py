@@ -40,7 +40,14 @@ _HELP = {
     "max_latency_ms": "budget: predicted decode ms per token on --device",
     "max_energy_mj": "budget: predicted mJ per decoded token on --device",
     "prompt_tokens": "prompt length for prefill_ms and activation buffers",
-    "sampler": "nsga2 | tpe | random", "population": "NSGA-II population size",
+    "strategy": "nsga2 | tpe | random | knapsack | evolve | auto (README \"Search strategies\"; "
+                "default auto)",
+    "sampler": "the old name of --strategy (nsga2 | tpe | random)",
+    "sweep": "--strategy knapsack/evolve: budgets seeded by the knapsack (default: by strategy)",
+    "repair": "lower a proposal over the budget on its least sensitive choices (HAQ-style)",
+    "sensitivity": "a sensitivity.json to reuse (same model, text and space); default: measure",
+    "sensitivity_tokens": "calibration tokens each sensitivity KL is measured on",
+    "population": "NSGA-II population size",
     "trials": "completed trials wanted (baselines included)",
     "study": "study name: the run goes to RUNS_DIR/STUDY", "runs_dir": "where runs are written",
     "resume": "continue an interrupted or finished study", "seed": "random seed",
@@ -72,8 +79,9 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         elif f.name == "text":
             p.add_argument(flag, nargs="+", default=None, metavar="FILE", help=_HELP[f.name])
         elif f.name in ("window", "calib_tokens", "eval_tokens", "context", "trials", "seed",
-                        "batch_size", "population", "prompt_tokens", "max_concurrent"):
-            p.add_argument(flag, type=int, default=None if f.name == "population" else default,
+                        "batch_size", "population", "prompt_tokens", "max_concurrent", "sweep",
+                        "sensitivity_tokens"):
+            p.add_argument(flag, type=int, default=default,
                            help=_HELP.get(f.name))
         elif f.name in ("cpus_per_trial", "gptq_damp"):
             p.add_argument(flag, type=float, default=default, help=_HELP[f.name])
@@ -132,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     pw.set_defaults(func=_cmd_worker)
     from llmpareto.cli_devices import add_device_commands
     from llmpareto.cli_front import add_front_commands
+    from llmpareto.cli_sensitivity import add_sensitivity_command
 
     add_device_commands(sub)
     add_front_commands(sub)
+    add_sensitivity_command(sub)
     return parser
 
 

@@ -14,11 +14,12 @@ from typing import Any
 from llmpareto.errors import UserError
 
 SETTINGS_VERSION = 1
+DEFAULT_STRATEGY = "auto"  # README "Search strategies": what the benchmark favoured
 # Options that may differ between a run and its --resume (they do not change what is searched).
 RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "dequant_cache",
              "variant_cache", "disk_cache",
              "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
-             "create_only"}
+             "create_only", "sensitivity", "sampler"}
 _STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -52,7 +53,12 @@ class SearchSettings:
     max_energy_mj: float | None = None  # per decoded token on --device
     context: int = 2048  # tokens of KV cache: counted in memory, read by each decoded token
     prompt_tokens: int = 128  # prefill length for prefill_ms and activation buffers
-    sampler: str = "nsga2"
+    strategy: str | None = None  # nsga2|tpe|random|knapsack|evolve|auto; None: DEFAULT_STRATEGY
+    sampler: str | None = None  # the flag's old name (nsga2, tpe, random): an alias of strategy
+    sweep: int | None = None  # knapsack/evolve: budgets seeded; None: by strategy and --trials
+    repair: bool = True  # lower an over-budget proposal on its least sensitive keys (HAQ)
+    sensitivity: str | None = None  # a sensitivity.json to reuse; None: measured (cached in RUN)
+    sensitivity_tokens: int = 128  # calibration tokens each sensitivity KL is measured on
     population: int | None = None  # NSGA-II population; None: about trials/8, 8..50
     trials: int = 60  # completed trials wanted, baselines included
     study: str | None = None  # None: <model>-<timestamp>
@@ -113,6 +119,7 @@ class SearchSettings:
         self._check_sparsity()
         self._check_students()
         self._check_quantizer()
+        self._check_strategy()
         if self.study is None:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1])
             self.study = f"{stem.strip('-.') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -201,6 +208,35 @@ class SearchSettings:
             raise UserError(f"{', '.join(needy)} cannot be made without an importance matrix "
                             f"(llama.cpp refuses to); use --quantizer imatrix with --imatrix on "
                             f"or FILE, or drop {', '.join(needy)} from --formats")
+
+    def _check_strategy(self) -> None:
+        from llmpareto.search.strategies import COST_METRICS, NEEDS_PROFILE, STRATEGIES
+
+        if self.sampler is not None:  # the old flag: the same names, now --strategy
+            if self.strategy not in (None, self.sampler):
+                raise UserError(f"--sampler {self.sampler} and --strategy {self.strategy} "
+                                "disagree; --sampler is the old name of --strategy: give one")
+            self.strategy, self.sampler = self.sampler, None
+        self.strategy = self.strategy or DEFAULT_STRATEGY
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"--strategy {self.strategy!r}; choose one of "
+                            f"{', '.join(STRATEGIES)}")
+        if self.sweep is not None and int(self.sweep) < 0:
+            raise UserError("--sweep must be 0 or more (budgets the knapsack seeds)")
+        if int(self.sensitivity_tokens) < 2:
+            raise UserError("--sensitivity-tokens must be at least 2")
+        budget = any(v is not None for v in (self.max_memory, self.max_latency_ms,
+                                              self.max_energy_mj))
+        sweeps = any(o in COST_METRICS for o in self.objectives) and self.sweep != 0
+        if self.strategy in NEEDS_PROFILE and not (budget or sweeps):
+            raise UserError(f"--strategy {self.strategy} fills budgets, and this search has none:"
+                            " add a cost objective to sweep (--objectives perplexity,memory_bytes"
+                            ", or latency_ms, energy_mj), or set --max-memory, --max-latency-ms or"
+                            " --max-energy-mj" + (", or leave out --sweep 0" if self.sweep == 0
+                                                  else ""))
+        if self.strategy in NEEDS_PROFILE and self.calib_tokens == 0:
+            raise UserError(f"--strategy {self.strategy} ranks choices by their KL on "
+                            "calibration text: set --calib-tokens > 0, or use --strategy nsga2")
 
     def _check_students(self) -> None:
         for name, kind in (("student_blocks", int), ("student_mlp_ratios", float),

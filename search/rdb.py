@@ -19,7 +19,8 @@ from llmpareto.front import Front
 from llmpareto.rundir import RunDir
 from llmpareto.search.local import run_one
 from llmpareto.search.runner import TrialRunner
-from llmpareto.search.samplers import default_population, make_sampler
+from llmpareto.search.samplers import default_population
+from llmpareto.search.strategies import enqueue_seeds, make_sampler, plan
 from llmpareto.search.session import (
     check_same_settings,
     emissions,
@@ -34,6 +35,7 @@ from llmpareto.search.study import name_objectives, run_info
 from llmpareto.settings import SearchSettings
 
 SETTINGS_ATTR = "llmpareto_settings"  # study user attr: the settings every worker searches with
+PROFILE_ATTR = "llmpareto_sensitivity"  # study user attr: the sensitivity profile, measured once
 HEARTBEAT_S = 5  # a running trial's worker writes a heartbeat this often
 GRACE_S = 30  # ... and is presumed dead after this long without one
 POLL_S = 1.0
@@ -130,7 +132,12 @@ def run_rdb(settings: SearchSettings) -> Front:
         raise UserError(f"--resume: no study {name!r} in {masked(url)}; check --study/--storage")
     runner = TrialRunner(settings)
     population = settings.population or default_population(settings.trials)
-    sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
+    rd = RunDir.for_study(settings.runs_dir, name)
+    rd.create()
+    planner = plan(settings, runner, rd.path,
+                   existing.user_attrs.get(PROFILE_ATTR) if existing is not None else None,
+                   settings.progress)
+    sampler = make_sampler(settings, runner, planner, population)
     if existing is None:
         try:
             study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
@@ -139,15 +146,16 @@ def run_rdb(settings: SearchSettings) -> Front:
         except optuna.exceptions.DuplicatedStudyError:
             raise UserError(f"{where} was just created by another process; pass --resume "
                             "or start a `llmpareto worker`") from None
-        if settings.baselines:
-            enqueue_baselines(study, runner.space, runner.preset_baselines())
+        if planner is not None:
+            study.set_user_attr(PROFILE_ATTR, planner.profile)
+        n = enqueue_baselines(study, runner.space, runner.preset_baselines()) \
+            if settings.baselines else 0
+        enqueue_seeds(study, settings, planner, n)
     else:
         study = _load(storage, name, sampler)
         fail_stale(study)  # not every RUNNING trial: other workers may be alive
     study.set_user_attr(SETTINGS_ATTR, _shared(settings))  # --resume may raise --trials
-    rd = RunDir.for_study(settings.runs_dir, name)
-    rd.create()
-    info = run_info(settings, runner, population)
+    info = run_info(settings, runner, population, planner)
     info["settings"]["storage"] = masked(url)
     if settings.create_only:
         rd.write_json(rd.run_json, {**info, "status": "created"})
@@ -171,11 +179,12 @@ def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = Tru
                                          "runs_dir": runs_dir, "progress": progress})
     runner = TrialRunner(settings)
     population = settings.population or default_population(settings.trials)
-    sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
-    study = _load(storage, name, sampler)
     rd = RunDir.for_study(runs_dir, name)
     rd.create()
-    info = run_info(settings, runner, population)
+    planner = plan(settings, runner, rd.path, found.user_attrs.get(PROFILE_ATTR),
+                   settings.progress)
+    study = _load(storage, name, make_sampler(settings, runner, planner, population))
+    info = run_info(settings, runner, population, planner)
     info["settings"]["storage"] = masked(url)
     return _work(study, runner, rd, settings, info)[1]
 

@@ -18,6 +18,7 @@ BASELINE_ATTR = "baseline"  # user attr holding the label of an enqueued uniform
 # user attr of a baseline the space's parameters cannot express (a llama.cpp preset mixes types
 # within a group): its whole recipe, which every backend evaluates instead of the params
 RECIPE_ATTR = "recipe"
+SEED_ATTR = "seed"  # user attr of an enqueued strategy proposal (a knapsack allocation)
 
 
 def trials_frame(study: optuna.Study, rd: RunDir) -> pd.DataFrame:

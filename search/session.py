@@ -16,7 +16,13 @@ from optuna.trial import FrozenTrial, TrialState
 from llmpareto.errors import UserError
 from llmpareto.front import Front
 from llmpareto.rundir import RunDir
-from llmpareto.search.records import BASELINE_ATTR, RECIPE_ATTR, trials_frame, write_outputs
+from llmpareto.search.records import (
+    BASELINE_ATTR,
+    RECIPE_ATTR,
+    SEED_ATTR,
+    trials_frame,
+    write_outputs,
+)
 from llmpareto.settings import SearchSettings
 from llmpareto.spaces.base import recipe_of
 
@@ -63,7 +69,8 @@ def requeue_if_fixed(study: optuna.Study, trial: FrozenTrial) -> None:
     fixed = trial.system_attrs.get("fixed_params")
     if fixed:
         study.enqueue_trial(fixed, user_attrs={k: v for k, v in trial.user_attrs.items()
-                                               if k in (BASELINE_ATTR, RECIPE_ATTR)},
+                                               if k in (BASELINE_ATTR, RECIPE_ATTR,
+                                                        SEED_ATTR)},
                             skip_if_exists=False)
 
 
@@ -83,14 +90,16 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def enqueue_baselines(study: optuna.Study, space, recipes: list | None = None) -> None:
+def enqueue_baselines(study: optuna.Study, space, recipes: list | None = None) -> int:
     """The space's uniform baselines, then `recipes`: (label, closest params, Recipe) of
-    baselines outside the space (llama.cpp's presets), evaluated by their whole recipe."""
+    baselines outside the space (llama.cpp's presets), evaluated by their whole recipe.
+    Returns how many were enqueued."""
     for label, params in space.baselines():
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
     for label, params, recipe in recipes or []:
         study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label,
                                                 RECIPE_ATTR: recipe.to_dict()})
+    return len(space.baselines()) + len(recipes or [])
 
 
 def check_same_settings(old_dict: dict, settings: SearchSettings, where: str) -> None:
@@ -122,17 +131,20 @@ def prepare_run_dir(settings: SearchSettings) -> RunDir:
 def open_run(settings: SearchSettings, runner, rd: RunDir):
     """Create the run directory and its study (sampler, recovery of cut-off trials on
     --resume, baselines on a new run); returns (study, run.json info, recovered count)."""
-    from llmpareto.search.samplers import default_population, make_sampler
+    from llmpareto.search.samplers import default_population
+    from llmpareto.search.strategies import enqueue_seeds, make_sampler, plan
     from llmpareto.search.study import open_study, run_info
 
     rd.create()
     population = settings.population or default_population(settings.trials)
-    sampler = make_sampler(settings.sampler, settings.seed, population, settings.trials)
-    study = open_study(rd, settings, sampler)
+    planner = plan(settings, runner, rd.path, progress=settings.progress)
+    study = open_study(rd, settings, make_sampler(settings, runner, planner, population))
     recovered = recover_interrupted(study) if settings.resume else 0
-    if not settings.resume and settings.baselines:
-        enqueue_baselines(study, runner.space, runner.preset_baselines())
-    return study, run_info(settings, runner, population), recovered
+    if not settings.resume:
+        n = enqueue_baselines(study, runner.space, runner.preset_baselines()) \
+            if settings.baselines else 0
+        enqueue_seeds(study, settings, planner, n)
+    return study, run_info(settings, runner, population, planner), recovered
 
 
 def n_complete(study: optuna.Study) -> int:

@@ -60,6 +60,19 @@ def name_objectives(study: optuna.Study, objectives: list[str]) -> optuna.Study:
     return study
 
 
+def _strategy_info(settings: SearchSettings, population: int, planner) -> dict:
+    from llmpareto.search.strategies import resolve
+
+    out = {"name": settings.strategy, "runs": resolve(settings), "population": population,
+           "seed": settings.seed, "repair": settings.repair}
+    if planner is not None:
+        p = planner.profile
+        out.update(swept=planner.swept, sensitivity={
+            "file": "sensitivity.json", "tokens": p["tokens"], "seconds": p["seconds"],
+            "evaluations": p["evaluations"]})
+    return out
+
+
 def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
@@ -71,7 +84,7 @@ def _damaged(rd: RunDir, why: str) -> UserError:
     )
 
 
-def run_info(settings: SearchSettings, runner, population: int) -> dict:
+def run_info(settings: SearchSettings, runner, population: int, planner=None) -> dict:
     return {
         "settings": settings.to_dict(),
         "model": {"source": runner.source.describe(), "n_params": runner.arch.n_params,
@@ -82,7 +95,7 @@ def run_info(settings: SearchSettings, runner, population: int) -> dict:
         "space": runner.space.describe(),
         "device": runner.profile.to_dict(),
         "workload": vars(runner.workload),
-        "sampler": {"name": settings.sampler, "population": population, "seed": settings.seed},
+        "strategy": _strategy_info(settings, population, planner),
         "versions": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
