@@ -38,8 +38,8 @@ def knapsack(values: Table, costs: Table, budget: float, resolution: int = 16384
     shifted = [[c - m for c in row] for row, m in zip(costs, lo)]
     integral = all(float(c).is_integer() for row in shifted for c in row)
     step = 1.0 if integral and free <= resolution else max(free / resolution, 1e-300)
-    cap = int(math.floor(free / step + 1e-9))
-    units = [[int(math.ceil(c / step - 1e-9)) for c in row] for row in shifted]
+    cap = math.floor(free / step + 1e-9)
+    units = [[math.ceil(c / step - 1e-9) for c in row] for row in shifted]
     best = np.zeros(cap + 1)  # best[b]: least value of the groups so far using <= b units
     pick = np.zeros((len(values), cap + 1), dtype=np.int32)
     for g, (vals, us) in enumerate(zip(values, units)):

@@ -20,7 +20,6 @@ from llmpareto.rundir import RunDir
 from llmpareto.search.local import run_one
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.samplers import default_population
-from llmpareto.search.strategies import enqueue_seeds, make_sampler, plan
 from llmpareto.search.session import (
     check_same_settings,
     emissions,
@@ -31,6 +30,7 @@ from llmpareto.search.session import (
     requeue_if_fixed,
     write_distributed_outputs,
 )
+from llmpareto.search.strategies import enqueue_seeds, make_sampler, plan
 from llmpareto.search.study import name_objectives, run_info
 from llmpareto.settings import SearchSettings
 

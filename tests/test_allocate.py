@@ -18,9 +18,9 @@ def _problem(rng: random.Random, groups: int, choices: int, integral: bool):
 def _brute(values, costs, budget):
     best = None
     for sel in itertools.product(*(range(len(r)) for r in values)):
-        if total(costs, sel) <= budget + 1e-9:
-            if best is None or total(values, sel) < total(values, best) - 1e-12:
-                best = sel
+        if total(costs, sel) <= budget + 1e-9 and (
+                best is None or total(values, sel) < total(values, best) - 1e-12):
+            best = sel
     return best
 
 
