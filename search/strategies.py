@@ -25,7 +25,7 @@ STRATEGIES = ("nsga2", "tpe", "random", "knapsack", "evolve", "auto")
 NEEDS_PROFILE = ("knapsack", "evolve")
 COST_METRICS = ("memory_bytes", "weights_bytes", "latency_ms", "prefill_ms", "energy_mj")
 EVO_OFFSPRING = 8  # children screened per generation on the fewest tokens
-LOSSLESS_NATS = 1e-3  # summed KL increase below which the sweep stops raising the budget
+LOSSLESS_NATS = 1e-3  # summed KL increase (or 1% of the range) where the sweep stops
 EVO_KEEP = 2  # ... of which this many are screened again on every calibration token
 
 
@@ -128,10 +128,13 @@ class Planner:
         if limit is not None:
             hi = min(hi, limit)
         floor = self._value(self.knapsack(hi))
-        a, z = lo, hi  # bisect: the least budget whose optimum is within LOSSLESS of `floor`
+        worst = self._value(self.knapsack(lo + (hi - lo) * 1e-9))
+        near = min(LOSSLESS_NATS, 0.01 * (worst - floor)) if worst < float("inf") else \
+            LOSSLESS_NATS
+        a, z = lo, hi  # bisect: the least budget whose optimum is within `near` of `floor`
         for _ in range(30):
             mid = (a + z) / 2
-            if self._value(self.knapsack(mid)) <= floor + LOSSLESS_NATS:
+            if self._value(self.knapsack(mid)) <= floor + near:
                 z = mid
             else:
                 a = mid
@@ -168,7 +171,7 @@ class Planner:
 
 
 def _short(value: float, metric: str) -> str:
-    return f"{value / 1e6:.1f}MB" if metric.endswith("bytes") else f"{value:.3g}"
+    return f"{value / 1e6:.4g}MB" if metric.endswith("bytes") else f"{value:.4g}"
 
 
 def distributions(space) -> dict[str, CategoricalDistribution]:
