@@ -143,7 +143,9 @@ def open_run(settings: SearchSettings, runner, rd: RunDir):
     if not settings.resume:
         n = enqueue_baselines(study, runner.space, runner.preset_baselines()) \
             if settings.baselines else 0
-        enqueue_seeds(study, settings, planner, n)
+    else:  # a run first made with --trials below its baselines gets its seeds now
+        n = sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE_ATTR))
+    enqueue_seeds(study, settings, planner, n)
     return study, run_info(settings, runner, population, planner), recovered
 
 

@@ -301,11 +301,13 @@ def make_sampler(settings, runner, planner: Planner | None, population: int):
 
 
 def sweep_size(settings, name: str, baselines: int = 0) -> int:
-    """Budgets in the knapsack sweep: --sweep, else all trials left after the baselines
-    (knapsack) or a few to evolve from (evolve)."""
+    """Budgets in the knapsack sweep: --sweep, else every trial left after the baselines
+    (knapsack) or a few to evolve from (evolve); none when the baselines fill the run."""
     if settings.sweep is not None:
         return settings.sweep
-    left = max(1, settings.trials - baselines)
+    left = settings.trials - baselines
+    if left <= 0:
+        return 0
     return left if name == "knapsack" else max(2, min(8, left // 4))
 
 
@@ -335,7 +337,10 @@ def enqueue_seeds(study: optuna.Study, settings, planner: Planner | None,
     name = resolve(settings)
     if planner is None or name not in NEEDS_PROFILE:
         return 0
-    seeds = planner.seeds(sweep_size(settings, name, baselines))
+    if any(SEED_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False)):
+        return 0  # a resumed run: its seeds are in the study already
+    n = sweep_size(settings, name, baselines)
+    seeds = planner.seeds(n) if n > 0 else []
     for label, params in seeds:
         study.enqueue_trial(params, user_attrs={SEED_ATTR: label}, skip_if_exists=True)
     return len(seeds)

@@ -13,7 +13,6 @@ from optuna.trial import TrialState
 import llmpareto
 from llmpareto.cli import main
 from llmpareto.errors import UserError
-from llmpareto.recipe import Recipe
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.sensitivity import KLScreen, measure, reference_params
 from llmpareto.settings import SearchSettings
@@ -29,7 +28,7 @@ def test_suffix_forward_gives_the_whole_models_kl(tiny_settings):
     ref = space.recipe_from_params(reference_params(space))
     fast, whole = KLScreen(runner, 96, ref), KLScreen(runner, 96)
     whole.hidden = []  # no cached blocks: every candidate runs the whole model
-    key = [k for k in space.choices if k.startswith("model.layers.1.")][0]
+    key = next(k for k in space.choices if k.startswith("model.layers.1."))
     recipe = space.recipe_from_params({**reference_params(space), key: "q4_0"})
     assert fast.first_block(recipe) == 1 and whole.first_block(recipe) == 0
     a, b = fast.kl(recipe), whole.kl(recipe)
@@ -169,4 +168,3 @@ def test_profile_from_another_text_is_refused(capsys, tiny_model_dir, tmp_path, 
     with pytest.raises(UserError, match="space choices"):
         llmpareto.search(**{**tiny_settings, "strategy": "knapsack", "study": "b",
                             "granularity": "module", "sensitivity": str(profile)})
-    assert Recipe  # noqa: B018 - imported for the suffix test's recipes
