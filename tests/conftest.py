@@ -46,6 +46,17 @@ class StudyWatch:
             return []
         return s.get_trials(states=(TrialState.COMPLETE,))
 
+    @staticmethod
+    def start_search(settings: dict) -> subprocess.Popen:
+        """`llmpareto search` with `settings` as flags, in a subprocess a test can kill."""
+        import sys
+
+        argv = [sys.executable, "-m", "llmpareto.cli", "search", "--no-progress"]
+        for k, v in settings.items():
+            if k != "progress":
+                argv += [f"--{k.replace('_', '-')}", str(v)]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
     def kill_when_complete(self, proc: subprocess.Popen, db: Path, study: str, n: int,
                            timeout_s: float, poll_s: float = 0.05) -> dict:
         """SIGKILL `proc` once `n` trials are complete (or it ended, or time ran out); returns

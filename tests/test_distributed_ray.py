@@ -186,7 +186,9 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path, stu
 
 def test_killed_driver_resumes_without_loss_or_duplicates(cluster, tiny_settings, tmp_path,
                                                           study_watch):
-    s = {**tiny_settings, "study": "drv", "trials": 24, "eval_tokens": 2048}
+    # the evolutionary strategy: its sampler (and its KL screens) lives in the driver
+    s = {**tiny_settings, "study": "drv", "trials": 24, "eval_tokens": 2048,
+         "strategy": "evolve"}
     db = tmp_path / "runs" / "drv" / "study.db"
     proc = _search(cluster, s)
     before = study_watch.kill_when_complete(proc, db, "drv", 8, timeout_s=240, poll_s=0.1)

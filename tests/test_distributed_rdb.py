@@ -4,6 +4,7 @@ processes on one study, every trial exactly once; bad URLs and studies fail clea
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import socket
@@ -79,7 +80,9 @@ def _worker(study: str, url: str, runs: Path) -> subprocess.Popen:
 
 
 def test_two_workers_share_one_study_every_trial_once(pg_url, tiny_settings, tmp_path):
-    s = {**tiny_settings, "study": "shared", "trials": 24, "eval_tokens": 2048}
+    # evolve: each worker reads the sensitivity profile the creator stored in the study
+    s = {**tiny_settings, "study": "shared", "trials": 24, "eval_tokens": 2048,
+         "strategy": "evolve"}
     llmpareto.search(storage=pg_url, create_only=True, **s)
     procs = [_worker("shared", pg_url, tmp_path / f"w{i}") for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -92,6 +95,12 @@ def test_two_workers_share_one_study_every_trial_once(pg_url, tiny_settings, tmp
     assert len({t.number for t in done}) == len(done)
     labels = [t.user_attrs["baseline"] for t in done if t.user_attrs.get("baseline")]
     assert len(labels) == 7 and len(set(labels)) == 7  # each baseline exactly once
+    seeds = [t.user_attrs["seed"] for t in done if t.user_attrs.get("seed")]
+    assert seeds and len(seeds) == len(set(seeds))  # each knapsack seed exactly once
+    profile = study.user_attrs["llmpareto_sensitivity"]  # measured once, by the creator
+    for i in range(2):
+        mine = json.loads((tmp_path / f"w{i}" / "shared" / "sensitivity.json").read_text())
+        assert mine == profile
     here = [int(o[0].split("worker finished: ")[1].split()[0]) for o in outs]
     assert sum(here) == len(done) and min(here) >= 1, here  # both worked, none twice
     assert len({t.user_attrs["node"] for t in done}) == 2

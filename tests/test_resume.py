@@ -13,12 +13,8 @@ import llmpareto
 
 def test_killed_search_resumes_without_loss_or_duplicates(tiny_settings, tmp_path, study_watch):
     s = {**tiny_settings, "study": "k", "trials": 16, "eval_tokens": 1024}
-    argv = [sys.executable, "-m", "llmpareto.cli", "search", "--no-progress"]
-    for k, v in s.items():
-        if k != "progress":
-            argv += [f"--{k.replace('_', '-')}", str(v)]
     db = tmp_path / "runs" / "k" / "study.db"
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = study_watch.start_search(s)
     before = study_watch.kill_when_complete(proc, db, "k", 5, timeout_s=180)
     assert 5 <= len(before) < 16, "the kill should land mid-run"
 

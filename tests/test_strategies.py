@@ -2,8 +2,6 @@
 level-switch evolution, budget repair, resume after a kill, and their bad input."""
 
 import json
-import subprocess
-import sys
 
 import optuna
 import pandas as pd
@@ -101,12 +99,8 @@ def test_evolve_proposals_stay_within_their_budgets(tiny_settings, tmp_path):
 def test_each_strategy_resumes_after_a_kill(strategy, tiny_settings, tmp_path, study_watch):
     s = {**tiny_settings, "study": "k", "trials": 14, "eval_tokens": 1024,
          "strategy": strategy}
-    argv = [sys.executable, "-m", "llmpareto.cli", "search", "--no-progress"]
-    for k, v in s.items():
-        if k != "progress":
-            argv += [f"--{k.replace('_', '-')}", str(v)]
     db = tmp_path / "runs" / "k" / "study.db"
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = study_watch.start_search(s)
     before = study_watch.kill_when_complete(proc, db, "k", 9, timeout_s=240)
     assert 9 <= len(before) < 14, "the kill should land mid-run"
     llmpareto.search(**{**s, "resume": True})
