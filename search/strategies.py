@@ -25,10 +25,8 @@ STRATEGIES = ("nsga2", "tpe", "random", "knapsack", "evolve", "auto")
 NEEDS_PROFILE = ("knapsack", "evolve")
 COST_METRICS = ("memory_bytes", "weights_bytes", "latency_ms", "prefill_ms", "energy_mj")
 EVO_OFFSPRING = 8  # children screened per generation on the fewest tokens
-LOSSLESS_NATS = 1e-3  # summed KL increase (or 1% of the range) where the sweep stops
 EVO_KEEP = 2  # ... of which this many are screened again on every calibration token
-
-
+LOSSLESS_NATS = 1e-3  # summed KL increase (or 1% of the range) where the sweep stops
 AUTO = "knapsack"  # what `auto` runs where it can: the benchmark's favourite (README)
 
 
@@ -81,7 +79,7 @@ class Planner:
         self.base = base.metrics
         self.ladder = allocate.ladders(self.values, self.costs[self.swept])
         objectives = self.runner.settings.objectives
-        self.quality = next(o for o in objectives if o not in COST_METRICS)
+        self.quality = next((o for o in objectives if o not in COST_METRICS), objectives[0])
 
     @property
     def swept(self) -> str:
