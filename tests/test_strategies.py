@@ -162,3 +162,29 @@ def test_profile_from_another_text_is_refused(capsys, tiny_model_dir, tmp_path, 
     with pytest.raises(UserError, match="space choices"):
         llmpareto.search(**{**tiny_settings, "strategy": "knapsack", "study": "b",
                             "granularity": "module", "sensitivity": str(profile)})
+
+
+def test_profile_of_another_model_is_refused(tiny_settings, tmp_path):
+    llmpareto.search(**{**tiny_settings, "strategy": "knapsack", "trials": 2,
+                        "baselines": False, "study": "a"})
+    data = json.loads((tmp_path / "runs" / "a" / "sensitivity.json").read_text())
+    data["model_sha256"] = "0" * 64  # as a profile of other weights would say
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="another model weights"):
+        llmpareto.search(**{**tiny_settings, "strategy": "knapsack", "study": "b",
+                            "sensitivity": str(other)})
+
+
+def test_knapsack_sweeps_predicted_latency_when_it_is_the_cost(tiny_settings, tmp_path):
+    s = {**tiny_settings, "strategy": "knapsack", "trials": 6, "baselines": False,
+         "objectives": "perplexity,latency_ms", "device": "jetson-orin-nano-8gb"}
+    llmpareto.search(**s)
+    trials = pd.read_csv(tmp_path / "runs" / "t" / "trials.csv")
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'runs/t/study.db'}")
+    labels = [t.user_attrs["seed"] for t in study.trials if t.user_attrs.get("seed")]
+    assert labels and all(label.startswith("knapsack latency_ms<=") for label in labels)
+    budgets = [float(label.split("<=")[1]) for label in labels]
+    got = trials.set_index("trial")["latency_ms"]
+    seeded = [t.number for t in study.trials if t.user_attrs.get("seed")]
+    assert all(got[n] <= b * 1.001 for n, b in zip(seeded, budgets))
