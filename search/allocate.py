@@ -113,21 +113,26 @@ def level_switch(sel: Sequence[int], ladder: Sequence[Sequence[int]],
                  fits: Callable[[list[int]], bool], rng: random.Random, switches: int = 1,
                  tries: int = 64) -> list[int] | None:
     """EvoPress's mutation: `switches` times, move one group up a rung of its ladder and
-    another down one, keeping only a result that `fits` the budget. Returns None when no
-    fitting switch was found in `tries` draws (the parent is then kept by the caller)."""
+    another down one, keeping only a result that `fits` the budget; where the budget has
+    slack, the up move alone is tried too (half the time). Returns None when no fitting
+    switch was found in `tries` draws (the caller keeps the parent)."""
     out = list(sel)
+
+    def rung(g: int, c: int) -> int:
+        return ladder[g].index(c) if c in ladder[g] else -1
+
     for _ in range(switches):
-        up = [g for g, c in enumerate(out) if c in ladder[g] and ladder[g].index(c) + 1 <
-              len(ladder[g])]
-        down = [g for g, c in enumerate(out) if c in ladder[g] and ladder[g].index(c) > 0]
+        up = [g for g, c in enumerate(out) if 0 <= rung(g, c) < len(ladder[g]) - 1]
+        down = [g for g, c in enumerate(out) if rung(g, c) > 0]
         done = False
-        for _ in range(tries if up and down else 0):
-            a, b = rng.choice(up), rng.choice(down)
-            if a == b:
-                continue
+        for _ in range(tries if up else 0):
+            a = rng.choice(up)
             cand = list(out)
-            cand[a] = ladder[a][ladder[a].index(out[a]) + 1]
-            cand[b] = ladder[b][ladder[b].index(out[b]) - 1]
+            cand[a] = ladder[a][rung(a, out[a]) + 1]
+            others = [g for g in down if g != a]
+            if others and (rng.random() < 0.5 or not fits(cand)):
+                b = rng.choice(others)
+                cand[b] = ladder[b][rung(b, out[b]) - 1]
             if fits(cand):
                 out, done = cand, True
                 break

@@ -26,7 +26,9 @@ NEEDS_PROFILE = ("knapsack", "evolve")
 COST_METRICS = ("memory_bytes", "weights_bytes", "latency_ms", "prefill_ms", "energy_mj")
 EVO_OFFSPRING = 8  # children screened per generation on the fewest tokens
 EVO_KEEP = 2  # ... of which this many are screened again on every calibration token
+EVO_GENERATIONS = 2  # generations tried per trial until a child beats its parent
 LOSSLESS_NATS = 1e-3  # summed KL increase (or 1% of the range) where the sweep stops
+EVOLVE_ATTR = "llmpareto:evolve_budget"  # system attr of an evolved trial: its budget
 AUTO = "knapsack"  # what `auto` runs where it can: the benchmark's favourite (README)
 
 
@@ -221,15 +223,19 @@ class RepairSampler(_Wrapped):
 
 
 class EvolveSampler(_Wrapped):
-    """EvoPress-style level-switch evolution at fixed budgets, one budget per trial in turn:
-    the best scored recipe within the budget is the parent; children move one key up a level
-    and another down, so the budget stays met; they are screened on few calibration tokens,
-    the best again on all of them, and only the winner is scored as a trial."""
+    """EvoPress-style level-switch evolution at fixed budgets, one budget per trial in turn.
+    The best scored recipe within the budget is the parent; its children move one key up a
+    level and another down, so the budget stays met. Children are screened by KL on few
+    calibration tokens, the best again on all of them; the winner is scored as the trial only
+    if it beats its parent there (elitism), else another generation is tried, and failing
+    that the base sampler proposes."""
 
     def __init__(self, base, dists, planner: Planner, screens: Callable[[], list], seed: int,
-                 budgets: list[float]) -> None:
+                 budgets: list[float], repair: bool = True) -> None:
         super().__init__(base, dists)
         self.planner, self.screens, self.seed, self.targets = planner, screens, seed, budgets
+        self.repair = repair
+        self._kl: dict[tuple, float] = {}  # (stage, selection) -> KL: screens are exact repeats
 
     def sample_relative(self, study, trial, search_space):
         if "fixed_params" in trial.system_attrs or not self.targets:
@@ -238,27 +244,41 @@ class EvolveSampler(_Wrapped):
         budget = self.targets[trial.number % len(self.targets)]
         parent = self._parent(study, budget)
         if parent is None:
-            return {}  # nothing within this budget yet: the base sampler proposes
+            return self._fallback(study, trial)  # nothing within this budget yet
         rng = random.Random(int(hashlib.sha256(f"{self.seed}:{trial.number}".encode())
                                 .hexdigest()[:12], 16))
         sel = allocate.snap(p.selection(parent), p.ladder, p.costs[p.swept])
         done = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)}
-        kids: list[list[int]] = []
         fits = p.fits(budget)
-        for _ in range(EVO_OFFSPRING * 4):
-            kid = allocate.level_switch(sel, p.ladder, fits, rng, rng.choice((1, 1, 2, 3)))
-            if kid and kid not in kids and tuple(sorted(p.params(kid).items())) not in done:
-                kids.append(kid)
-            if len(kids) == EVO_OFFSPRING:
-                break
-        if not kids:
-            return {}
-        for screen, keep in zip(self.screens(), (EVO_KEEP, 1)):
-            if len(kids) > keep:
-                kl = [screen.kl(self.planner.runner.space.recipe_from_params(p.params(k)))
-                      for k in kids]
-                kids = [k for _, k in sorted(zip(kl, kids), key=lambda x: x[0])][:keep]
-        return p.params(kids[0])
+        for _ in range(EVO_GENERATIONS):
+            kids: list[list[int]] = []
+            for _ in range(EVO_OFFSPRING * 4):
+                kid = allocate.level_switch(sel, p.ladder, fits, rng, rng.choice((1, 1, 2, 3)))
+                if kid and kid not in kids and tuple(sorted(p.params(kid).items())) not in done:
+                    kids.append(kid)
+                if len(kids) == EVO_OFFSPRING:
+                    break
+            for stage, keep in enumerate((EVO_KEEP, 1)):
+                if len(kids) > keep:
+                    kl = [self._screen(stage, k) for k in kids]
+                    kids = [k for _, k in sorted(zip(kl, kids), key=lambda x: x[0])][:keep]
+            if kids and self._screen(1, kids[0]) < self._screen(1, sel):
+                # which budget the child was made for (as NSGA-II records its generation)
+                study._storage.set_trial_system_attr(trial._trial_id, EVOLVE_ATTR, budget)
+                return p.params(kids[0])
+        return self._fallback(study, trial)  # no child beat its parent
+
+    def _fallback(self, study, trial) -> dict:
+        """The base sampler's proposal, repaired like RepairSampler's."""
+        params = self._full(study, trial)
+        return self.planner.repair(params) if self.repair else params
+
+    def _screen(self, stage: int, sel: list[int]) -> float:
+        key = (stage, tuple(sel))
+        if key not in self._kl:
+            recipe = self.planner.runner.space.recipe_from_params(self.planner.params(sel))
+            self._kl[key] = self.screens()[stage].kl(recipe)
+        return self._kl[key]
 
     def _parent(self, study, budget: float) -> dict | None:
         p, best = self.planner, None
@@ -294,7 +314,7 @@ def make_sampler(settings, runner, planner: Planner | None, population: int):
             return screens
 
         return EvolveSampler(base, dists, planner, lazy, settings.seed,
-                             planner.budgets(sweep_size(settings, name)))
+                             planner.budgets(max(1, sweep_size(settings, name))), settings.repair)
     return RepairSampler(base, dists, planner) if settings.repair else base
 
 
