@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--module-strategies", default="knapsack,evolve,nsga2,random",
                     help="strategies at --granularity module (each costs minutes)")
     ap.add_argument("--out", default="bench-runs")
+    ap.add_argument("--profile", default="",
+                    help="reuse sensitivity profiles, e.g. type=RUN/sensitivity.json,module=...")
     ap.add_argument("--quick", action="store_true",
                     help="16 trials, 512 tokens, knapsack and random at type granularity")
     args = ap.parse_args()
@@ -109,7 +111,8 @@ def main() -> None:
     for gran in args.granularity.split(","):
         names = (args.module_strategies if gran == "module" else args.strategies).split(",")
         tokens = 64 if gran == "module" else 128
-        profile, rows, fronts = None, [], {}
+        given = dict(kv.split("=", 1) for kv in args.profile.split(",") if "=" in kv)
+        profile, rows, fronts = (Path(given[gran]) if gran in given else None), [], {}
         for name in names:
             t, info = run_strategy(common, args.out, tag, name, gran, args.trials, profile,
                                    tokens)
