@@ -54,8 +54,12 @@ def baselines(common: dict, out: str, tag: str) -> pd.DataFrame:
     n = len(runner.space.baselines()) + len(runner.preset_baselines())
     del runner
     llmpareto.search(**s, trials=n)
-    t = _complete(Path(out) / s["study"])
-    info = json.loads((Path(out) / s["study"] / "run.json").read_text())
+    return _labelled(Path(out) / s["study"])
+
+
+def _labelled(run: Path) -> pd.DataFrame:
+    t = _complete(run)
+    info = json.loads((run / "run.json").read_text())
     t = t[t["baseline"].fillna("") != ""].copy()
     t["bits_per_weight"] = t["weights_bytes"] * 8 / info["model"]["n_params"]
     return t
@@ -84,6 +88,10 @@ def main() -> None:
     ap.add_argument("--module-strategies", default="knapsack,evolve,nsga2,random",
                     help="strategies at --granularity module (each costs minutes)")
     ap.add_argument("--out", default="bench-runs")
+    ap.add_argument("--reuse", default="",
+                    help="TAG of an earlier run of this benchmark in --out: reuse its baselines "
+                         "and its strategy runs, except those named in --rerun")
+    ap.add_argument("--rerun", default="", help="strategies to run again under --reuse")
     ap.add_argument("--profile", default="",
                     help="reuse sensitivity profiles, e.g. type=RUN/sensitivity.json,module=...")
     ap.add_argument("--quick", action="store_true",
@@ -94,7 +102,9 @@ def main() -> None:
         args.strategies = "knapsack,random"
     tag = f"strat-{time.strftime('%Y%m%d-%H%M%S')}"
     common = {"eval_tokens": args.eval_tokens, "progress": False}
-    base = baselines(common, args.out, tag)
+    rerun = set(filter(None, args.rerun.split(",")))
+    old = Path(args.out) / f"{args.reuse}-baselines"
+    base = baselines(common, args.out, tag) if not args.reuse else _labelled(old)
     label = base.set_index("baseline")
     f16, q4, q8 = (label.loc[f"uniform {f}"] for f in ("f16", "q4_0", "q8_0"))
     ref = (1.1 * q4["perplexity"], q8["memory_bytes"])
@@ -114,8 +124,14 @@ def main() -> None:
         given = dict(kv.split("=", 1) for kv in args.profile.split(",") if "=" in kv)
         profile, rows, fronts = (Path(given[gran]) if gran in given else None), [], {}
         for name in names:
-            t, info = run_strategy(common, args.out, tag, name, gran, args.trials, profile,
-                                   tokens)
+            prior = Path(args.out) / f"{args.reuse}-{gran}-{name}"
+            if args.reuse and name not in rerun and prior.is_dir():
+                t, old_info = _complete(prior), json.loads((prior / "run.json").read_text())
+                info = {"wall_s": old_info["search_energy"].get("duration_s", float("nan")),
+                        "strategy": old_info["strategy"]}
+            else:
+                t, info = run_strategy(common, args.out, tag, name, gran, args.trials, profile,
+                                       tokens)
             sens = info["strategy"].get("sensitivity")
             if sens and profile is None:
                 profile = Path(args.out) / f"{tag}-{gran}-{name}" / "sensitivity.json"

@@ -141,6 +141,27 @@ def level_switch(sel: Sequence[int], ladder: Sequence[Sequence[int]],
     return out
 
 
+def spread_order(n: int) -> list[int]:
+    """The indices 0..n-1 in an order whose every prefix spreads over the range (van der
+    Corput): the last first, then the middle, the lower quarter, the upper one, ... so a sweep
+    cut short still covers it."""
+    out: list[int] = []
+    seen: set[int] = set()
+    k = 0
+    while len(out) < n:
+        v, denom, x = 0.0, 1.0, k
+        while x:
+            denom *= 2
+            v += (x & 1) / denom
+            x >>= 1
+        i = n - 1 if k == 0 else round(v * (n - 1))
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+        k += 1
+    return out
+
+
 def snap(sel: Sequence[int], ladder: Sequence[Sequence[int]], costs: Table) -> list[int]:
     """Each group's choice moved to the most expensive rung of its ladder that costs no more,
     so a selection made elsewhere (a sampler, a preset) can be level-switched."""

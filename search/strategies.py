@@ -149,9 +149,11 @@ class Planner:
 
     def seeds(self, n: int) -> list[tuple[str, dict[str, Any]]]:
         """(label, params) of the least-sensitivity allocation at each of `n` budgets,
-        repaired against the other budgets, without repeats."""
+        repaired against the other budgets, without repeats; in spread order, so the first
+        few trials already span the front."""
         out, seen = [], set()
-        for b in self.budgets(n):
+        budgets = self.budgets(n)
+        for b in (budgets[i] for i in allocate.spread_order(len(budgets))):
             sel = self.knapsack(b)
             if sel is None:
                 continue

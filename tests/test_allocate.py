@@ -5,7 +5,15 @@ import random
 
 import pytest
 
-from llmpareto.search.allocate import knapsack, ladders, level_switch, repair, snap, total
+from llmpareto.search.allocate import (
+    knapsack,
+    ladders,
+    level_switch,
+    repair,
+    snap,
+    spread_order,
+    total,
+)
 
 
 def _problem(rng: random.Random, groups: int, choices: int, integral: bool):
@@ -128,3 +136,12 @@ def test_level_switch_uses_slack_with_an_up_move_alone():
     lad, costs = [[0, 1, 2], [0, 1, 2]], [[0, 1, 2], [0, 1, 2]]
     child = level_switch([0, 0], lad, lambda s: total(costs, s) <= 1, random.Random(0))
     assert sorted(child) == [0, 1]  # nothing can go down; the budget allows one step up
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 60])
+def test_spread_order_is_a_permutation_whose_prefixes_cover_the_range(n):
+    order = spread_order(n)
+    assert sorted(order) == list(range(n))
+    if n >= 3:
+        assert order[0] == n - 1 and abs(order[1] - (n - 1) / 2) <= 0.5
+        assert min(order[:3]) <= (n - 1) / 4 + 0.5  # three trials already span 3/4 of it

@@ -63,7 +63,7 @@ def test_knapsack_seeds_make_a_front_from_the_first_trials(tiny_settings, tmp_pa
     assert len(seeds) >= 5 and all(t.state == TrialState.COMPLETE for t in seeds)
     budgets = [float(t.user_attrs["seed"].split("<=")[1].removesuffix("MB")) * 1e6
                for t in seeds]
-    assert budgets == sorted(budgets)  # one allocation per rising budget, each within it
+    assert budgets[0] == max(budgets) and len(set(budgets)) == len(budgets)  # spread order
     assert all(t.user_attrs["memory_bytes"] <= b * 1.0005 for t, b in zip(seeds, budgets))
     assert len(front) >= 1  # (a random tiny model: KL ranks choices, perplexity barely)
 
