@@ -210,7 +210,7 @@ class SearchSettings:
                             f"or FILE, or drop {', '.join(needy)} from --formats")
 
     def _check_strategy(self) -> None:
-        from llmpareto.search.strategies import COST_METRICS, NEEDS_PROFILE, STRATEGIES
+        from llmpareto.search.strategies import NEEDS_PROFILE, STRATEGIES, can_sweep, has_budget
 
         if self.sampler is not None:  # the old flag: the same names, now --strategy
             if self.strategy not in (None, self.sampler):
@@ -225,10 +225,7 @@ class SearchSettings:
             raise UserError("--sweep must be 0 or more (budgets the knapsack seeds)")
         if int(self.sensitivity_tokens) < 2:
             raise UserError("--sensitivity-tokens must be at least 2")
-        budget = any(v is not None for v in (self.max_memory, self.max_latency_ms,
-                                              self.max_energy_mj))
-        sweeps = any(o in COST_METRICS for o in self.objectives) and self.sweep != 0
-        if self.strategy in NEEDS_PROFILE and not (budget or sweeps):
+        if self.strategy in NEEDS_PROFILE and not (has_budget(self) or can_sweep(self)):
             raise UserError(f"--strategy {self.strategy} fills budgets, and this search has none:"
                             " add a cost objective to sweep (--objectives perplexity,memory_bytes"
                             ", or latency_ms, energy_mj), or set --max-memory, --max-latency-ms or"

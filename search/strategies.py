@@ -32,23 +32,29 @@ EVOLVE_ATTR = "llmpareto:evolve_budget"  # system attr of an evolved trial: its 
 AUTO = "knapsack"  # what `auto` runs where it can: the benchmark's favourite (README)
 
 
+def has_budget(settings) -> bool:
+    return any(v is not None for v in (settings.max_memory, settings.max_latency_ms,
+                                        settings.max_energy_mj))
+
+
+def can_sweep(settings) -> bool:
+    """A cost objective to sweep budgets of, and no --sweep 0."""
+    return any(o in COST_METRICS for o in settings.objectives) and settings.sweep != 0
+
+
 def resolve(settings) -> str:
     """The strategy a run uses: `auto` is AUTO where a profile can be measured and there is a
     cost to sweep or a budget to fill, else NSGA-II."""
     if settings.strategy != "auto":
         return settings.strategy
-    budget = any(v is not None for v in (settings.max_memory, settings.max_latency_ms,
-                                          settings.max_energy_mj))
-    sweeps = any(o in COST_METRICS for o in settings.objectives) and settings.sweep != 0
-    return AUTO if settings.calib_tokens > 0 and (budget or sweeps) else "nsga2"
+    fills = has_budget(settings) or can_sweep(settings)
+    return AUTO if settings.calib_tokens > 0 and fills else "nsga2"
 
 
 def uses_profile(settings) -> bool:
     """Whether the run needs the sensitivity profile: its strategy ranks by it, or a budget
     is set and proposals over it are repaired."""
-    budget = any(v is not None for v in (settings.max_memory, settings.max_latency_ms,
-                                          settings.max_energy_mj))
-    return resolve(settings) in NEEDS_PROFILE or (settings.repair and budget
+    return resolve(settings) in NEEDS_PROFILE or (settings.repair and has_budget(settings)
                                                   and settings.calib_tokens > 0)
 
 
