@@ -33,8 +33,9 @@ def main() -> None:
                                         ("rows", "mape_%", "spearman") if k in v}})
     print(pd.DataFrame(out).to_string(index=False, float_format=lambda v: f"{v:.3g}",
                                       na_rep="-"))
-    print("\nprofiles with no rows carry no published decode number in a format the cost model "
-          "can predict yet (K-quants arrive with the K-quant formats)")
+    print("\nprofiles with no rows carry no published llama.cpp decode number for their device and "
+          "runtime configuration; `llmpareto devices NAME --refit token|layer` re-fits a profile "
+          "on its fit rows")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ class Measurement:
     """A decode speed measured on the device, which a profile was fitted on or is checked by."""
 
     model: str  # a shape in llmpareto.shapes.KNOWN_SHAPES
-    format: str  # weight format of every projection, the embedding and the head
+    # lower case: one weight format for every projection, the embedding and the head (a file
+    # written so); upper case: a llama.cpp preset (Q4_K_M, Q4_0, ...), as `llama-quantize`
+    # mixes it (llmpareto.preset_rules); a published "Q4_0" file has a q6_K output head
+    format: str
     test: str  # "tgN" (llama-bench: N tokens decoded from an empty cache) or "decode@C"
     tokens_per_s: float
     role: str  # "fit": the profile's numbers were fitted on it; "held-out": kept out, a check
@@ -258,6 +261,7 @@ _MEASUREMENT_FIELDS = tuple(f.name for f in fields(Measurement))
 def _measurements(where: str, rows: Any) -> tuple[Measurement, ...]:
     """[[measurements]] rows: every field present, known and checked; the model a known shape."""
     from llmpareto.formats import FORMATS
+    from llmpareto.preset_rules import RULE_PRESETS
     from llmpareto.shapes import KNOWN_SHAPES
 
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -273,7 +277,8 @@ def _measurements(where: str, rows: Any) -> tuple[Measurement, ...]:
             if not isinstance(row[key], str) or not row[key].strip():
                 raise _err(where, f"{at}: field '{key}' must be a non-empty string")
         checks = ((row["model"] in KNOWN_SHAPES, "model", ", ".join(KNOWN_SHAPES)),
-                  (row["format"] in FORMATS, "format", ", ".join(FORMATS)),
+                  (row["format"] in FORMATS or row["format"] in RULE_PRESETS, "format",
+                   ", ".join([*FORMATS, *RULE_PRESETS])),
                   (_TEST.fullmatch(row["test"]) is not None, "test", "tgN or decode@C"),
                   (row["role"] in ROLES, "role", ", ".join(ROLES)))
         for ok, key, allowed in checks:

@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llmpareto: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmpareto devices X | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,8 +13,15 @@ from llmpareto.errors import UserError
 def cmd_devices(args: argparse.Namespace) -> int:
     from llmpareto.device_profiles import list_profiles, load_profile
 
+    if (args.refit or args.out) and not args.name:
+        raise UserError("--refit/--out need a profile: llmpareto devices NAME --refit token "
+                        "[--out FILE]")
+    if args.out and not args.refit:
+        raise UserError("--out writes the re-fitted profile: add --refit token|layer")
     if args.name:
         p = load_profile(args.name, measure_host=False)
+        if args.refit:
+            return _refit(p, args)
         d = p.to_dict()
         if args.json:
             print(json.dumps(d, indent=2))
@@ -39,6 +46,33 @@ def cmd_devices(args: argparse.Namespace) -> int:
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print("\n`llmpareto devices NAME` shows every field with its source; `--device host` "
           "measures this machine.")
+    return 0
+
+
+def _refit(p, args: argparse.Namespace) -> int:
+    """Re-fit eta_mem and the overhead on the profile's fit rows; print before and after."""
+    from llmpareto.device_profiles import dump_toml
+    from llmpareto.evaluators.profile_check import check_rows, refit, summary
+
+    try:
+        new = refit(p, args.refit)
+    except ValueError as exc:
+        raise UserError(f"--refit {p.name}: {exc}; add [[measurements]] rows with role = "
+                        f"\"fit\" (published decode speeds of 2+ model sizes) to its .toml")\
+            from None
+    for label, prof in (("before", p), ("after", new)):
+        s = summary(check_rows(prof))
+        print(f"{label}: eta_mem {prof.eta_mem:.4g}, overhead_s_per_token "
+              f"{prof.overhead_s_per_token:.4g}, overhead_s_per_layer "
+              f"{prof.overhead_s_per_layer:.4g}; " + "; ".join(
+                  f"{role} {v['rows']} rows MAPE {v['mape_%']:.1f}%" for role, v in s.items()))
+    if args.out:
+        from llmpareto.rundir import atomic_write_text
+
+        atomic_write_text(args.out, dump_toml(new))
+        print(f"wrote {args.out}")
+    else:
+        _print_check(new)
     return 0
 
 
@@ -152,6 +186,9 @@ def add_device_commands(sub) -> None:
     pd_ = sub.add_parser("devices", help="list device profiles, or show one with its sources")
     pd_.add_argument("name", nargs="?", help="profile name or .toml path")
     pd_.add_argument("--json", action="store_true")
+    pd_.add_argument("--refit", choices=("token", "layer"), help="re-fit eta_mem and a fixed "
+                     "cost per token (or per block) on the profile's [[measurements]] fit rows")
+    pd_.add_argument("--out", help="--refit: write the re-fitted profile here (TOML)")
     pd_.set_defaults(func=cmd_devices)
     ph = sub.add_parser("profile-host", help="measure this machine and write a device profile")
     ph.add_argument("--out", help="TOML file to write (default: print)")

@@ -51,9 +51,21 @@ class RunDir:
 
     def write_json(self, path: Path, data: Any) -> None:
         """Write via a temporary file so a crash never leaves half a file behind."""
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+        atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a crash
+    leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({exc.strerror}); check the folder exists and "
+                        f"has free space") from None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -82,6 +82,25 @@ KNOWN_SHAPES: dict[str, tuple[Shape, str]] = {
                    "https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/config.json"),
     "smollm2-135m": (Shape(576, 1536, 30, 9, 3, 49152, tied=True),
                      "https://huggingface.co/HuggingFaceTB/SmolLM2-135M/blob/main/config.json"),
+    "smollm2-360m": (Shape(960, 2560, 32, 15, 5, 49152, tied=True),
+                     "https://huggingface.co/HuggingFaceTB/SmolLM2-360M/blob/main/config.json"),
+    "smollm2-1.7b": (Shape(2048, 8192, 24, 32, 32, 49152, tied=True),
+                     "https://huggingface.co/HuggingFaceTB/SmolLM2-1.7B/blob/main/config.json"),
+    "llama-1-7b": (Shape(4096, 11008, 32, 32, 32, 32000),
+                   "https://huggingface.co/huggyllama/llama-7b/blob/main/config.json"),
+    "llama-3.1-8b": (Shape(4096, 14336, 32, 32, 8, 128256),
+                     "https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json"),
+    "qwen2.5-1.5b": (Shape(1536, 8960, 28, 12, 2, 151936, tied=True),
+                     "https://huggingface.co/Qwen/Qwen2.5-1.5B/blob/main/config.json"),
+    "qwen2.5-14b": (Shape(5120, 13824, 48, 40, 8, 152064),
+                    "https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json (also "
+                    "DeepSeek-R1-Distill-Qwen-14B)"),
+    "qwen2.5-32b": (Shape(5120, 27648, 64, 40, 8, 152064),
+                    "https://huggingface.co/Qwen/Qwen2.5-32B/blob/main/config.json (also "
+                    "DeepSeek-R1-Distill-Qwen-32B)"),
+    # q/k RMS norms, which this shape leaves out (256 weights a block)
+    "qwen3-0.6b": (Shape(1024, 3072, 28, 16, 8, 151936, tied=True, head_dim=128),
+                   "https://huggingface.co/Qwen/Qwen3-0.6B/blob/main/config.json"),
 }
 
 # GPU calibration (`profile-host --runtime llamacpp --gpu`): a GPU streams a 135M model's

@@ -15,6 +15,7 @@ from llmpareto.evaluators.profile_check import (
     check_rows,
     fit_bandwidth_and_overhead,
     predicted_tokens_per_s,
+    refit,
     summary,
 )
 from llmpareto.shapes import KNOWN_SHAPES, Shape, known_shape
@@ -59,21 +60,56 @@ def test_every_measurement_of_a_shipped_profile_is_sourced_and_predicted():
     assert seen >= 40  # h100-sxm's measured rows, rtx-4090's published ones, ...
 
 
-def test_the_two_number_fit_recovers_a_known_profile():
-    truth = dataclasses.replace(load_profile("rtx-4090"), eta_mem=0.7,
-                                overhead_s_per_token=0.002, measurements=())
+@pytest.mark.parametrize("intercept", ["token", "layer"])
+def test_the_two_number_fit_recovers_a_known_profile(intercept):
+    per_token, per_layer = (0.002, 0.0) if intercept == "token" else (0.0, 6e-5)
+    truth = dataclasses.replace(load_profile("rtx-4090"), eta_mem=0.7, kernel_weights_per_s={},
+                                overhead_s_per_token=per_token, overhead_s_per_layer=per_layer,
+                                measurements=())
     rows = tuple(Measurement(m, f, "tg128", 1.0, "fit", "x", "https://x")
                  for m, f in (("llama-2-7b", "q8_0"), ("llama-2-13b", "f16"),
-                              ("qwen2.5-3b", "q4_0"), ("llama-3-8b", "q5_0")))
+                              ("qwen2.5-3b", "q4_0"), ("llama-3-8b", "Q4_K_M"),
+                              ("smollm2-135m", "Q8_0")))
     rows = tuple(dataclasses.replace(r, tokens_per_s=predicted_tokens_per_s(truth, r))
                  for r in rows)
-    kernels = dataclasses.replace(truth, kernel_weights_per_s={}, measurements=rows)
-    eta, per_token, resid = fit_bandwidth_and_overhead(kernels)
-    assert eta == pytest.approx(0.7, rel=1e-6) and per_token == pytest.approx(0.002, rel=1e-6)
-    assert resid < 1e-6
-    s = summary(check_rows(dataclasses.replace(kernels, eta_mem=eta,
-                                               overhead_s_per_token=per_token)))
-    assert s["fit"]["rows"] == 4 and s["fit"]["mape_%"] < 1e-4 and "held-out" not in s
+    given = dataclasses.replace(truth, measurements=rows)
+    eta, overhead, resid = fit_bandwidth_and_overhead(given, intercept)
+    assert eta == pytest.approx(0.7, rel=1e-6)
+    assert overhead == pytest.approx(per_token or per_layer, rel=1e-6) and resid < 1e-6
+    new = refit(dataclasses.replace(given, eta_mem=0.5, overhead_s_per_token=0.01), intercept)
+    assert (new.eta_mem, new.overhead_s_per_token, new.overhead_s_per_layer) == pytest.approx(
+        (0.7, per_token, per_layer), rel=1e-6, abs=1e-12)
+    assert "role 'fit'" in new.sources["eta_mem"]
+    s = summary(check_rows(new))
+    assert s["fit"]["rows"] == 5 and s["fit"]["mape_%"] < 1e-4 and "held-out" not in s
+
+
+def test_a_preset_row_is_predicted_from_llama_cpp_mix_not_uniform():
+    """A published "Q4_0" file has a q6_K head: slower than a uniform q4_0 file."""
+    p = load_profile("rtx-4090")
+    row = Measurement("llama-2-7b", "Q4_0", "tg128", 1.0, "fit", "x", "https://x")
+    uniform = dataclasses.replace(row, format="q4_0")
+    assert predicted_tokens_per_s(p, row) < predicted_tokens_per_s(p, uniform) * 0.995
+
+
+def test_refit_command_writes_a_profile_that_loads(tmp_path, capsys):
+    out = tmp_path / "pi.toml"
+    assert main(["devices", "raspberry-pi-5", "--refit", "layer", "--out", str(out)]) == 0
+    got = load_profile(str(out))
+    assert got.overhead_s_per_layer > 0 and got.overhead_s_per_token == 0
+    assert len(got.measurements) == len(load_profile("raspberry-pi-5").measurements)
+    assert "before:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["devices", "apple-a17-pro", "--refit", "token"], "fit rows"),
+    (["devices", "--refit", "token"], "need a profile"),
+    (["devices", "apple-m2", "--out", "x.toml"], "add --refit"),
+])
+def test_refit_bad_input(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
 
 
 def test_devices_shows_predicted_vs_measured_for_fit_and_held_out(capsys):
