@@ -93,11 +93,11 @@ KNOWN_SHAPES: dict[str, tuple[Shape, str]] = {
     "qwen2.5-1.5b": (Shape(1536, 8960, 28, 12, 2, 151936, tied=True),
                      "https://huggingface.co/Qwen/Qwen2.5-1.5B/blob/main/config.json"),
     "qwen2.5-14b": (Shape(5120, 13824, 48, 40, 8, 152064),
-                    "https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json (also "
-                    "DeepSeek-R1-Distill-Qwen-14B)"),
+                    ("https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json (also "
+                    "DeepSeek-R1-Distill-Qwen-14B)")),
     "qwen2.5-32b": (Shape(5120, 27648, 64, 40, 8, 152064),
-                    "https://huggingface.co/Qwen/Qwen2.5-32B/blob/main/config.json (also "
-                    "DeepSeek-R1-Distill-Qwen-32B)"),
+                    ("https://huggingface.co/Qwen/Qwen2.5-32B/blob/main/config.json (also "
+                    "DeepSeek-R1-Distill-Qwen-32B)")),
     # q/k RMS norms, which this shape leaves out (256 weights a block)
     "qwen3-0.6b": (Shape(1024, 3072, 28, 16, 8, 151936, tied=True, head_dim=128),
                    "https://huggingface.co/Qwen/Qwen3-0.6B/blob/main/config.json"),

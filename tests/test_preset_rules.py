@@ -15,13 +15,13 @@ from llmpareto.spaces import presets as P
 from llmpareto.tiny import build_tiny_model
 
 SHAPES = {  # name -> build_tiny_model config
-    "gqa4-tied-16": dict(num_hidden_layers=16, hidden_size=256, intermediate_size=512,
-                         num_attention_heads=8, num_key_value_heads=2, vocab_size=512),
-    "mha-untied-fallback-18": dict(tie=False, num_hidden_layers=18, hidden_size=320,
-                                   intermediate_size=512, num_attention_heads=4,
-                                   num_key_value_heads=4, vocab_size=512),
-    "70b-rule-80": dict(num_hidden_layers=80, hidden_size=256, intermediate_size=256,
-                        num_attention_heads=4, num_key_value_heads=1, vocab_size=512),
+    "gqa4-tied-16": {"num_hidden_layers": 16, "hidden_size": 256, "intermediate_size": 512,
+                         "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 512},
+    "mha-untied-fallback-18": {"tie": False, "num_hidden_layers": 18, "hidden_size": 320,
+                                   "intermediate_size": 512, "num_attention_heads": 4,
+                                   "num_key_value_heads": 4, "vocab_size": 512},
+    "70b-rule-80": {"num_hidden_layers": 80, "hidden_size": 256, "intermediate_size": 256,
+                        "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 512},
 }
 
 
@@ -49,7 +49,7 @@ def test_rules_equal_llama_cpp_quantizer(written):
 
 def test_mixes_are_mixed_where_llama_cpp_mixes(written):
     """Guards the test above against shapes where every preset is uniform."""
-    arch, got = written
+    _arch, got = written
     kinds = {fmt for fmt in got["Q4_K_M"].values()}
     assert len(kinds) >= 2, kinds
 
