@@ -37,8 +37,14 @@ def test_schema_reads_measurements_and_their_context():
     assert p.measurements[0] == Measurement(**ROW)
 
 
+def test_schema_reads_a_llama_cpp_preset_row():
+    p = profile_from_dict(_pi5(measurements=[{**ROW, "format": "Q4_K_M"}]))
+    assert p.measurements[0].format == "Q4_K_M"
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"model": "gpt-5"}, "model 'gpt-5'"), ({"format": "q3_k"}, "format 'q3_k'"),
+    ({"format": "Q4_K_XL"}, "Q4_K_M"),
     ({"test": "pp512"}, "test 'pp512'"), ({"role": "train"}, "role 'train'"),
     ({"tokens_per_s": -1.0}, "tokens_per_s"), ({"source": ""}, "'source'"),
     ({"extra": 1}, "unknown field"),
