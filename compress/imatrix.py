@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmpareto import atomic
 from llmpareto.errors import UserError
 
 # Keys llama.cpp's loader looks for (common/imatrix-loader.h); all three must be present, or
@@ -228,16 +229,12 @@ def write_imatrix(path: str | os.PathLike, values: Mapping[str, np.ndarray], tok
                         f"chunk_size of 1 .. 2^31-1")
     chunks = math.ceil(tokens / chunk_size) if chunks is None else chunks
     clean = {name: _checked(path, name, v, legacy) for name, v in values.items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        (_write_legacy if legacy else _write_gguf)(tmp, clean, tokens, chunk_size, chunks,
-                                                   datasets)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"imatrix file {path}: cannot write it ({e.strerror}); pick a writable "
-                        f"folder") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        with atomic.atomic_path(path) as tmp:
+            (_write_legacy if legacy else _write_gguf)(tmp, clean, tokens, chunk_size, chunks,
+                                                       datasets)
+    except UserError as e:
+        raise UserError(f"imatrix file {path}: {e}") from None
     return path
 
 

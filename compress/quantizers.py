@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmpareto import atomic
 from llmpareto.errors import UserError
 from llmpareto.formats import get_format
 
@@ -188,7 +189,8 @@ class DiskVariants:
         try:
             if not self.folder.exists():
                 self.folder.mkdir(parents=True, exist_ok=True)
-                (self.folder / "identity.json").write_text(json.dumps(self.identity, indent=1))
+                atomic.write_text(self.folder / "identity.json",
+                                  json.dumps(self.identity, indent=1))
             path = self._path(key)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as fh:

@@ -52,7 +52,9 @@ def load_profile(spec: str | Path, measure_host: bool = True) -> DeviceProfile:
             from llmpareto.evaluators.host import measure_host_profile
 
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(dump_toml(measure_host_profile()))
+            from llmpareto import atomic
+
+            atomic.write_text(path, dump_toml(measure_host_profile()))
         return read_toml(path)
     path = Path(spec_s).expanduser()
     if path.suffix == ".toml" or path.is_file():

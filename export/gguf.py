@@ -133,10 +133,20 @@ def _bpe_tokenizer(writer, tokenizer, cfg) -> None:
 
 def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
                tokenizer) -> Path:
-    """Write `model` (its recipe already applied through `cache`) as one GGUF file."""
-    import gguf
+    """Write `model` (its recipe already applied through `cache`) as one GGUF file (to a
+    temporary name first: a killed export never leaves a GGUF that looks whole)."""
+    from llmpareto import atomic
 
     _check_gguf_formats(formats)
+    with atomic.atomic_path(path) as tmp:
+        _write_gguf_file(tmp, model, cache, formats, source, tokenizer)
+    return Path(path)
+
+
+def _write_gguf_file(path: Path, model, cache, formats: dict[str, str | None], source,
+                     tokenizer) -> None:
+    import gguf
+
     cfg = model.config
     n_blocks = cfg.num_hidden_layers
     writer = gguf.GGUFWriter(str(path), arch="llama")
@@ -170,4 +180,3 @@ def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path

@@ -67,9 +67,9 @@ def _refit(p, args: argparse.Namespace) -> int:
               f"{prof.overhead_s_per_layer:.4g}; " + "; ".join(
                   f"{role} {v['rows']} rows MAPE {v['mape_%']:.1f}%" for role, v in s.items()))
     if args.out:
-        from llmpareto.rundir import atomic_write_text
+        from llmpareto import atomic
 
-        atomic_write_text(args.out, dump_toml(new))
+        atomic.write_text(args.out, dump_toml(new))
         print(f"wrote {args.out}")
     else:
         _print_check(new)
@@ -135,8 +135,9 @@ def cmd_profile_host(args: argparse.Namespace) -> int:
                                        threads=args.threads, like=like)
     text = dump_toml(profile)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        from llmpareto import atomic
+
+        atomic.write_text(args.out, text)
         print(f"wrote {args.out}: bandwidth {profile.bandwidth_Bps / 1e9:.1f} GB/s, eta_mem "
               f"{profile.eta_mem:.2f}, f32 peak {profile.peak('f32') / 1e9:.0f} GFLOP/s")
     else:

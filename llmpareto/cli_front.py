@@ -47,6 +47,15 @@ def cmd_front(args: argparse.Namespace) -> int:
     from llmpareto.query import where
 
     run = Path(args.run)
+    if args.storage and not args.rebuild:
+        raise UserError("--storage is for --rebuild (the shared study to rebuild from)")
+    if args.rebuild:
+        from llmpareto.search.rebuild import rebuild
+
+        front, written = rebuild(run, args.storage)
+        print(f"rebuilt {run} from its study: trials.csv, front.csv, front.json"
+              + (", front.png" if (run / "front.png").is_file() else "")
+              + (f", {written} recipe file(s)" if written else ""))
     front = Front.load(run)
     df = where(front.df, args.where)
     if args.sort:
@@ -64,8 +73,10 @@ def cmd_front(args: argparse.Namespace) -> int:
         png = out if out.suffix == ".png" else out.with_suffix(".png")
         shown.plot(png, title=f"{run.name}: Pareto front")
         if out.suffix == ".html":
-            out.write_text(_html(df.drop(columns=[c for c in df if c.startswith("param:")]), png,
-                                 f"{run.name}: Pareto front"))
+            from llmpareto import atomic
+
+            atomic.write_text(out, _html(df.drop(columns=[c for c in df if c.startswith("param:")]),
+                                         png, f"{run.name}: Pareto front"))
     if args.format == "csv":
         print(df.to_csv(index=False), end="")
     elif args.format == "json":
@@ -117,6 +128,10 @@ def add_front_commands(sub) -> None:
     pf.add_argument("--measure", action="store_true",
                     help="export each point to GGUF and measure it in llama.cpp on this host")
     pf.add_argument("--threads", type=int, help="llama.cpp threads for --measure")
+    pf.add_argument("--rebuild", action="store_true", help="first write trials.csv, front.* "
+                    "and missing or damaged recipes again from study.db (the source of truth)")
+    pf.add_argument("--storage", help="--rebuild of a run whose study is in a shared database: "
+                    "its SQLAlchemy URL")
     pf.set_defaults(func=cmd_front)
     pp = sub.add_parser("pick", help="export one front point (GGUF for llama.cpp, HF safetensors)")
     pp.add_argument("run", help="run directory, e.g. runs/<study>")

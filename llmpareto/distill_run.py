@@ -13,7 +13,6 @@ weights the training saw.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -74,7 +73,19 @@ def _student_start(built) -> tuple[dict, dict, dict]:
 
 
 def record(rd: RunDir, trial: int, values: dict[str, float]) -> None:
-    """Set the trial's columns in trials.csv and front.csv (written atomically)."""
+    """Store the trial's new columns in study.db (the source of truth: `front --rebuild` and a
+    resumed search keep them), then set them in trials.csv and front.csv (atomically)."""
+    from llmpareto import atomic
+
+    settings = rd.read_run_json()["settings"]
+    if not settings.get("storage") and rd.db.is_file():  # a shared RDB study: CSVs only
+        import optuna
+
+        from llmpareto.search.records import record_after_search
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=settings["study"], storage=rd.storage_url)
+        record_after_search(study, trial, values)
     for path in (rd.trials_csv, rd.front_csv):
         if not path.is_file():
             continue
@@ -84,9 +95,8 @@ def record(rd: RunDir, trial: int, values: dict[str, float]) -> None:
             continue
         for k, v in values.items():
             df.loc[rows, k] = v
-        tmp = path.with_suffix(".csv.tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic.atomic_path(path) as tmp:
+            df.to_csv(tmp, index=False)
 
 
 def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
@@ -124,7 +134,10 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
     del teacher
     weights = {fqn: built.cache.weight(fqn).detach().clone().contiguous()
                for fqn in built.formats}
-    save_file(weights, str(out / "student.safetensors"), metadata={"trial": str(trial)})
+    from llmpareto import atomic
+
+    with atomic.atomic_path(out / "student.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"trial": str(trial)})
     built.model.requires_grad_(False)
     built.cache.set_override(weights)  # the recipe's formats on the distilled weights
     apply(built.model, recipe, built.cache)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from llmpareto import atomic
 from llmpareto.errors import UserError
 from llmpareto.pareto import non_dominated
 from llmpareto.recipe import Recipe
@@ -75,7 +76,8 @@ class Front:
         raise UserError("pick needs a trial number or a metric to be best in")
 
     def to_csv(self, path: str | Path) -> None:
-        self.df.to_csv(path, index=False)
+        with atomic.atomic_path(path) as tmp:
+            self.df.to_csv(tmp, index=False)
 
     def to_records(self) -> list[dict]:
         recs = self.df.replace({np.nan: None}).to_dict(orient="records")

@@ -129,7 +129,9 @@ class Recipe:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        from llmpareto import atomic
+
+        atomic.write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmpareto import atomic
 from llmpareto.errors import UserError
 
 
@@ -35,7 +35,9 @@ class RunDir:
         return self.db.exists() or self.run_json.exists()
 
     def create(self) -> None:
+        """Make the folders; remove temporaries a killed run left (never a live writer's)."""
         self.recipes.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale(self.path)
 
     def recipe_path(self, trial: int) -> Path:
         return self.recipes / f"{trial}.json"
@@ -51,21 +53,7 @@ class RunDir:
 
     def write_json(self, path: Path, data: Any) -> None:
         """Write via a temporary file so a crash never leaves half a file behind."""
-        atomic_write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: a crash
-    leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({exc.strerror}); check the folder exists and "
-                        f"has free space") from None
+        atomic.write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(obj: Any) -> Any:

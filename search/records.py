@@ -10,6 +10,7 @@ import math
 import optuna
 import pandas as pd
 
+from llmpareto import atomic
 from llmpareto.evaluators.base import EXTRA_COLUMNS, METRICS
 from llmpareto.front import Front
 from llmpareto.rundir import RunDir
@@ -19,10 +20,21 @@ BASELINE_ATTR = "baseline"  # user attr holding the label of an enqueued uniform
 # within a group): its whole recipe, which every backend evaluates instead of the params
 RECIPE_ATTR = "recipe"
 SEED_ATTR = "seed"  # user attr of an enqueued strategy proposal (a knapsack allocation)
+# study user attr: trial number -> columns measured after the search (distilled_perplexity, ...),
+# so trials.csv and the front keep them when they are rewritten from the study
+AFTER_ATTR = "llmpareto_after_search"
+
+
+def record_after_search(study: optuna.Study, trial: int, values: dict[str, float]) -> None:
+    """Store columns measured after the search (e.g. by `distill`) for `trial` in the study."""
+    got = dict(study.user_attrs.get(AFTER_ATTR, {}))
+    got[str(trial)] = {**got.get(str(trial), {}), **values}
+    study.set_user_attr(AFTER_ATTR, got)
 
 
 def trials_frame(study: optuna.Study, rd: RunDir) -> pd.DataFrame:
     rows = []
+    after = study.user_attrs.get(AFTER_ATTR, {})
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
         row = {
@@ -38,6 +50,7 @@ def trials_frame(study: optuna.Study, rd: RunDir) -> pd.DataFrame:
         row["recipe"] = str(rd.recipe_path(t.number).relative_to(rd.path)) \
             if rd.recipe_path(t.number).exists() else ""
         row.update({f"param:{k}": v for k, v in t.params.items()})
+        row.update(after.get(str(t.number), {}))
         rows.append(row)
     cols = ["trial", "state", "feasible", "baseline", *METRICS, *EXTRA_COLUMNS, "duration_s",
             "recipe"]
@@ -54,7 +67,8 @@ def front_size(study: optuna.Study) -> int:
 def write_outputs(study: optuna.Study, rd: RunDir, objectives: list[str]) -> Front:
     """Rewrite trials.csv and the front files from the study (the source of truth)."""
     trials = trials_frame(study, rd)
-    trials.to_csv(rd.trials_csv, index=False)
+    with atomic.atomic_path(rd.trials_csv) as tmp:
+        trials.to_csv(tmp, index=False)
     front = Front.from_trials(trials, objectives, rd.path)
     front.to_csv(rd.front_csv)
     rd.write_json(rd.front_json, {"objectives": objectives, "points": front.to_records()})

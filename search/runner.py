@@ -43,6 +43,15 @@ class TrialResult:
         return all(v <= 0 for v in self.constraints.values())
 
 
+def space_for(settings: SearchSettings, arch: Arch):
+    """The search space `settings` describe, on `arch` (no weights needed)."""
+    return build_space(settings.space, arch, formats=settings.formats,
+                       granularity=settings.granularity, levels=settings.sparsity_levels,
+                       pattern=settings.sparsity_pattern, method=settings.sparsity_method,
+                       blocks=settings.student_blocks, mlp_ratios=settings.student_mlp_ratios,
+                       heads=settings.student_heads)
+
+
 class TrialRunner:
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
@@ -52,14 +61,7 @@ class TrialRunner:
         self.arch = Arch.from_model(self.model)
         self.windows = tokenize_windows(self.tokenizer, text, settings.window,
                                         settings.calib_tokens, settings.eval_tokens)
-        self.space = build_space(settings.space, self.arch, formats=settings.formats,
-                                 granularity=settings.granularity,
-                                 levels=settings.sparsity_levels,
-                                 pattern=settings.sparsity_pattern,
-                                 method=settings.sparsity_method,
-                                 blocks=settings.student_blocks,
-                                 mlp_ratios=settings.student_mlp_ratios,
-                                 heads=settings.student_heads)
+        self.space = space_for(settings, self.arch)
         self.cache = VariantCache(self.model, self.arch, settings.dequant_cache,
                                   settings.variant_cache)
         self._set_quantizer()

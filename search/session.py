@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from llmpareto import atomic
 from llmpareto.errors import UserError
 from llmpareto.front import Front
 from llmpareto.rundir import RunDir
@@ -93,12 +94,16 @@ def fail_stale(study: optuna.Study) -> None:
 def enqueue_baselines(study: optuna.Study, space, recipes: list | None = None) -> int:
     """The space's uniform baselines, then `recipes`: (label, closest params, Recipe) of
     baselines outside the space (llama.cpp's presets), evaluated by their whole recipe.
-    Returns how many were enqueued."""
+    Idempotent: a label the study holds already (in any state) is not enqueued again.
+    Returns how many baselines the run has."""
+    present = {t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)}
     for label, params in space.baselines():
-        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
+        if label not in present:
+            study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label}, skip_if_exists=True)
     for label, params, recipe in recipes or []:
-        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label,
-                                                RECIPE_ATTR: recipe.to_dict()})
+        if label not in present:
+            study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label,
+                                                    RECIPE_ATTR: recipe.to_dict()})
     return len(space.baselines()) + len(recipes or [])
 
 
@@ -125,6 +130,9 @@ def prepare_run_dir(settings: SearchSettings) -> RunDir:
         raise UserError(f"--resume: no run at {rd.path}; check --study and --runs-dir")
     if settings.resume:
         check_same_settings(rd.read_run_json()["settings"], settings, f"--resume {rd.path}")
+    else:  # first thing on disk: a run killed during its model load can be resumed
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.write_json(rd.run_json, {"settings": settings.to_dict(), "status": "starting"})
     return rd
 
 
@@ -140,11 +148,9 @@ def open_run(settings: SearchSettings, runner, rd: RunDir):
     planner = plan(settings, runner, rd.path, progress=settings.progress)
     study = open_study(rd, settings, make_sampler(settings, runner, planner, population))
     recovered = recover_interrupted(study) if settings.resume else 0
-    if not settings.resume:
-        n = enqueue_baselines(study, runner.space, runner.preset_baselines()) \
-            if settings.baselines else 0
-    else:  # a run first made with --trials below its baselines gets its seeds now
-        n = sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE_ATTR))
+    # on --resume too: a run killed while enqueueing gets the rest (each label once)
+    n = enqueue_baselines(study, runner.space, runner.preset_baselines()) \
+        if settings.baselines else 0
     enqueue_seeds(study, settings, planner, n)
     return study, run_info(settings, runner, population, planner), recovered
 
@@ -181,7 +187,8 @@ def write_distributed_outputs(study: optuna.Study, rd: RunDir, objectives: list[
     at = list(trials.columns).index("recipe") + 1
     for i, col in enumerate(NODE_COLUMNS):
         trials.insert(at + i, col, [attrs[n].get(col, "") for n in trials["trial"]])
-    trials.to_csv(rd.trials_csv, index=False)
+    with atomic.atomic_path(rd.trials_csv) as tmp:
+        trials.to_csv(tmp, index=False)
     front = Front.from_trials(trials, objectives, rd.path)
     front.to_csv(rd.front_csv)
     rd.write_json(rd.front_json, {"objectives": objectives, "points": front.to_records()})

@@ -363,10 +363,11 @@ def enqueue_seeds(study: optuna.Study, settings, planner: Planner | None,
     name = resolve(settings)
     if planner is None or name not in NEEDS_PROFILE:
         return 0
-    if any(SEED_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False)):
-        return 0  # a resumed run: its seeds are in the study already
+    # a resumed run has its seeds already; one killed while enqueueing them gets the rest
+    present = {t.user_attrs.get(SEED_ATTR) for t in study.get_trials(deepcopy=False)}
     n = sweep_size(settings, name, baselines)
     seeds = planner.seeds(n) if n > 0 else []
     for label, params in seeds:
-        study.enqueue_trial(params, user_attrs={SEED_ATTR: label}, skip_if_exists=True)
+        if label not in present:
+            study.enqueue_trial(params, user_attrs={SEED_ATTR: label}, skip_if_exists=True)
     return len(seeds)

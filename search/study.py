@@ -23,10 +23,7 @@ def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.Ba
     """Create or load the run's study; a damaged study.db is reported, never overwritten."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    if rd.db.exists() and rd.db.stat().st_size > 0:
-        with open(rd.db, "rb") as fh:
-            if fh.read(16) != b"SQLite format 3\x00":
-                raise _damaged(rd, "it is not an SQLite file")
+    check_sqlite(rd)
     for attempt in range(OPEN_TRIES):
         try:
             storage = optuna.storages.RDBStorage(rd.storage_url)
@@ -48,6 +45,14 @@ def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.Ba
         except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many kinds here
             raise _damaged(rd, _first_line(exc)) from None
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def check_sqlite(rd: RunDir) -> None:
+    """A study.db that is not an SQLite file is reported before SQLAlchemy touches it."""
+    if rd.db.exists() and rd.db.stat().st_size > 0:
+        with open(rd.db, "rb") as fh:
+            if fh.read(16) != b"SQLite format 3\x00":
+                raise _damaged(rd, "it is not an SQLite file")
 
 
 def name_objectives(study: optuna.Study, objectives: list[str]) -> optuna.Study:
