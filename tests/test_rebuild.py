@@ -31,9 +31,9 @@ def test_rebuild_writes_the_same_files_from_the_study(run, capsys):
     (path / "trials.csv").write_text("trial,sta")  # half-written
     (path / "front.json").unlink()
     (path / "front.png").write_bytes(b"\x89PNG")
-    victim = sorted(recipes)[0]
-    (path / "recipes" / victim).write_text('{"modules": {"x"')
-    (path / "recipes" / sorted(recipes)[1]).unlink()
+    first, second = sorted(recipes)[:2]
+    (path / "recipes" / first).write_text('{"modules": {"x"')
+    (path / "recipes" / second).unlink()
     assert main(["front", str(path), "--rebuild", "--format", "csv"]) == 0
     out = capsys.readouterr().out
     assert "rebuilt" in out and "2 recipe file(s)" in out
@@ -115,7 +115,7 @@ def test_remove_stale_keeps_a_live_writers_temporaries(tmp_path):
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+                          capture_output=True, text=True, check=True).stdout.strip()
     (tmp_path / f".trials.csv.{dead}.abc123.tmp").write_text("x")
     (tmp_path / f".front.csv.{os.getpid()}.abc123.tmp").write_text("x")
     (tmp_path / "recipes").mkdir()
