@@ -139,10 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show a progress bar")
     pw.set_defaults(func=_cmd_worker)
     from llmpareto.cli_devices import add_device_commands
+    from llmpareto.cli_doctor import add_doctor_command
     from llmpareto.cli_front import add_front_commands
     from llmpareto.cli_sensitivity import add_sensitivity_command
 
     add_device_commands(sub)
+    add_doctor_command(sub)
     add_front_commands(sub)
     add_sensitivity_command(sub)
     return parser
