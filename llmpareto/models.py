@@ -6,11 +6,15 @@ local `.gguf` file, or a hub id already in the local Hugging Face cache. Nothing
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmpareto.errors import UserError
+from llmpareto.gguf_check import check_gguf, read_header
+from llmpareto.units import format_bytes
 
 # Never reach a model hub at run time, whatever the caller's environment says.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,6 +116,9 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> ModelSource:
 
 def load_model(source: ModelSource):
     """Load model (float32, eval mode, no grad) and tokenizer from resolved local files."""
+    check_memory(source)  # a GGUF's header is checked here too, before anything opens it
+    if not source.gguf_file:
+        check_no_remote_code(Path(source.directory), source.spec)
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,7 +140,7 @@ def load_model(source: ModelSource):
                 **kwargs,
             )
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"could not load model {source.describe()}: {exc}") from None
+        raise UserError(f"could not load model {source.describe()}: {_one_line(exc)}") from None
     model.eval()
     model.requires_grad_(False)
     return model, tok
@@ -156,12 +163,127 @@ def load_arch(spec: str, allow_pickle: bool = False):
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         folder, gguf = str(path.resolve()), None
+        check_no_remote_code(path, spec)
     else:
         source = resolve_model(spec, allow_pickle)
         folder, gguf = source.directory, source.gguf_file
+        if gguf:
+            check_gguf(Path(folder) / gguf)
+        else:
+            check_no_remote_code(Path(folder), spec)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                             **({"gguf_file": gguf} if gguf else {}))
         return Arch.from_config(config)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"--model {spec}: cannot read its config ({exc})") from None
+        raise UserError(f"--model {spec}: cannot read its config ({_one_line(exc)})") from None
+
+
+def _one_line(exc: Exception) -> str:
+    """transformers' messages span lines; the CLI prints one."""
+    return " ".join(str(exc).split())
+
+
+def check_no_remote_code(folder: Path, spec: str) -> None:
+    """Refuse a model whose architecture exists only as Python shipped with it (config.json
+    `auto_map`): that code would run at load time, and llmpareto never runs it."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers says what is wrong with the file
+    if not isinstance(cfg, dict) or "auto_map" not in cfg:
+        return
+    from transformers import CONFIG_MAPPING
+
+    kind = cfg.get("model_type")
+    if isinstance(kind, str) and kind in CONFIG_MAPPING:
+        return  # transformers' own implementation is used; the shipped code never runs
+    raise UserError(
+        f"--model {spec}: its config.json names model_type {kind!r}, which exists only as "
+        f"Python code shipped with the model (auto_map: {', '.join(map(str, cfg['auto_map']))}"
+        "); llmpareto never runs a model's own code (there is no flag for it): use a model "
+        "whose architecture transformers implements (llama, qwen2, mistral, ...), or a .gguf")
+
+
+# What loading costs: every weight ends up float32 (load_model's dtype), whatever the file
+# stores, so a 4-bit GGUF needs about 8x its size; transformers' GGUF loader also holds a
+# dequantized copy of every tensor while it fills the model (SmolLM2-135M: 987 MB peak for
+# 538 MB of float32 weights, measured), so a GGUF counts twice.
+LOAD_BYTES_PER_WEIGHT = 4
+GGUF_LOAD_COPIES = 2
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_SPARSE_PARTS = ("compressed", "shape", "row_offsets")  # counted through their bitmask
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (what can be allocated without swapping); None where it
+    cannot be read, and then nothing is refused. One small function, so tests can patch it."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _safetensors_elements(file: Path, sparse: bool) -> int:
+    """Weights a safetensors file holds, from its JSON header alone (dense count for a
+    compressed-tensors bitmask: one weight per mask bit)."""
+    bad = f"--model: {file} is not a valid safetensors file"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+                raise UserError(f"{bad} (header length {n}, file {size} bytes); re-download or "
+                                "re-save it")
+            header = json.loads(f.read(n))
+        total = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            leaf = name.rpartition(".")[2]
+            if sparse and leaf == "bitmask":
+                count *= 8
+            elif not (sparse and leaf in _SPARSE_PARTS):
+                total += count
+        return total
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{bad} ({exc}); re-download or re-save it") from None
+
+
+def load_size(source: ModelSource) -> tuple[int, int | None, int]:
+    """(bytes of the model's files, weights it holds or None where the files do not say,
+    bytes loading it needs)."""
+    if source.gguf_file:
+        header = read_header(Path(source.directory) / source.gguf_file)  # validated first
+        need = header.n_elements * LOAD_BYTES_PER_WEIGHT * GGUF_LOAD_COPIES
+        return header.file_bytes, header.n_elements, need
+    folder = Path(source.directory)
+    if source.use_safetensors:
+        files = sorted(folder.glob("*.safetensors"))
+        sparse = _is_sparse(source.directory)
+        weights = sum(_safetensors_elements(f, sparse) for f in files)
+        return sum(f.stat().st_size for f in files), weights, weights * LOAD_BYTES_PER_WEIGHT
+    # a pickle's dtype is unknown until it is unpickled: its size is a lower bound
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    return size, None, size
+
+
+def check_memory(source: ModelSource) -> None:
+    """Refuse, with the numbers, a model whose float32 load needs more than the free memory."""
+    on_disk, weights, need = load_size(source)
+    free = available_memory_bytes()
+    if free is None or need <= free:
+        return
+    held = f"{weights} weights, " if weights is not None else ""
+    raise UserError(
+        f"model {source.describe()} ({held}{format_bytes(on_disk)} on disk) needs about "
+        f"{format_bytes(need)} ({need} bytes) of memory to load in float32, and only "
+        f"{format_bytes(free)} ({free} bytes) is available (MemAvailable in /proc/meminfo); "
+        "use a smaller model, free memory (other processes) or run on a machine with more")

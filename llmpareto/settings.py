@@ -20,7 +20,18 @@ RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "de
              "variant_cache", "disk_cache",
              "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
              "create_only", "sensitivity", "sampler"}
-_STUDY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# A study name is a folder under --runs-dir: nothing that could name a path elsewhere.
+_STUDY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_study(name: object) -> str:
+    """`name` if it is one plain folder name, else UserError saying what is allowed."""
+    if not (isinstance(name, str) and _STUDY_RE.fullmatch(name) and ".." not in name):
+        raise UserError(
+            f"--study {name!r}: use letters, digits, '.', '_' and '-' only, starting with a "
+            "letter or digit, at most 100 characters (no path separators, '..', NUL or leading "
+            "dot); the run goes to --runs-dir/<study>/")
+    return name
 
 
 @dataclass
@@ -122,12 +133,9 @@ class SearchSettings:
         self._check_strategy()
         if self.study is None:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1])
-            self.study = f"{stem.strip('-.') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if not _STUDY_RE.match(self.study):
-            raise UserError(
-                f"--study {self.study!r}: use letters, digits, '.', '_' and '-' only (no path "
-                "separators), at most 100 characters; the run goes to --runs-dir/<study>/"
-            )
+            stem = re.sub(r"\.{2,}", ".", stem)[:80]  # a default name always passes check_study
+            self.study = f"{stem.strip('-._') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_study(self.study)
 
     def _check_sparsity(self) -> None:
         from llmpareto.recipe import NEEDS_CALIBRATION, PRUNING_METHODS, parse_pattern
