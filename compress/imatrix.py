@@ -156,7 +156,10 @@ def _read_gguf(path: Path, size: int) -> Imatrix:
     value = in_sum2 / (float) count, or 1 where count <= 0 (an expert that saw no token)."""
     import gguf
 
+    from llmpareto.gguf_check import check_gguf
+
     _check_gguf_header(path, size)
+    check_gguf(path)  # counts, shapes and offsets against the file size, before GGUFReader
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file

@@ -111,16 +111,25 @@ class DeviceProfile:
         return d
 
 
-_NUMBERS = {  # field -> (type, lower bound, inclusive?, upper bound)
-    "memory_bytes": (int, 0, False, math.inf),
-    "bandwidth_Bps": (float, 0, False, math.inf),
+# field -> (type, lower bound, inclusive?, upper bound); bounds catch a number in the wrong unit
+# (8 for 8 GB, 17.07 for 17.07 GB/s, 500000 mW) with room for any real device: 64 MiB..32 TiB of
+# memory, 0.1 GB/s..100 TB/s, 0.1 W..5 kW
+_NUMBERS = {
+    "memory_bytes": (int, 2**26, True, 2**45),
+    "bandwidth_Bps": (float, 1e8, True, 1e14),
     "eta_mem": (float, 0, False, 1.0),
     "eta_compute": (float, 0, False, 1.0),
     "overhead_s_per_token": (float, 0, True, math.inf),
-    "power_active_w": (float, 0, False, math.inf),
+    "power_active_w": (float, 0.1, True, 5000.0),
     "power_idle_w": (float, 0, True, math.inf),
     "energy_pj_per_byte": (float, 0, False, math.inf),
     "energy_pj_per_flop": (float, 0, False, math.inf),
+}
+_UNITS = {  # what a wrong-unit value most likely meant
+    "memory_bytes": "the unit is bytes: 8 GiB is 8589934592",
+    "bandwidth_Bps": "the unit is bytes per second: 17 GB/s is 17e9",
+    "power_active_w": "the unit is watts",
+    **{f"peak_flops.{d}": "the unit is FLOP/s: 989 TFLOP/s is 989e12" for d in DTYPES},
 }
 _STRINGS = ("name", "description", "runtime")
 _LISTS = ("fast_formats", "sparse")
@@ -142,9 +151,10 @@ def _number(where: str, key: str, value: Any, kind: type, lo: float, incl: bool,
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise _err(where, f"field '{key}' must be a whole number of bytes, got {value!r}")
     if not math.isfinite(value) or value < lo or (value == lo and not incl) or value > hi:
-        bound = f">= {lo}" if incl else f"> {lo}"
-        bound += f" and <= {hi}" if hi != math.inf else ""
-        raise _err(where, f"field '{key}' = {value!r} is out of range (must be {bound})")
+        bound = f">= {lo:g}" if incl else f"> {lo:g}"
+        bound += f" and <= {hi:g}" if hi != math.inf else ""
+        hint = f"; {_UNITS[key]}" if key in _UNITS else ""
+        raise _err(where, f"field '{key}' = {value!r} is out of range (must be {bound}){hint}")
     return kind(value)
 
 
@@ -187,7 +197,8 @@ def profile_from_dict(data: dict[str, Any], where: str = "<dict>") -> DeviceProf
     bad = sorted(set(peaks) - set(DTYPES))
     if bad:
         raise _err(where, f"field 'peak_flops' has unknown dtype(s) {bad}; allowed: {', '.join(DTYPES)}")
-    out["peak_flops"] = {k: _number(where, f"peak_flops.{k}", v, float, 0, False, math.inf)
+    # 0.1 GFLOP/s .. 1e18: a value in GFLOP/s or TFLOP/s (e.g. 989.4) is refused
+    out["peak_flops"] = {k: _number(where, f"peak_flops.{k}", v, float, 1e8, True, 1e18)
                          for k, v in peaks.items()}
     sources = data["sources"]
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from llmpareto import atomic
 from llmpareto.errors import UserError
 from llmpareto.front import Front
 from llmpareto.query import where
@@ -203,6 +204,11 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
     bad = [k for k in kinds if k not in EXPORT_FORMATS]
     if bad or not kinds:
         raise UserError(f"--format {','.join(kinds)}: choose from {', '.join(EXPORT_FORMATS)}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give the path of a folder to export into")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise UserError(f"--out {out}: a part of that path is a file, not a folder; choose "
+                        f"another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
     front = Front.load(run_dir)
@@ -221,28 +227,30 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
         _check_gguf_formats(built.formats)
     # Write next to the target and move into place at the end, so a failure never leaves a
     # half-written export (or, with --force, destroys the old one first).
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    written = ["recipe.json", "README.md"]
-    recipe.save(tmp / "recipe.json")
-    if "gguf" in kinds:
-        write_gguf(tmp / "model.gguf", built.model, built.cache, built.formats, built.source,
-                   built.tokenizer)
-        written.append("model.gguf")
-    hf_kind = "dense"
-    if "hf" in kinds:
-        hf_kind = write_hf(tmp / "hf", built)
-        written.append("hf/")
-    command = "llmpareto pick " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if sys.argv[1:2] == ["pick"] else \
-        f"llmpareto pick {run_dir} --trial {int(row['trial'])} --out {out} --format {','.join(kinds)}"
-    pruned = {f: sp for f, sp in built.cache.current_sparsity.items()
-              if sp is not None and f in built.formats}  # the kept tensors, original names
-    (tmp / "README.md").write_text(model_card(run_dir, row, recipe, built.formats, written,
-                                              command, pruned, hf_kind))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create {out.parent} ({exc.strerror})") from None
+    stale = out.with_name(out.name + ".partial")  # left by exports before atomic_dir
+    if stale.is_dir():
+        shutil.rmtree(stale)
+    with atomic.atomic_dir(out, replace=True) as tmp:
+        written = ["recipe.json", "README.md"]
+        recipe.save(tmp / "recipe.json")
+        if "gguf" in kinds:
+            write_gguf(tmp / "model.gguf", built.model, built.cache, built.formats, built.source,
+                       built.tokenizer)
+            written.append("model.gguf")
+        hf_kind = "dense"
+        if "hf" in kinds:
+            hf_kind = write_hf(tmp / "hf", built)
+            written.append("hf/")
+        command = "llmpareto pick " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+            if sys.argv[1:2] == ["pick"] else \
+            f"llmpareto pick {run_dir} --trial {int(row['trial'])} --out {out} --format " \
+            f"{','.join(kinds)}"
+        pruned = {f: sp for f, sp in built.cache.current_sparsity.items()
+                  if sp is not None and f in built.formats}  # the kept tensors, original names
+        atomic.write_text(tmp / "README.md", model_card(run_dir, row, recipe, built.formats,
+                                                        written, command, pruned, hf_kind))
     return out

@@ -22,8 +22,25 @@ _TMP = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 def _write_error(path: Path, exc: OSError) -> UserError:
     why = exc.strerror or str(exc)
+    if not path.parent.is_dir():
+        return UserError(f"cannot write {path}: {path.parent} is not an existing folder; "
+                         f"choose another path")
     return UserError(f"cannot write {path} ({why}); free disk space or choose another folder, "
                      f"then run the command again (files already written are kept)")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode(path: Path, new: int) -> int:
+    """An existing file's permissions, else what the umask gives a new one."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return new & ~_umask()
 
 
 @contextlib.contextmanager
@@ -32,11 +49,15 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     error it is removed and `path` is left as it was. A failed write (full disk, file-size
     limit) becomes a UserError naming the file."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
-                                dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                                    dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     os.close(fd)
     tmp = Path(name)
     try:
+        os.chmod(tmp, _mode(path, 0o666))  # mkstemp makes 0600: give what open() would
         yield tmp
         if fsync:
             with open(tmp, "rb+") as fh:
@@ -67,9 +88,13 @@ def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yields a temporary folder beside `path`, renamed to `path` when the block succeeds (an
     existing `path` is replaced only with `replace`); removed on any error."""
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
-                                dir=path.parent))
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                                    dir=path.parent))
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    try:
+        os.chmod(tmp, _mode(path, 0o777))
         yield tmp
         if path.exists() and replace:
             old = path.with_name(f".{path.name}.{os.getpid()}.old.tmp")

@@ -80,7 +80,13 @@ def _default_model(args: argparse.Namespace) -> Row:
         magic = f.read(4)
     if magic != b"GGUF":
         return row("FAIL", f"{path} ({size} bytes) starts with {magic!r}, not b'GGUF'", fix)
-    return row("ok", f"{path} ({size} bytes, {size / 1e9:.3f} GB), GGUF header")
+    from llmpareto.gguf_check import check_gguf
+
+    try:  # header, tensor shapes and offsets against the file size
+        check_gguf(path)
+    except UserError as exc:
+        return row("FAIL", first_line(exc), fix)
+    return row("ok", f"{path} ({size} bytes, {size / 1e9:.3f} GB), GGUF header and tensors")
 
 
 def _disk(folder: Path, what: str) -> Row:

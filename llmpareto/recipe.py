@@ -49,8 +49,11 @@ def _check_choice(key: str, choice: Any) -> dict | None:
         from llmpareto.formats import get_format
 
         get_format(choice["format"])
-    if "sparsity" in choice and not 0.0 <= float(choice["sparsity"]) < 1.0:
-        raise UserError(f"recipe entry {key!r}: sparsity must be in [0, 1)")
+    if "sparsity" in choice:
+        sp = choice["sparsity"]
+        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0.0 <= sp < 1.0:
+            raise UserError(f"recipe entry {key!r}: sparsity must be a number in [0, 1), got "
+                            f"{sp!r}")
     if "pattern" in choice:
         parse_pattern(choice["pattern"])
     return dict(choice)
@@ -109,7 +112,13 @@ class Recipe:
             raise UserError(
                 f"recipe has unknown key(s) {sorted(unknown)}; allowed: version, modules, structure"
             )
-        version = int(data.get("version", RECIPE_VERSION))
+        version = data.get("version", RECIPE_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise UserError(f"recipe 'version' must be a whole number >= 1, got {version!r}")
+        for part in ("modules", "structure"):
+            if not isinstance(data.get(part, {}), dict):
+                raise UserError(f"recipe {part!r} must be a JSON object (name -> choice), got "
+                                f"{type(data[part]).__name__}")
         if version > RECIPE_VERSION:
             raise UserError(
                 f"recipe version {version} is newer than this llmpareto understands "

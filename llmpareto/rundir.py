@@ -17,6 +17,10 @@ class RunDir:
 
     @classmethod
     def for_study(cls, runs_dir: str | Path, study: str) -> RunDir:
+        """runs_dir/study, for a study name that cannot leave runs_dir."""
+        from llmpareto.settings import check_study
+
+        check_study(study)
         return cls(Path(runs_dir) / study)
 
     db = property(lambda self: self.path / "study.db")
@@ -33,6 +37,16 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.db.exists() or self.run_json.exists()
+
+    def is_stub(self) -> bool:
+        """Only the run.json a new run writes first (status "starting"), no study: a run
+        refused or killed before it stored anything."""
+        if self.db.exists() or not self.run_json.is_file():
+            return False
+        try:
+            return json.loads(self.run_json.read_text()).get("status") == "starting"
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def create(self) -> None:
         """Make the folders; remove temporaries a killed run left (never a live writer's)."""

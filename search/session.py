@@ -123,6 +123,8 @@ def prepare_run_dir(settings: SearchSettings) -> RunDir:
     """The run directory for `settings`, refusing a clash (exists without --resume, missing
     with it) and a --resume whose settings differ from the original run's."""
     rd = RunDir.for_study(settings.runs_dir, settings.study)
+    if rd.is_stub() and not settings.resume:  # a new run refused before its study existed
+        rd.run_json.unlink()
     if rd.exists() and not settings.resume:
         raise UserError(f"{rd.path} already exists; pass --resume to continue it, or choose "
                         "another --study name")
@@ -131,7 +133,11 @@ def prepare_run_dir(settings: SearchSettings) -> RunDir:
     if settings.resume:
         check_same_settings(rd.read_run_json()["settings"], settings, f"--resume {rd.path}")
     else:  # first thing on disk: a run killed during its model load can be resumed
-        rd.path.mkdir(parents=True, exist_ok=True)
+        try:
+            rd.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory {rd.path} ({exc.strerror}); "
+                            f"choose another --runs-dir") from None
         rd.write_json(rd.run_json, {"settings": settings.to_dict(), "status": "starting"})
     return rd
 

@@ -168,9 +168,6 @@ def test_issue2_resume_with_other_settings(capfd, model, run_copy):
     assert (run_copy / "study.db").read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a bad input refused after the model is loaded "
-                   "leaves RUNS/STUDY/run.json behind, so the corrected command is refused "
-                   "with 'already exists; pass --resume' (see the audit's Bugs found)")
 def test_issue2_a_refused_budget_leaves_the_study_name_free(capfd, model, tmp_path):
     runs = tmp_path / "runs"
     refused(capfd, search_argv(model, runs, "b", "--max-memory", "1000"), "smallest candidate")
@@ -260,8 +257,6 @@ def test_issue4_front_where(capfd, run, expr, phrase):
     refused(capfd, ["front", run, "--where", expr], phrase)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an --out that cannot be a folder (an existing file, "
-                   "or a path under one) escapes as NotADirectoryError (export/pick.py mkdir)")
 @pytest.mark.parametrize("where", ["is a file", "under a file"])
 def test_issue4_out_that_cannot_be_a_folder(capfd, run, tmp_path, where):
     f = tmp_path / "afile"
@@ -271,9 +266,6 @@ def test_issue4_out_that_cannot_be_a_folder(capfd, run, tmp_path, where):
     assert f.read_text() == "mine"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an output path that cannot be written escapes as "
-                   "NotADirectoryError: atomic.atomic_path calls mkstemp outside its try, and "
-                   "search's run folder is made with a bare mkdir")
 @pytest.mark.parametrize("command", ["search --runs-dir", "front --plot", "devices --out"])
 def test_issue15_output_path_under_a_file(capfd, model, run, tmp_path, command):
     f = tmp_path / "afile"
