@@ -138,6 +138,19 @@ def check_run_dir(path: str | Path, skip: tuple[str, ...] = ("ray",)) -> dict:
     return out
 
 
+def permission_problems(path: str | Path) -> list[str]:
+    """Files under `path` whose permissions are not what the umask gives a new file (0644 under
+    umask 022): a temporary made with mkstemp is 0600 and keeps that mode when renamed."""
+    mask = os.umask(0)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    bad = []
+    for p in Path(path).rglob("*"):
+        if p.is_file() and not _is_tmp(p.name) and (p.stat().st_mode & 0o777) != want:
+            bad.append(f"{p.relative_to(path)} {oct(p.stat().st_mode & 0o777)}")
+    return sorted(bad)
+
+
 # ----------------------------------------------------------------------- trial accounting
 
 def complete_trials(db: Path, study: str) -> dict[int, tuple]:
@@ -151,13 +164,28 @@ def trial_records(storage: Path | str, study: str) -> dict[int, tuple]:
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage if isinstance(storage, str) and "://" in storage else f"sqlite:///{storage}"
-    try:
-        s = optuna.load_study(study_name=study, storage=url)
-    except Exception:  # noqa: BLE001 - not created yet, or unreadable
-        return {}
+    if isinstance(storage, str) and "://" in storage:
+        s = optuna.load_study(study_name=study, storage=read_url(storage))
+    else:
+        try:
+            s = optuna.load_study(study_name=study, storage=f"sqlite:///{storage}")
+        except Exception:  # noqa: BLE001 - not created yet, or unreadable
+            return {}
     return {t.number: (t.values, t.params, dict(t.user_attrs))
             for t in s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
+
+def read_url(url: str) -> str:
+    """A PostgreSQL URL with the driver that is installed (SQLAlchemy 2.1 maps postgresql://
+    to psycopg 3, 2.0 to psycopg2)."""
+    import importlib.util
+
+    if url.startswith("postgresql://"):
+        for module, driver in (("psycopg", "postgresql+psycopg"),
+                               ("psycopg2", "postgresql+psycopg2")):
+            if importlib.util.find_spec(module) is not None:
+                return driver + url[len("postgresql"):]
+    return url
 
 
 def n_complete_fast(db: Path) -> int:
@@ -564,6 +592,14 @@ def tmpfs_works(where: Path) -> bool:
     return ok
 
 
+# KiB at which the run directory fills: early (before or at study creation), during the
+# trials, late (outputs). A new study.db is 112 KiB and ~135 KiB after 10 trials; a tmpfs
+# also holds run.json, the profile, the imatrix, recipes and outputs (~250 KiB in all).
+# RLIMIT_FSIZE limits one file (study.db is the largest), so its late band is its middle one.
+DISK_BANDS = {"tmpfs": [(40, 140), (150, 200), (200, 260)],
+              "rlimit": [(40, 110), (114, 134), (114, 134)]}
+
+
 def _fsize_limit(n: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
@@ -863,9 +899,11 @@ def kill_rdb_worker(pg: PgServer, model: Path, work: Path, study: str, rng: rand
             time.sleep(0.1)
         time.sleep(d)
         aim = f"{d:.2f}s after {k} complete"
+    finished = proc.poll() is not None
     _sigkill(proc)
     before = complete_trials(url, study)
-    o = Outcome("SIGKILL RDB worker", f"{aim}; {len(before)} complete at the kill")
+    o = Outcome("SIGKILL RDB worker", f"{aim}; {len(before)} complete at the kill"
+                + (" (had finished)" if finished else ""))
     res = run_cli(worker(2), timeout=timeout)
     o.completed = res.returncode == 0
     if not o.completed:

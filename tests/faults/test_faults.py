@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -65,29 +66,35 @@ def killed_runs(model, tmp_path_factory) -> tuple[list[h.Outcome], dict]:
     for i, phases in enumerate(local_chains()):
         rng = rng_for(f"chain{i}")
         h.log(f"chain {i}: {phases}")
-        outcomes += h.kill_chain(phases, model, runs, f"k{i}", rng, trials=TRIALS)
+        seed = rng.randint(0, 10_000)
+        outcomes += h.kill_chain(phases, model, runs, f"k{i}", rng, trials=TRIALS,
+                                 settings={"seed": seed})
         if first is None:
-            first = {"runs_dir": runs, "study": f"k{i}"}
+            first = h.search_settings(model, runs, f"k{i}", rng, TRIALS, {"seed": seed})
     return outcomes, first
 
 
 def copy_run(killed_runs, dst: Path) -> tuple[Path, dict]:
     """A copy of the first finished run, and the settings that resume it."""
     _, first = killed_runs
-    src = Path(first["runs_dir"]) / first["study"]
-    shutil.copytree(src, dst / "runs" / first["study"])
-    import json
-
-    s = json.loads((src / "run.json").read_text())["settings"]
-    keep = ("model", "study", "trials", "seed", *h.FAST)
-    return dst / "runs" / first["study"], {**{k: s[k] for k in keep},
-                                           "runs_dir": str(dst / "runs")}
+    shutil.copytree(Path(first["runs_dir"]) / first["study"], dst / "runs" / first["study"])
+    return dst / "runs" / first["study"], {**first, "runs_dir": str(dst / "runs")}
 
 
 def test_local_search_killed_at_random_moments_resumes_whole(killed_runs):
     outcomes, _ = killed_runs
     assert len(outcomes) == (20 if FULL else 3)
     assert_clean(outcomes)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: llmpareto/atomic.py writes through mkstemp (mode "
+                   "0600) and renames, so run outputs are no longer readable by the group/others "
+                   "the umask allows (was 0644); chmod the temporary to 0o666 & ~umask")
+def test_outputs_keep_the_permissions_the_umask_gives(killed_runs):
+    _, first = killed_runs
+    bad = h.permission_problems(Path(first["runs_dir"]) / first["study"])
+    print(f"files with other permissions than the umask gives: {bad}")
+    assert not bad
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +118,15 @@ def test_distill_killed_resumes_from_its_checkpoint(killed_runs, tmp_path):
     assert "had finished" in o.detail or "resumed at" in o.detail
 
 
-@pytest.mark.parametrize("kind", ["truncated", "flipped"])
+_FLIP_BUG = ("bug: --resume does not check study.db (PRAGMA integrity_check) before writing: a "
+             "flipped b-tree page that the resume does not read goes unnoticed, the resume exits "
+             "0 and writes into the damaged file (README: a damaged study.db is refused and "
+             "nothing stored is changed); caught only when the damaged page is read, so this "
+             "fails or passes with the page the seed hits (not strict)")
+
+
+@pytest.mark.parametrize("kind", ["truncated", pytest.param("flipped", marks=pytest.mark.xfail(
+    strict=False, reason=_FLIP_BUG))])
 def test_damaged_study_db_is_refused_and_left_alone(killed_runs, tmp_path, kind):
     _, s = copy_run(killed_runs, tmp_path)
     o = h.damage_study_db(s, kind, rng_for(f"db-{kind}"))
@@ -162,15 +177,35 @@ def test_device_profile_with_wrong_units_is_refused(tmp_path, key):
     assert_clean([o])
 
 
-def disk_sizes() -> list[int]:
+DISK_MODE = "tmpfs" if h.tmpfs_works(Path(tempfile.mkdtemp(prefix="faults-probe-"))) \
+    else "rlimit"
+
+
+_DISK_BUG = ("bug: a full disk while optuna writes study.db during enqueue or a trial ends in a "
+             "traceback (optuna.exceptions.StorageInternalError, exit 1) instead of one "
+             "`llmpareto: error:` line; only opening/creating the study and the atomic file "
+             "writes turn it into a UserError")
+
+
+def disk_sizes() -> list:
     rng = rng_for("disk")
-    # study.db alone passes 100 KiB during a 10-trial run; the whole run directory ~250 KiB
-    return [rng.randint(48, 200) * 1024 for _ in range(3 if FULL else 1)]
+    out = []
+    for band, (lo, hi) in enumerate(h.DISK_BANDS[DISK_MODE]):
+        if not FULL and band != 1:  # the short run: one size in the middle band
+            continue
+        size = rng.randint(lo, hi) * 1024
+        # early: fails opening the study (handled); middle: during enqueue/trials (the bug);
+        # late: wherever it lands (the bug where optuna writes, handled in the atomic writes)
+        marks = [] if band == 0 else [pytest.mark.xfail(strict=band == 1, reason=_DISK_BUG)]
+        out.append(pytest.param(size, marks=marks, id=f"{size // 1024}KiB"))
+    return out
 
 
 @pytest.mark.parametrize("size", disk_sizes())
 def test_full_disk_stops_clearly_and_resumes(model, tmp_path, size):
-    o = h.disk_full(model, tmp_path, "d", size, rng_for(f"disk{size}"), trials=TRIALS)
+    print(f"disk full by {DISK_MODE}")
+    o = h.disk_full(model, tmp_path, "d", size, rng_for(f"disk{size}"), mode=DISK_MODE,
+                    trials=TRIALS)
     assert_clean([o])
 
 
