@@ -87,9 +87,6 @@ def test_local_search_killed_at_random_moments_resumes_whole(killed_runs):
     assert_clean(outcomes)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: llmpareto/atomic.py writes through mkstemp (mode "
-                   "0600) and renames, so run outputs are no longer readable by the group/others "
-                   "the umask allows (was 0644); chmod the temporary to 0o666 & ~umask")
 def test_outputs_keep_the_permissions_the_umask_gives(killed_runs):
     _, first = killed_runs
     bad = h.permission_problems(Path(first["runs_dir"]) / first["study"])
@@ -144,32 +141,13 @@ def test_damaged_gguf_model_is_refused(picked, tmp_path, kind):
     assert not (tmp_path / "runs" / "g" / "study.db").exists()
 
 
-_RECIPE_BUGS = {  # product bugs found by this suite: a traceback instead of one error line
-    "sparsity 'half'": "bug: recipe.py _check_choice float() on a string sparsity raises "
-                       "ValueError (traceback)",
-    "modules a list": "bug: Recipe.from_dict dict() on a list 'modules' raises ValueError "
-                      "(traceback)",
-    "version 'one'": "bug: Recipe.from_dict int() on a string version raises ValueError "
-                     "(traceback)",
-}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_RECIPE_BUGS[n]))
-    if n in _RECIPE_BUGS else n for n in h.BAD_RECIPES])
+@pytest.mark.parametrize("name", list(h.BAD_RECIPES))
 def test_bad_recipe_json_is_refused(model, tmp_path, name):
     o = h.bad_recipe(model, tmp_path, name)
     assert_clean([o])
 
 
-_UNIT_BUG = ("bug: device_profiles/schema.py accepts a value in the wrong unit (only > 0 is "
-             "checked); proposed bounds: memory_bytes 2^26..2^45, bandwidth_Bps 1e8..1e14, "
-             "power_active_w 0.1..5000")
-
-
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.xfail(strict=True,
-                                                                        reason=_UNIT_BUG))
-                                 for k in h.WRONG_UNITS])
+@pytest.mark.parametrize("key", list(h.WRONG_UNITS))
 def test_device_profile_with_wrong_units_is_refused(tmp_path, key):
     p = h.wrong_units_profile(tmp_path, key)
     o = h.refuse(f"device profile wrong units: {key}", f"{key} = {h.WRONG_UNITS[key][0]}",
