@@ -29,3 +29,22 @@ def search(backend: str = "local", **kwargs: Any) -> Front:
         if fresh and rd.is_stub():  # refused before its study existed: leave nothing behind
             shutil.rmtree(rd.path, ignore_errors=True)
         raise
+    except Exception as exc:
+        if not _storage_failure(exc):
+            raise
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        full = "disk is full" in str(exc) or "No space left" in str(exc)
+        raise UserError(
+            f"the study database could not be written ({type(exc).__name__}: {first})"
+            + ("; the disk is full: free disk space" if full else
+               "; check the disk and the database server")
+            + f", then run again with --study {settings.study} --resume: completed trials "
+              f"are kept") from None
+
+
+def _storage_failure(exc: Exception) -> bool:
+    """An error of the study's database itself (full disk, lost server), not of llmpareto."""
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(exc, (optuna.exceptions.StorageInternalError, OperationalError))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import sys
@@ -48,11 +49,23 @@ def open_study(rd: RunDir, settings: SearchSettings, sampler: optuna.samplers.Ba
 
 
 def check_sqlite(rd: RunDir) -> None:
-    """A study.db that is not an SQLite file is reported before SQLAlchemy touches it."""
-    if rd.db.exists() and rd.db.stat().st_size > 0:
-        with open(rd.db, "rb") as fh:
-            if fh.read(16) != b"SQLite format 3\x00":
-                raise _damaged(rd, "it is not an SQLite file")
+    """A study.db that is not an SQLite file, or fails SQLite's own consistency check, is
+    reported before SQLAlchemy touches (and writes into) it."""
+    import sqlite3
+
+    if not (rd.db.exists() and rd.db.stat().st_size > 0):
+        return
+    with open(rd.db, "rb") as fh:
+        if fh.read(16) != b"SQLite format 3\x00":
+            raise _damaged(rd, "it is not an SQLite file")
+    try:  # read-only: every page, so damage anywhere is found before a write lands beside it
+        with contextlib.closing(sqlite3.connect(f"{rd.db.resolve().as_uri()}?mode=ro",
+                                                uri=True, timeout=30)) as con:
+            result = [r[0] for r in con.execute("PRAGMA quick_check(5)")]
+    except sqlite3.Error as exc:
+        raise _damaged(rd, f"{type(exc).__name__}: {exc}") from None
+    if result != ["ok"]:
+        raise _damaged(rd, f"SQLite's quick_check: {'; '.join(map(str, result))[:200]}")
 
 
 def name_objectives(study: optuna.Study, objectives: list[str]) -> optuna.Study:
@@ -83,6 +96,9 @@ def _first_line(exc: Exception) -> str:
 
 
 def _damaged(rd: RunDir, why: str) -> UserError:
+    if "disk is full" in why or "No space left" in why:
+        return UserError(f"{rd.db} could not be written: the disk is full ({why}). Free disk "
+                         f"space, then run again with --resume: completed trials are kept.")
     return UserError(
         f"{rd.db} cannot be opened as an Optuna study ({why}). Nothing was changed: move the "
         "file aside (or restore it from a backup) and run again, or choose another --study."

@@ -115,15 +115,9 @@ def test_distill_killed_resumes_from_its_checkpoint(killed_runs, tmp_path):
     assert "had finished" in o.detail or "resumed at" in o.detail
 
 
-_FLIP_BUG = ("bug: --resume does not check study.db (PRAGMA integrity_check) before writing: a "
-             "flipped b-tree page that the resume does not read goes unnoticed, the resume exits "
-             "0 and writes into the damaged file (README: a damaged study.db is refused and "
-             "nothing stored is changed); caught only when the damaged page is read, so this "
-             "fails or passes with the page the seed hits (not strict)")
 
 
-@pytest.mark.parametrize("kind", ["truncated", pytest.param("flipped", marks=pytest.mark.xfail(
-    strict=False, reason=_FLIP_BUG))])
+@pytest.mark.parametrize("kind", ["truncated", "flipped"])
 def test_damaged_study_db_is_refused_and_left_alone(killed_runs, tmp_path, kind):
     _, s = copy_run(killed_runs, tmp_path)
     o = h.damage_study_db(s, kind, rng_for(f"db-{kind}"))
@@ -159,12 +153,6 @@ DISK_MODE = "tmpfs" if h.tmpfs_works(Path(tempfile.mkdtemp(prefix="faults-probe-
     else "rlimit"
 
 
-_DISK_BUG = ("bug: a full disk while optuna writes study.db during enqueue or a trial ends in a "
-             "traceback (optuna.exceptions.StorageInternalError, exit 1) instead of one "
-             "`llmpareto: error:` line; only opening/creating the study and the atomic file "
-             "writes turn it into a UserError")
-
-
 def disk_sizes() -> list:
     rng = rng_for("disk")
     out = []
@@ -172,10 +160,9 @@ def disk_sizes() -> list:
         if not FULL and band != 1:  # the short run: one size in the middle band
             continue
         size = rng.randint(lo, hi) * 1024
-        # early: fails opening the study (handled); middle: during enqueue/trials (the bug);
-        # late: wherever it lands (the bug where optuna writes, handled in the atomic writes)
-        marks = [] if band == 0 else [pytest.mark.xfail(strict=band == 1, reason=_DISK_BUG)]
-        out.append(pytest.param(size, marks=marks, id=f"{size // 1024}KiB"))
+        # early: while the study is created; middle: during enqueue/trials (optuna's writes);
+        # late: wherever it lands (optuna's writes or llmpareto's atomic files)
+        out.append(pytest.param(size, id=f"{size // 1024}KiB"))
     return out
 
 
