@@ -33,7 +33,11 @@ def search(backend: str = "local", **kwargs: Any) -> Front:
         if not _storage_failure(exc):
             raise
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-        full = "disk is full" in str(exc) or "No space left" in str(exc)
+        chain, e = [], exc
+        while e is not None and len(chain) < 8:  # optuna wraps the driver's error
+            chain.append(str(e))
+            e = e.__cause__ or e.__context__
+        full = any("disk is full" in m or "No space left" in m for m in chain)
         raise UserError(
             f"the study database could not be written ({type(exc).__name__}: {first})"
             + ("; the disk is full: free disk space" if full else
