@@ -3,13 +3,8 @@ authentication on): trials on both nodes, a worker node killed mid-run, a killed
 
 from __future__ import annotations
 
-import os
-import secrets
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,112 +15,15 @@ from optuna.trial import TrialState
 
 import llmpareto
 from llmpareto.errors import UserError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_ports() -> list[str]:
-    # two nodes on one machine must not share the per-node agent ports (fixed by default)
-    return ["--dashboard-agent-listen-port", str(_free_port()),
-            "--dashboard-agent-grpc-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()),
-            "--metrics-export-port", str(_free_port())]
-
-
-class Cluster:
-    """`ray start --head` plus `ray start --address` worker nodes, all on 127.0.0.1."""
-
-    def __init__(self, root: Path) -> None:
-        token = root / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        # Token auth stays on: every node and every driver reads the same token file.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-                    "RAY_USAGE_STATS_ENABLED": "0"}
-        self.env.pop("RAY_AUTH_TOKEN", None)
-        self.tmp, port = tempfile.mkdtemp(prefix="rt", dir="/tmp"), _free_port()
-        self.logs: list[Path] = []
-        self.address = f"127.0.0.1:{port}"
-        self.head = self._start(["--head", "--port", str(port), "--num-cpus", "1",
-                                 "--include-dashboard=false", "--temp-dir", self.tmp])
-        self.workers: list[subprocess.Popen] = []
-
-    def _start(self, args: list[str]) -> subprocess.Popen:
-        log = Path(self.tmp) / f"node-{len(self.logs)}.log"
-        self.logs.append(log)
-        with open(log, "w") as fh:
-            return subprocess.Popen(["ray", "start", "--block", "--node-ip-address", "127.0.0.1",
-                                     "--disable-usage-stats", *_node_ports(), *args],
-                                    env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-
-    def add_worker(self) -> subprocess.Popen:
-        proc = self._start(["--address", self.address, "--num-cpus", "1"])
-        self.workers.append(proc)
-        return proc
-
-    def log_tails(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text()[-1500:]}" for log in self.logs)
-
-    def alive_nodes(self) -> int:
-        code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
-                "print(sum(n['Alive'] for n in ray.nodes()))")
-        try:
-            out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
-                                 text=True, timeout=60, check=False)
-        except subprocess.TimeoutExpired:
-            return 0
-        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
-
-    def wait_nodes(self, n: int, timeout: float = 240) -> None:
-        deadline = time.time() + timeout
-        while self.alive_nodes() != n:
-            assert time.time() < deadline, (f"the cluster never had {n} live nodes:\n"
-                                            + self.log_tails())
-            time.sleep(1)
-
-    @staticmethod
-    def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL, wait_s: float = 30) -> None:
-        try:
-            os.killpg(proc.pid, sig)  # the node's raylet and its workers share the group
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def stop(self) -> None:
-        for proc in [*self.workers, self.head]:
-            self.kill(proc, signal.SIGTERM, 3)  # let the raylets say goodbye to the GCS first
-            self.kill(proc)
-        for pid in os.listdir("/proc"):  # anything of ours that left the process group
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if pid.isdigit() and self.tmp.encode() in cmd:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+from llmpareto.tests.clusters import RayCluster, free_port, serve
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("ray"))
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from serve(lambda: RayCluster(tmp_path_factory.mktemp("ray")))
 
 
-def _search(cluster: Cluster, settings: dict, *extra: str) -> subprocess.Popen:
+def _search(cluster: RayCluster, settings: dict, *extra: str) -> subprocess.Popen:
     argv = [sys.executable, "-m", "llmpareto.cli", "search", "--backend", "ray", "--address",
             cluster.address, "--cpus-per-trial", "1", "--max-concurrent", "2", "--no-progress",
             *extra]
@@ -173,7 +71,7 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path, stu
     if proc.poll() is not None:
         pytest.fail(f"the search ended (exit {proc.returncode}) before the kill: "
                     f"{proc.communicate()[1][-3000:]}")
-    Cluster.kill(worker)
+    RayCluster.kill(worker)
     n_at_kill = len(study_watch.complete(db, "dies"))
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
@@ -212,7 +110,7 @@ def test_a_driver_without_the_token_is_told_how_to_get_it(cluster, tiny_settings
 
 
 def test_unreachable_address_fails_fast_with_the_address(tiny_settings):
-    port = _free_port()
+    port = free_port()
     t0 = time.perf_counter()
     with pytest.raises(UserError, match=f"127.0.0.1:{port}"):
         llmpareto.search(backend="ray", address=f"127.0.0.1:{port}", **tiny_settings)

@@ -3,14 +3,9 @@ processes on one study, every trial exactly once; bad URLs and studies fail clea
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,55 +17,22 @@ from optuna.trial import TrialState
 import llmpareto
 from llmpareto.errors import UserError
 from llmpareto.search.rdb import connect
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_bin() -> Path:
-    """The PostgreSQL server binaries, installed with apt-get when missing (CI runs as root)."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
-        subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], env=env,
-                       capture_output=True, check=False)
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        if not found:  # we could install and it did not work: that is a failure, not a skip
-            pytest.fail("apt-get install postgresql did not provide initdb")
-    if not found:
-        pytest.skip("no PostgreSQL server binaries and no apt-get to install them")
-    return Path(found[-1]).parent
+from llmpareto.tests.clusters import InstallFailed, PgServer, Unavailable, free_port
 
 
 @pytest.fixture(scope="module")
 def pg_url():
     """A throwaway server on 127.0.0.1 and a free port, data in a temp dir, stopped after."""
-    pytest.importorskip("psycopg2")
-    bindir = _pg_bin()
-    root = Path(tempfile.mkdtemp(prefix="llmpareto-pg-"))
-    data, port = root / "data", _free_port()
-    # PostgreSQL refuses to run as root: run it as the `postgres` user the package creates
-    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_pg:
-        shutil.chown(root, "postgres")
-    subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(data), "-U", "postgres",
-                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
-    subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"),
-                    "-o", f"-h 127.0.0.1 -p {port} -k {root}", "-w", "start"],
-                   check=True, capture_output=True)
     try:
-        subprocess.run([*as_pg, str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port),
-                        "-U", "postgres", "-c", "CREATE DATABASE llmpareto"],
-                       check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/llmpareto"
+        server = PgServer()
+    except InstallFailed as why:  # we could install and it did not work: a failure, not a skip
+        pytest.fail(str(why))
+    except Unavailable as why:
+        pytest.skip(str(why))
+    try:
+        yield server.new_db("llmpareto")
     finally:
-        subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w",
-                        "stop"], capture_output=True, check=False)
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop()
 
 
 def _worker(study: str, url: str, runs: Path) -> subprocess.Popen:
@@ -113,7 +75,7 @@ def test_two_workers_share_one_study_every_trial_once(pg_url, tiny_settings, tmp
 
 
 def test_bad_storage_and_studies_fail_clearly(pg_url, tiny_settings, tmp_path):
-    dead = f"postgresql://postgres:secret@127.0.0.1:{_free_port()}/x"
+    dead = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/x"
     t0 = time.perf_counter()
     with pytest.raises(UserError, match="127.0.0.1") as err:
         llmpareto.search(storage=dead, **tiny_settings)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from llmpareto.tests.clusters import serve
 from llmpareto.tests.faults import harness as h
 
 pytestmark = pytest.mark.faults
@@ -176,14 +177,7 @@ def test_full_disk_stops_clearly_and_resumes(model, tmp_path, size):
 
 @pytest.fixture(scope="module")
 def pg():
-    try:
-        server = h.PgServer()
-    except h.SkipFault as why:
-        pytest.skip(str(why))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(h.PgServer)
 
 
 @pytest.mark.parametrize("i", range(5 if FULL else 1))
@@ -194,14 +188,7 @@ def test_rdb_worker_killed_another_worker_finishes(pg, model, tmp_path, i):
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    try:
-        c = h.RayCluster(tmp_path_factory.mktemp("faults-ray"))
-    except h.SkipFault as why:
-        pytest.skip(str(why))
-    try:
-        yield c
-    finally:
-        c.stop()
+    yield from serve(lambda: h.RayCluster(tmp_path_factory.mktemp("faults-ray")))
 
 
 @pytest.mark.parametrize("i", range(5 if FULL else 1))
