@@ -8,6 +8,7 @@ baseline, so the search still finishes.
 
 from __future__ import annotations
 
+import datetime
 import time
 import warnings
 
@@ -39,6 +40,7 @@ PROFILE_ATTR = "llmpareto_sensitivity"  # study user attr: the sensitivity profi
 HEARTBEAT_S = 5  # a running trial's worker writes a heartbeat this often
 GRACE_S = 30  # ... and is presumed dead after this long without one
 POLL_S = 1.0
+STARTED_ATTR = "llmpareto:heartbeat_from_ask"  # system attr: the trial's first heartbeat is in
 _LOCAL_ONLY = ("storage", "address", "resume", "create_only", "runs_dir", "progress")
 
 
@@ -197,9 +199,42 @@ def _running(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
+def heartbeat_from_ask(study: optuna.Study) -> None:
+    """A trial's first heartbeat is written inside `study.ask()` (the sampler's before_trial,
+    before any proposal is computed), and the trial marked so: optuna's heartbeat thread starts
+    only after ask, and a worker killed while a sampler proposes (seconds for evolve's screens)
+    would leave a RUNNING trial that never goes stale."""
+    sampler, storage = study.sampler, study._storage
+    inner = sampler.before_trial
+
+    def before_trial(study_: optuna.Study, trial) -> None:
+        storage.record_heartbeat(trial._trial_id)
+        storage.set_trial_system_attr(trial._trial_id, STARTED_ATTR, True)
+        inner(study_, trial)
+
+    sampler.before_trial = before_trial
+
+
+def fail_orphans(study: optuna.Study) -> int:
+    """Fail (and requeue, if fixed) RUNNING trials with no first heartbeat that started over
+    GRACE_S ago: their worker died between creating the trial and its before_trial."""
+    now = datetime.datetime.now()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if STARTED_ATTR in t.system_attrs or t.datetime_start is None:
+            continue
+        if (now - t.datetime_start).total_seconds() > GRACE_S:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            requeue_if_fixed(study, t)
+            n += 1
+    return n
+
+
 def _work(study, runner: TrialRunner, rd: RunDir, settings: SearchSettings, info: dict):
     """Run trials until the study holds its --trials completed ones, then write the run."""
     from tqdm.auto import tqdm
+
+    heartbeat_from_ask(study)
 
     rd.write_json(rd.run_json, {**info, "status": "running"})
     attrs, here, status = local_node(), 0, "finished"
@@ -210,6 +245,7 @@ def _work(study, runner: TrialRunner, rd: RunDir, settings: SearchSettings, info
         try:
             while True:
                 fail_stale(study)
+                fail_orphans(study)
                 done, target = n_complete(study), _target(study)
                 if done >= target and not _running(study):
                     break

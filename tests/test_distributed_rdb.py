@@ -93,3 +93,26 @@ def test_bad_storage_and_studies_fail_clearly(pg_url, tiny_settings, tmp_path):
         llmpareto.search(storage=pg_url, resume=True, **{**s, "formats": "q8_0,q4_0"})
     with pytest.raises(UserError, match="already exists"):
         llmpareto.search(storage=pg_url, **s)
+
+
+def test_a_worker_killed_inside_ask_leaves_no_trial_running_forever(pg_url, tiny_settings,
+                                                                    tmp_path):
+    """A trial created by ask() whose worker died before any heartbeat (optuna never marks it
+    stale) is failed after GRACE_S by the next worker, which then finishes the study; a
+    worker's own trials carry their first heartbeat from inside ask()."""
+    s = {**tiny_settings, "study": "orphan", "trials": 8}
+    llmpareto.search(storage=pg_url, create_only=True, **s)
+    study = optuna.load_study(study_name="orphan", storage=connect(pg_url))
+    orphan = study.ask()  # a baseline popped from the queue, then "killed": no heartbeat
+    label = orphan.user_attrs.get("baseline")
+    proc = _worker("orphan", pg_url, tmp_path / "w")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name="orphan", storage=connect(pg_url))
+    assert study.trials[orphan.number].state == TrialState.FAIL
+    assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in study.trials)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) >= 8
+    assert all(t.system_attrs.get("llmpareto:heartbeat_from_ask") for t in done)
+    labels = [t.user_attrs.get("baseline") for t in done]
+    assert label and labels.count(label) == 1  # the cut-off baseline ran once, requeued
