@@ -8,6 +8,11 @@ format) and pruned float32 weights (params x 4 bytes a (pattern, level)). Dequan
 variants, up to `dense_bytes`, so a trial that reuses one swaps a tensor pointer instead of
 dequantizing again. A variant dropped from either level is made again, identically, when asked
 for (pruning and quantizing are deterministic); `remade` counts how often that happened.
+
+On a CUDA model (README "GPUs and large models"): variants are quantized and pruned on the
+host from float32 copies of one tensor at a time; packed codes then live in GPU memory up to
+`device_bytes`, the rest in pinned host memory, and are dequantized on the GPU by the torch
+dequantizers; dense variants live on the GPU in the model's dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class VariantCache:
 
     def __init__(self, model: torch.nn.Module, arch: Arch,
                  dense_bytes: int = DEFAULT_DENSE_BYTES,
-                 packed_bytes: int = DEFAULT_PACKED_BYTES) -> None:
+                 packed_bytes: int = DEFAULT_PACKED_BYTES, device_bytes: int = 0) -> None:
         self.model = model
         self.arch = arch
         self.shapes = {t.fqn: (t.rows, t.cols) for t in arch.tensors}
@@ -48,6 +53,12 @@ class VariantCache:
         # ("pruned", fqn, pattern, level) -> pruned float32 weights; one LRU for both
         self.prepared: OrderedDict[tuple, np.ndarray | torch.Tensor] = OrderedDict()
         self.packed_bytes, self._packed_used = int(packed_bytes), 0
+        first = next(iter(self.base.values()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.dtype = first.dtype if first is not None else torch.float32
+        # packed codes of a CUDA model held on the GPU (the rest pinned on the host)
+        self.device_bytes, self._device_used = int(device_bytes), 0
+        self._on_device: set[tuple] = set()
         self._made: set[tuple] = set()  # every key prepared once, to count re-makes
         self.remade = 0
         self.dense: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -87,14 +98,7 @@ class VariantCache:
     def set_quantizer(self, quantizer: Quantizer, disk: DiskVariants | None = None) -> None:
         """Quantize with `quantizer` from now on (packed variants made before are dropped)."""
         self.quantizer, self.disk = quantizer, disk
-        for level in (self.prepared, self.dense):
-            for key in [k for k in level if (k[0] == "codes" if level is self.prepared
-                                             else k[1] is not None)]:
-                value = level.pop(key)
-                if level is self.prepared:
-                    self._packed_used -= _size(value)
-                else:
-                    self._dense_used -= _size(value)
+        self._drop(lambda k: k[0] == "codes", lambda k: k[1] is not None)
         self._made = {k for k in self._made if k[0] != "codes"}
 
     def fingerprint(self) -> str:
@@ -108,7 +112,7 @@ class VariantCache:
         for fqn in sorted(self.base):
             t = self.base[fqn].contiguous()
             h.update(f"{fqn}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+            h.update(t.reshape(-1).view(torch.uint8).cpu().numpy())
         self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -135,10 +139,7 @@ class VariantCache:
     def set_pruning(self, method: str, input_stats: dict | None = None) -> None:
         """Prune with `method` from now on (pruned variants made before are dropped)."""
         self.pruning_method, self.input_stats = method, dict(input_stats or {})
-        for key in [k for k in self.prepared if k[3] is not None]:
-            self._packed_used -= _size(self.prepared.pop(key))
-        for key in [k for k in self.dense if k[2] is not None]:
-            self._dense_used -= self.dense.pop(key).numel() * 4
+        self._drop(lambda k: k[3] is not None, lambda k: k[2] is not None)
         self._made = {k for k in self._made if k[3] is None}
 
     def set_importance(self, col_norms: dict[str, torch.Tensor]) -> None:
@@ -164,14 +165,7 @@ class VariantCache:
         """Use these float32 weights (a distilled student's: already cut to its shape and
         pruned) instead of the base model's for their tensors; their variants are remade."""
         self.override = dict(weights)
-        for level in (self.prepared, self.dense):
-            for key in [k for k in level if (k[1] if k[0] in ("codes", "pruned") else k[0])
-                        in self.override]:
-                value = level.pop(key)
-                if level is self.prepared:
-                    self._packed_used -= _size(value)
-                else:
-                    self._dense_used -= _size(value)
+        self._drop(lambda k: k[1] in self.override, lambda k: k[0] in self.override)
         self.current.update(dict.fromkeys(self.override, "?"))  # so apply() sets them again
 
     def source(self, fqn: str, sl: tuple | None = None) -> torch.Tensor:
@@ -182,6 +176,13 @@ class VariantCache:
         if fqn in self.override:
             return self.override[fqn]
         return self.base[fqn] if sl is None else slice_weight(self.base[fqn], sl[1], sl[2])
+
+    def host_source(self, fqn: str, sl: tuple | None = None) -> torch.Tensor:
+        """`source` as float32 on the host, what the quantizers and pruners read: the tensor
+        itself for a float32 CPU model, else a copy of this one tensor (memory stays bounded)."""
+        w = self.source(fqn, sl)
+        return w if w.device.type == "cpu" and w.dtype == torch.float32 else \
+            w.to("cpu", torch.float32)
 
     def _stats(self, fqn: str, sl: tuple | None):
         """Calibration statistics of `fqn`'s inputs, cut to the kept input columns."""
@@ -207,7 +208,7 @@ class VariantCache:
             return self.prepared[key]
         t0 = time.perf_counter()
         pattern, level = sparsity
-        w = prune(self.source(fqn, sl), self.pruning_method, 0.0 if ":" in pattern else level,
+        w = prune(self.host_source(fqn, sl), self.pruning_method, 0.0 if ":" in pattern else level,
                   pattern, self._stats(fqn, sl))
         self.prepare_seconds += time.perf_counter() - t0
         self._keep(key, w)
@@ -220,13 +221,14 @@ class VariantCache:
         key = ("codes", *self._key(fqn, fmt, sparsity, sl))
         if key in self.prepared:
             self.prepared.move_to_end(key)
-            return self.prepared[key]
+            return _numpy(self.prepared[key])
         disk_key = (key, self.pruning_method if sparsity else None)
         on_disk = (self.disk is not None and fqn not in self.override
                    and self.quantizer.calibrates(fmt))
         out = self.disk.load(disk_key) if on_disk else None
         if out is None:
-            src = self.source(fqn, sl) if sparsity is None else self.pruned(fqn, sparsity, sl)
+            src = self.host_source(fqn, sl) if sparsity is None else \
+                self.pruned(fqn, sparsity, sl)
             t0 = time.perf_counter()
             out = self.quantizer.quantize(fqn, fmt, src, None if sl is None else sl[2])
             if sparsity is not None and self.quantizer.name == "gptq":
@@ -242,16 +244,43 @@ class VariantCache:
         return out
 
     def _keep(self, key: tuple, value) -> None:
-        """Remember a prepared variant, dropping the least recently used past packed_bytes."""
+        """Remember a prepared variant, dropping the least recently used past packed_bytes;
+        a CUDA model's packed codes go to the GPU while device_bytes allow, else pinned."""
         self.remade += key in self._made
         self._made.add(key)
         size = _size(value)
         if size > self.packed_bytes:
             return
         while self._packed_used + size > self.packed_bytes:
-            self._packed_used -= _size(self.prepared.popitem(last=False)[1])
+            self._pop(next(iter(self.prepared)))
+        if self.device.type == "cuda" and key[0] == "codes":
+            on_device = self._device_used + size <= self.device_bytes
+            value = place_packed(value, self.device if on_device else None)
+            if on_device:
+                self._on_device.add(key)
+                self._device_used += size
         self.prepared[key] = value
         self._packed_used += size
+
+    def _pop(self, key: tuple):
+        value = self.prepared.pop(key)
+        self._packed_used -= _size(value)
+        if key in self._on_device:
+            self._on_device.discard(key)
+            self._device_used -= _size(value)
+        return value
+
+    def _drop(self, prepared_if, dense_if) -> None:
+        """Forget the prepared and dense variants the two predicates pick (by key)."""
+        for key in [k for k in self.prepared if prepared_if(k)]:
+            self._pop(key)
+        for key in [k for k in self.dense if dense_if(k)]:
+            self._dense_used -= _size(self.dense.pop(key))
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes of packed codes held on the GPU (0 for a CPU model)."""
+        return self._device_used
 
     def prepare_pruned(self, items: Iterable[tuple[str, tuple[str, float]]],
                        progress=None) -> int:
@@ -273,7 +302,7 @@ class VariantCache:
         first trials swap pointers instead of dequantizing on the hot path."""
         for fqn, fmt in pairs:
             self.get(fqn, fmt)
-            size = 4 * self.shapes[fqn][0] * self.shapes[fqn][1]
+            size = self.dtype.itemsize * self.shapes[fqn][0] * self.shapes[fqn][1]
             if (self._key(fqn, fmt, None) not in self.dense
                     and self._dense_used + size <= self.dense_bytes):
                 self.dequantized(fqn, fmt)
@@ -301,10 +330,15 @@ class VariantCache:
             out = self.source(fqn, sl)
             self._remember(key, out)
             return out
-        packed, shape = self.get(fqn, fmt, sparsity, sl), narrowed_shape(*self.shapes[fqn], sl)
-        out = dequantize_torch(fmt, packed, shape)
+        self.get(fqn, fmt, sparsity, sl)  # prepared (or made again) ...
+        packed = self.prepared.get(("codes", *key))  # ... but kept only within packed_bytes
+        if packed is None:
+            packed = self.get(fqn, fmt, sparsity, sl)
+        shape = narrowed_shape(*self.shapes[fqn], sl)
+        out = dequantize_torch(fmt, packed, shape, self.device)
         if out is None:  # formats without a torch path use the reference numpy one
-            out = torch.from_numpy(get_format(fmt).dequantize(packed, shape))
+            out = torch.from_numpy(get_format(fmt).dequantize(_numpy(packed), shape))
+        out = out.to(self.device, self.dtype)  # exact for float32; the model's dtype otherwise
         self._remember(key, out)
         return out
 
@@ -323,6 +357,17 @@ class VariantCache:
         """Bytes held by prepared variants: packed codes and pruned weights (base weights and
         the dense LRU not counted); at most packed_bytes."""
         return self._packed_used
+
+
+def place_packed(codes: np.ndarray, device: torch.device | None) -> torch.Tensor:
+    """Packed codes as a tensor on `device`, or in pinned host memory (None), from where the
+    GPU reads them without a staging copy."""
+    t = torch.from_numpy(np.ascontiguousarray(codes))
+    return t.to(device) if device is not None else t.pin_memory()
+
+
+def _numpy(value) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.cpu().numpy()
 
 
 def _size(value) -> int:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from llmpareto.compress.prune import InputStats
+from llmpareto.placement import ids_on
 
 
 @torch.inference_mode()
@@ -19,7 +20,7 @@ def collect_input_stats(model: torch.nn.Module, windows: np.ndarray, fqns: list[
     hooks = _hook(model, fqns, diag_only, stats)
     try:
         for i in range(0, len(windows), batch_size):
-            model(input_ids=torch.from_numpy(windows[i:i + batch_size]), use_cache=False)
+            model(input_ids=ids_on(model, windows[i:i + batch_size]), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -92,7 +93,7 @@ def quantizer_stats(model: torch.nn.Module, arch, windows: np.ndarray, batch_siz
         h = head_module.register_forward_hook(lambda m, args, o: s.add(args[0]))
         try:
             for i in range(0, len(windows), batch_size):
-                model(input_ids=torch.from_numpy(windows[i:i + batch_size]), use_cache=False)
+                model(input_ids=ids_on(model, windows[i:i + batch_size]), use_cache=False)
         finally:
             h.remove()
         out[head or arch.embedding.fqn] = s
@@ -123,7 +124,7 @@ def blockwise_stats(model: torch.nn.Module, windows: np.ndarray, batch_size: int
     try:
         for i in range(0, len(windows), batch_size):
             try:
-                model(input_ids=torch.from_numpy(windows[i:i + batch_size]), use_cache=False)
+                model(input_ids=ids_on(model, windows[i:i + batch_size]), use_cache=False)
             except _Stop:
                 pass
     finally:

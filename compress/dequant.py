@@ -1,8 +1,9 @@
 """Torch dequantizers for packed GGUF blocks, bit-identical to the gguf package's numpy ones.
 
 They run the same float32 operations in the same order (a multiply, then an add: never a
-fused multiply-add), so results match to the bit, while using torch's threads. A trial spends
-this time on every tensor whose format changed, so it sits on the search's hot path.
+fused multiply-add), so results match to the bit, while using torch's threads, or the GPU
+(elementwise float32 kernels round as IEEE 754 says there too: tests/test_cuda.py). A trial
+spends this time on every tensor whose format changed, so it sits on the search's hot path.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ def _f16(b: torch.Tensor) -> torch.Tensor:
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """(n, 16) bytes -> (n, 32): low nibbles first, then high nibbles (ggml order)."""
-    return ((qs.unsqueeze(1) >> _NIBBLE_SHIFTS) & 0x0F).reshape(qs.shape[0], 32)
+    return ((qs.unsqueeze(1) >> _NIBBLE_SHIFTS.to(qs.device)) & 0x0F).reshape(qs.shape[0], 32)
 
 
 def _high_bits(qh: torch.Tensor) -> torch.Tensor:
     """(n, 4) bytes, read as a little-endian uint32 -> (n, 32) bits."""
     word = qh.contiguous().view(torch.int32)  # (n, 1); sign does not matter after the mask
-    return ((word >> _BIT_SHIFTS) & 1).to(torch.uint8)
+    return ((word >> _BIT_SHIFTS.to(qh.device)) & 1).to(torch.uint8)
 
 
 def q8_0(b: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ def q5_1(b: torch.Tensor) -> torch.Tensor:
 def tq2_0(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     qs = b[:, :64].reshape(n, 2, 1, 32)
-    q = ((qs >> _CRUMB_SHIFTS) & 0x03).reshape(n, 256).to(torch.int8) - 1
+    q = ((qs >> _CRUMB_SHIFTS.to(b.device)) & 0x03).reshape(n, 256).to(torch.int8) - 1
     return _f16(b[:, 64:]) * q.float()
 
 
@@ -71,12 +72,16 @@ BLOCK_DEQUANT: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
 }
 
 
-def dequantize_torch(fmt: str, packed: np.ndarray, shape: tuple[int, int]) -> torch.Tensor | None:
-    """float32 (rows, cols) tensor, or None when no torch path exists for `fmt`."""
-    if fmt == "f16":
-        return torch.from_numpy(packed).reshape(shape).float()
-    if fmt not in BLOCK_DEQUANT:
+def dequantize_torch(fmt: str, packed: np.ndarray | torch.Tensor, shape: tuple[int, int],
+                     device: torch.device | None = None) -> torch.Tensor | None:
+    """float32 (rows, cols) tensor on `device` (None: where `packed` is; packed codes may be a
+    numpy array or a tensor, e.g. pinned on the host), or None when `fmt` has no torch path."""
+    if fmt != "f16" and fmt not in BLOCK_DEQUANT:
         return None
+    codes = packed if isinstance(packed, torch.Tensor) else torch.from_numpy(packed)
+    if device is not None and codes.device != device:
+        codes = codes.to(device, non_blocking=True)
+    if fmt == "f16":
+        return codes.reshape(shape).float()
     block_bytes, fn = BLOCK_DEQUANT[fmt]
-    blocks = torch.from_numpy(packed).reshape(-1, block_bytes)
-    return fn(blocks).reshape(shape)
+    return fn(codes.reshape(-1, block_bytes)).reshape(shape)

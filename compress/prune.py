@@ -34,8 +34,8 @@ class InputStats:
         return cls(torch.zeros(shape, dtype=torch.float64), 0)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.xtx += (x * x).sum(0) if self.xtx.dim() == 1 else x.T @ x
+        x = x.reshape(-1, x.shape[-1]).double()  # summed where x is (a GPU), kept on the host
+        self.xtx += ((x * x).sum(0) if self.xtx.dim() == 1 else x.T @ x).to(self.xtx.device)
         self.tokens += x.shape[0]
 
     @property

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from llmpareto.errors import UserError
+from llmpareto.placement import ids_on
 
 MLP_ALIGN = 32  # kept width is a multiple of the GGUF block size, so every format fits
 
@@ -93,7 +94,7 @@ def block_influence(model: torch.nn.Module, windows: np.ndarray,
         hooks.append(block.register_forward_hook(hook, with_kwargs=True))
     try:
         for s in range(0, len(windows), batch_size):
-            batch = torch.from_numpy(windows[s:s + batch_size])
+            batch = ids_on(model, windows[s:s + batch_size])
             model(input_ids=batch, use_cache=False)
             count += batch.numel()
     finally:

@@ -15,18 +15,20 @@ import torch
 import torch.nn.functional as F
 
 from llmpareto.evaluators.base import Candidate
+from llmpareto.placement import ids_on
 
 
-def _batches(windows: np.ndarray, batch_size: int):
+def _batches(model: torch.nn.Module, windows: np.ndarray, batch_size: int):
+    """Windows in batches, on the model's device (the same numbers on every device)."""
     for i in range(0, len(windows), batch_size):
-        yield torch.from_numpy(windows[i : i + batch_size])
+        yield ids_on(model, windows[i : i + batch_size])
 
 
 @torch.inference_mode()
 def window_nll(model: torch.nn.Module, windows: np.ndarray, batch_size: int = 4) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) over windows, and the token count."""
     total, count = 0.0, 0
-    for ids in _batches(windows, batch_size):
+    for ids in _batches(model, windows, batch_size):
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         target = ids[:, 1:]
         total += F.cross_entropy(
@@ -40,7 +42,7 @@ def window_nll(model: torch.nn.Module, windows: np.ndarray, batch_size: int = 4)
 def logits_of(model: torch.nn.Module, windows: np.ndarray, batch_size: int = 4) -> torch.Tensor:
     """(n_windows, window, vocab) float32 next-token logits."""
     return torch.cat([model(input_ids=ids, use_cache=False).logits.float()
-                      for ids in _batches(windows, batch_size)])
+                      for ids in _batches(model, windows, batch_size)])
 
 
 def log_probs64(logits: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,7 @@ class KLEvaluator:
         if self._base is None:
             raise RuntimeError("KLEvaluator.set_base must run on the base model first")
         total, count = 0.0, 0
-        for i, ids in enumerate(_batches(self.windows, self.batch_size)):
+        for i, ids in enumerate(_batches(candidate.model, self.windows, self.batch_size)):
             logits = candidate.model(input_ids=ids, use_cache=False).logits
             base = self._base[i * self.batch_size : i * self.batch_size + len(ids)]
             kl = kl_per_token(base, logits)

@@ -172,7 +172,7 @@ def _write_gguf_file(path: Path, model, cache, formats: dict[str, str | None], s
                              cache.current_slice.get(fqn))  # a student's shape
             qtype = gguf.GGMLQuantizationType(get_format(fmt).gguf_type)
         else:
-            data, qtype = param.detach().float().numpy(), gguf.GGMLQuantizationType.F32
+            data, qtype = param.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.F32
         if kinds.get(fqn) in heads:  # packed rows move as a whole: permuting stays exact
             data = permute_rows(data, heads[kinds[fqn]])
         writer.add_tensor(gguf_name(name, n_blocks), np.ascontiguousarray(data), raw_dtype=qtype)

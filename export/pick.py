@@ -42,10 +42,15 @@ class Rebuilder:
         from llmpareto.arch import Arch
         from llmpareto.compress import VariantCache
         from llmpareto.models import load_model, resolve_model
+        from llmpareto.placement import Placement
 
-        self.settings = RunDir(run_dir).read_run_json()["settings"]
+        info = RunDir(run_dir).read_run_json()
+        self.settings = info["settings"]
         self.source = resolve_model(self.settings["model"], self.settings.get("allow_pickle", False))
-        self.model, self.tokenizer = load_model(self.source)
+        # on the CPU, in the dtype the search's trials ran in: variants are quantized from the
+        # same (e.g. bfloat16-rounded) weights, so the export holds the searched model's bytes
+        dtype = (info.get("placement") or {}).get("dtype", "float32")
+        self.model, self.tokenizer = load_model(self.source, Placement("cpu", dtype))
         self.cache = VariantCache(self.model, Arch.from_model(self.model), dense_bytes=0)
         self._set_quantizer()
         if "sparsity" in str(self.settings.get("space", "")):  # prune as the search did

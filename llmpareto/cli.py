@@ -59,6 +59,11 @@ _HELP = {
     "country": "ISO country code for the CO2 estimate", "progress": "show a progress bar",
     "address": "--backend ray: Ray cluster address, auto or HOST:PORT (default: start Ray here)",
     "cpus_per_trial": "--backend ray: CPUs per trial (also torch threads)",
+    "gpus_per_trial": "--backend ray: GPUs per trial (e.g. 1, or 0.5: two trials share one); "
+                      "trials then run on CUDA",
+    "torch_device": "where trials run: auto (CUDA when present), cpu, cuda, cuda:N",
+    "torch_dtype": "dtype of the model in trials: auto (float32 on CPU, bfloat16 on CUDA), "
+                   "float32, bfloat16, float16",
     "max_concurrent": "--backend ray: trials running at once (default: as CPUs allow)",
     "storage": "SQLAlchemy URL (postgresql://user:pw@host/db) of a study that `llmpareto worker`"
                " processes share",
@@ -83,7 +88,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
                         "sensitivity_tokens"):
             p.add_argument(flag, type=int, default=default,
                            help=_HELP.get(f.name))
-        elif f.name in ("cpus_per_trial", "gptq_damp"):
+        elif f.name in ("cpus_per_trial", "gptq_damp", "gpus_per_trial"):
             p.add_argument(flag, type=float, default=default, help=_HELP[f.name])
         else:
             p.add_argument(flag, default=None if f.name in ("objectives",) else default,

@@ -14,6 +14,13 @@ from pathlib import Path
 
 from llmpareto.errors import UserError
 from llmpareto.gguf_check import check_gguf, read_header
+from llmpareto.placement import (
+    CPU_FLOAT32,
+    Placement,
+    device_free_bytes,
+    model_device,
+    refuse_device,
+)
 from llmpareto.units import format_bytes
 
 # Never reach a model hub at run time, whatever the caller's environment says.
@@ -114,12 +121,13 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> ModelSource:
     raise UserError(f"--model {spec!r}: no such model or path; accepted forms: {MODEL_FORMS}")
 
 
-def load_model(source: ModelSource):
-    """Load model (float32, eval mode, no grad) and tokenizer from resolved local files."""
-    check_memory(source)  # a GGUF's header is checked here too, before anything opens it
+def load_model(source: ModelSource, placement: Placement = CPU_FLOAT32):
+    """Load model (in `placement`'s dtype, on its device, eval mode, no grad) and tokenizer
+    from resolved local files. Safetensors go straight to the device in the target dtype
+    (no float32 copy on the host); a GGUF is dequantized on the host by transformers first."""
+    check_memory(source, placement)  # a GGUF's header is checked here too, before it opens
     if not source.gguf_file:
         check_no_remote_code(Path(source.directory), source.spec)
-    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -127,20 +135,24 @@ def load_model(source: ModelSource):
     kwargs = {"local_files_only": True, "trust_remote_code": False}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+    dtype = placement.torch_dtype()
+    direct = placement.is_cuda and not source.gguf_file and source.use_safetensors
     try:
         tok = AutoTokenizer.from_pretrained(source.directory, **kwargs)
         if not source.gguf_file and _is_sparse(source.directory):
             from llmpareto.export.compressed import load_compressed
 
-            model = load_compressed(Path(source.directory), torch.float32)
+            model = load_compressed(Path(source.directory), dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                source.directory, dtype=torch.float32,
+                source.directory, dtype=dtype,
                 **({} if source.gguf_file else {"use_safetensors": source.use_safetensors}),
-                **kwargs,
+                **({"device_map": placement.device} if direct else {}), **kwargs,
             )
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not load model {source.describe()}: {_one_line(exc)}") from None
+    if model_device(model) != placement.torch_device():
+        model.to(placement.torch_device())
     model.eval()
     model.requires_grad_(False)
     return model, tok
@@ -205,12 +217,13 @@ def check_no_remote_code(folder: Path, spec: str) -> None:
         "whose architecture transformers implements (llama, qwen2, mistral, ...), or a .gguf")
 
 
-# What loading costs: every weight ends up float32 (load_model's dtype), whatever the file
-# stores, so a 4-bit GGUF needs about 8x its size; transformers' GGUF loader also holds a
-# dequantized copy of every tensor while it fills the model (SmolLM2-135M: 987 MB peak for
-# 538 MB of float32 weights, measured), so a GGUF counts twice.
-LOAD_BYTES_PER_WEIGHT = 4
-GGUF_LOAD_COPIES = 2
+# What loading costs (weights x bytes of the --torch-dtype): transformers' GGUF loader first
+# holds a float32 (dequantized) copy of every tensor on the host while it fills the model
+# (SmolLM2-135M in float32: 987 MB peak for 538 MB of weights, measured), so a GGUF costs
+# 4 bytes a weight on the host on top of the model itself; safetensors go straight to the
+# device in the target dtype.
+LOAD_BYTES_PER_WEIGHT = 4  # float32, the default dtype on the CPU
+GGUF_LOAD_COPIES = 2  # in float32 on the CPU: the dequantized copy and the model
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 _SPARSE_PARTS = ("compressed", "shape", "row_offsets")  # counted through their bitmask
 
@@ -257,33 +270,53 @@ def _safetensors_elements(file: Path, sparse: bool) -> int:
         raise UserError(f"{bad} ({exc}); re-download or re-save it") from None
 
 
-def load_size(source: ModelSource) -> tuple[int, int | None, int]:
+def load_size(source: ModelSource, placement: Placement = CPU_FLOAT32
+              ) -> tuple[int, int | None, int]:
     """(bytes of the model's files, weights it holds or None where the files do not say,
-    bytes loading it needs)."""
+    bytes of host memory loading it needs)."""
+    on_disk, weights, host, _ = load_need(source, placement)
+    return on_disk, weights, host
+
+
+def load_need(source: ModelSource, placement: Placement = CPU_FLOAT32
+              ) -> tuple[int, int | None, int, int]:
+    """(bytes on disk, weights or None, host bytes, device bytes) loading `source` into
+    `placement` needs: weights x bytes of the dtype where the model lives, plus transformers'
+    float32 host copy for a GGUF."""
+    per = placement.dtype_bytes
+    model_host = 0 if placement.is_cuda else 1
     if source.gguf_file:
         header = read_header(Path(source.directory) / source.gguf_file)  # validated first
-        need = header.n_elements * LOAD_BYTES_PER_WEIGHT * GGUF_LOAD_COPIES
-        return header.file_bytes, header.n_elements, need
+        n = header.n_elements
+        return (header.file_bytes, n, n * LOAD_BYTES_PER_WEIGHT + n * per * model_host,
+                n * per * (1 - model_host))
     folder = Path(source.directory)
     if source.use_safetensors:
         files = sorted(folder.glob("*.safetensors"))
         sparse = _is_sparse(source.directory)
-        weights = sum(_safetensors_elements(f, sparse) for f in files)
-        return sum(f.stat().st_size for f in files), weights, weights * LOAD_BYTES_PER_WEIGHT
-    # a pickle's dtype is unknown until it is unpickled: its size is a lower bound
+        n = sum(_safetensors_elements(f, sparse) for f in files)
+        return sum(f.stat().st_size for f in files), n, n * per * model_host, \
+            n * per * (1 - model_host)
+    # a pickle's dtype is unknown until it is unpickled (on the host): its size, a lower bound
     size = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    return size, None, size
+    return size, None, size, size * (1 - model_host)
 
 
-def check_memory(source: ModelSource) -> None:
-    """Refuse, with the numbers, a model whose float32 load needs more than the free memory."""
-    on_disk, weights, need = load_size(source)
+def check_memory(source: ModelSource, placement: Placement = CPU_FLOAT32) -> None:
+    """Refuse, with the numbers, a model whose load needs more than the free memory of the
+    device (CUDA) or of the host, before anything is allocated."""
+    on_disk, weights, need, need_device = load_need(source, placement)
+    held = f"{weights} weights, " if weights is not None else ""
+    what = f"model {source.describe()} ({held}{format_bytes(on_disk)} on disk)"
+    free_device = device_free_bytes(placement)
+    if free_device is not None and need_device > free_device:
+        refuse_device(what, need_device, placement, free_device)
     free = available_memory_bytes()
     if free is None or need <= free:
         return
-    held = f"{weights} weights, " if weights is not None else ""
+    where = "host memory" if placement.is_cuda else "memory"
     raise UserError(
-        f"model {source.describe()} ({held}{format_bytes(on_disk)} on disk) needs about "
-        f"{format_bytes(need)} ({need} bytes) of memory to load in float32, and only "
-        f"{format_bytes(free)} ({free} bytes) is available (MemAvailable in /proc/meminfo); "
-        "use a smaller model, free memory (other processes) or run on a machine with more")
+        f"{what} needs about {format_bytes(need)} ({need} bytes) of {where} to load in "
+        f"{placement.dtype} on {placement.device}, and only {format_bytes(free)} ({free} bytes) "
+        "is available (MemAvailable in /proc/meminfo); use a smaller model, --torch-dtype "
+        "bfloat16, free memory (other processes) or run on a machine with more")

@@ -19,7 +19,7 @@ DEFAULT_STRATEGY = "auto"  # README "Search strategies": what the benchmark favo
 RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "dequant_cache",
              "variant_cache", "disk_cache",
              "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
-             "create_only", "sensitivity", "sampler"}
+             "create_only", "sensitivity", "sampler", "torch_device", "gpus_per_trial"}
 # A study name is a folder under --runs-dir: nothing that could name a path elsewhere.
 _STUDY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -77,6 +77,9 @@ class SearchSettings:
     resume: bool = False
     seed: int = 0
     batch_size: int = 4  # windows per forward pass
+    # Where trials run (README "GPUs and large models"); the dtype changes scores, the device not
+    torch_device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    torch_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA | float32 | bfloat16 | float16
     dequant_cache: int = 4 * 10**9  # bytes of dequantized variants kept (LRU) between trials
     variant_cache: int = 4 * 10**9  # bytes of packed codes and pruned weights kept (LRU)
     baselines: bool = True  # enqueue uniform recipes first
@@ -85,6 +88,7 @@ class SearchSettings:
     # Distributed search (README "Distributed search"); none of these changes what is searched.
     address: str | None = None  # --backend ray: "auto", HOST:PORT; None starts Ray here
     cpus_per_trial: float = 1.0  # Ray resources per trial (and torch threads in the worker)
+    gpus_per_trial: float = 0.0  # Ray GPUs per trial (fractions share one); > 0: trials on CUDA
     max_concurrent: int | None = None  # Ray trials at once; None: as many as CPUs allow
     storage: str | None = None  # SQLAlchemy URL of a study shared with `llmpareto worker`s
     create_only: bool = False  # with --storage: create the study and return (workers run it)
@@ -123,6 +127,7 @@ class SearchSettings:
         if float(self.cpus_per_trial) <= 0:
             raise UserError("--cpus-per-trial must be a positive number, e.g. 1 or 0.5")
         self.cpus_per_trial = float(self.cpus_per_trial)
+        self._check_placement()
         if self.max_concurrent is not None and int(self.max_concurrent) < 1:
             raise UserError("--max-concurrent must be at least 1")
         if self.calib_tokens < 0:
@@ -136,6 +141,21 @@ class SearchSettings:
             stem = re.sub(r"\.{2,}", ".", stem)[:80]  # a default name always passes check_study
             self.study = f"{stem.strip('-._') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_study(self.study)
+
+    def _check_placement(self) -> None:
+        """The forms of --torch-device/--torch-dtype; whether this machine has them is checked
+        where the model loads (placement.resolve), on the worker that loads it."""
+        from llmpareto.placement import check_device_spec, check_dtype_spec
+
+        check_device_spec(self.torch_device)
+        check_dtype_spec(self.torch_dtype)
+        try:
+            self.gpus_per_trial = float(self.gpus_per_trial)
+        except (TypeError, ValueError):
+            self.gpus_per_trial = -1.0
+        if not 0 <= self.gpus_per_trial < 1e6:
+            raise UserError("--gpus-per-trial must be 0 (CPU trials) or a positive number of "
+                            "GPUs, e.g. 1 or 0.5 (two trials share a GPU)")
 
     def _check_sparsity(self) -> None:
         from llmpareto.recipe import NEEDS_CALIBRATION, PRUNING_METHODS, parse_pattern

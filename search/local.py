@@ -15,6 +15,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import TrialState
 
 from llmpareto.front import Front
+from llmpareto.placement import peak_device_bytes
 from llmpareto.rundir import RunDir
 from llmpareto.search.records import front_size, write_outputs
 from llmpareto.search.runner import TrialRunner
@@ -96,7 +97,8 @@ def run_local(settings: SearchSettings) -> Front:
     c = runner.cache  # over the whole run: what trials made on first use included
     info["cache"].update(dense_hits=c.hits, dense_misses=c.misses, prepare_total_s=c.prepare_seconds,
                          bytes_end=c.nbytes, bytes_bound=c.packed_bytes, remade=c.remade,
-                         peak_rss_end_bytes=peak_rss_bytes())
+                         peak_rss_end_bytes=peak_rss_bytes(), device_bytes=c.device_nbytes,
+                         peak_device_bytes=peak_device_bytes(runner.placement))
     info.update(status=status, search_energy=energy, recovered_trials=recovered,
                 completed_trials=n_done(), quantizer=runner.quantizer_info())
     rd.write_json(rd.run_json, info)

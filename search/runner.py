@@ -23,6 +23,7 @@ from llmpareto.evaluators import (
     PerplexityEvaluator,
 )
 from llmpareto.models import load_model, resolve_model
+from llmpareto.placement import device_free_bytes, resolve
 from llmpareto.recipe import Recipe
 from llmpareto.settings import SearchSettings
 from llmpareto.spaces import build_space
@@ -55,15 +56,17 @@ def space_for(settings: SearchSettings, arch: Arch):
 class TrialRunner:
     def __init__(self, settings: SearchSettings) -> None:
         self.settings = settings
-        text = read_text(settings.text)  # bad --text fails before the slow model load
+        # a device or dtype this machine lacks, or bad --text, fails before the slow load
+        self.placement = resolve(settings.torch_device, settings.torch_dtype)
+        text = read_text(settings.text)
         self.source = resolve_model(settings.model, settings.allow_pickle)
-        self.model, self.tokenizer = load_model(self.source)
+        self.model, self.tokenizer = load_model(self.source, self.placement)
         self.arch = Arch.from_model(self.model)
         self.windows = tokenize_windows(self.tokenizer, text, settings.window,
                                         settings.calib_tokens, settings.eval_tokens)
         self.space = space_for(settings, self.arch)
         self.cache = VariantCache(self.model, self.arch, settings.dequant_cache,
-                                  settings.variant_cache)
+                                  settings.variant_cache, self._device_room())
         self._set_quantizer()
         if getattr(self.space, "prunes", False):
             self._set_pruning()
@@ -91,6 +94,17 @@ class TrialRunner:
         self._check_budget()
         self._seen: dict[tuple, TrialResult] = {}
 
+    def _device_room(self) -> int:
+        """GPU memory packed codes may take: what is free now, less the dense cache, the
+        working memory of a forward pass and a 10% margin (0 on the CPU)."""
+        free = device_free_bytes(self.placement)
+        if free is None:
+            return 0
+        s, vocab = self.settings, int(self.model.config.vocab_size)
+        working = (6 * s.batch_size * s.window * vocab * 4  # logits, softmax, float64 copies
+                   + 8 * s.calib_tokens * vocab)  # the base log-probs the KL objective keeps
+        return max(0, int(0.9 * free) - s.dequant_cache - working)
+
     def _set_pruning(self) -> None:
         """Calibration statistics of the base model, once per run, for the pruning method
         (Wanda: each input column's norm; SparseGPT: full x^T x, cols^2 float64 a module)."""
@@ -106,7 +120,7 @@ class TrialRunner:
 
         def score(fqn):
             w = self.cache.base[fqn].abs().double()
-            return w * stats[fqn].col_norm[None, :] if fqn in stats else w
+            return w * stats[fqn].col_norm.to(w.device)[None, :] if fqn in stats else w
 
         sp.set_outliers({k: outlier_ratio([score(t.fqn) for t in ts])
                          for k, ts in sp.groups.items()})

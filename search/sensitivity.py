@@ -16,6 +16,7 @@ import torch
 
 from llmpareto.errors import UserError
 from llmpareto.evaluators.quality import kl_per_token, log_probs64
+from llmpareto.placement import ids_on
 from llmpareto.recipe import Recipe
 
 VERSION = 1
@@ -60,7 +61,7 @@ class KLScreen:
         from llmpareto.compress import apply
 
         self.runner, self.tokens = runner, tokens
-        self.ids = torch.from_numpy(sub_windows(runner.windows.calib, tokens))
+        self.ids = ids_on(runner.model, sub_windows(runner.windows.calib, tokens))
         model, arch = runner.model, runner.arch
         apply(model, Recipe({}), runner.cache)  # the base weights, whatever a trial left
         with torch.inference_mode():

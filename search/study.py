@@ -116,6 +116,7 @@ def run_info(settings: SearchSettings, runner, population: int, planner=None) ->
         "space": runner.space.describe(),
         "device": runner.profile.to_dict(),
         "workload": vars(runner.workload),
+        "placement": runner.placement.to_dict(),  # where trials ran: --torch-device/-dtype
         "strategy": _strategy_info(settings, population, planner),
         "versions": package_versions(),
         "python": sys.version.split()[0],

@@ -9,7 +9,6 @@ import re
 
 import pytest
 
-from llmpareto.settings import SearchSettings
 from llmpareto.tests.test_bad_input_audit import (  # noqa: F401 - fixtures are used by name
     ERROR,
     RUN_FLAGS,
@@ -130,11 +129,7 @@ def test_issue15_a_trial_is_a_number_never_a_path(capfd, run, tmp_path, command)
                                  r"invalid int value: '../../0'$", err), err
 
 
-# ---- issue 14 (GPU trials): not implemented while `search` has no --torch-device -------------
-
-HAS_TORCH_DEVICE = "torch_device" in SearchSettings.__dataclass_fields__  # flag <-> field
-ISSUE14 = pytest.mark.xfail(not HAS_TORCH_DEVICE, reason="issue 14 not implemented",
-                            strict=False)
+# ---- issue 14 (GPU trials: --torch-device, --torch-dtype) -------------------------------------
 
 
 def _cuda_count() -> int:
@@ -143,7 +138,6 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@ISSUE14
 def test_issue14_cuda_without_cuda(capfd, model, tmp_path):
     if _cuda_count():
         pytest.skip("this machine has CUDA")
@@ -152,7 +146,6 @@ def test_issue14_cuda_without_cuda(capfd, model, tmp_path):
     assert "unrecognized arguments" not in line and "CUDA" in line.upper()
 
 
-@ISSUE14
 def test_issue14_a_gpu_index_the_machine_does_not_have(capfd, model, tmp_path):
     index = max(3, _cuda_count())  # cuda:3 on a one-GPU machine; one past the last elsewhere
     line = refused(capfd, search_argv(model, tmp_path / "runs", "g", "--torch-device",
@@ -160,7 +153,6 @@ def test_issue14_a_gpu_index_the_machine_does_not_have(capfd, model, tmp_path):
     assert "unrecognized arguments" not in line
 
 
-@ISSUE14
 def test_issue14_float16_where_the_device_cannot_run_it(capfd, model, tmp_path):
     """Whether CPU float16 is refused is issue 14's call: it runs, or says so in one line."""
     rc, err = outcome(capfd, search_argv(model, tmp_path / "runs", "g", "--torch-device", "cpu",
@@ -171,7 +163,6 @@ def test_issue14_float16_where_the_device_cannot_run_it(capfd, model, tmp_path):
         assert rc == 2 and len(lines) == 1 and "float16" in lines[0], err[-3000:]
 
 
-@ISSUE14
 def test_issue14_a_model_too_large_for_the_device_and_the_host(capfd, model, tmp_path,
                                                                monkeypatch):
     """Refused with the numbers before anything is allocated (the host's memory as issue 15's
