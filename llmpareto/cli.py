@@ -112,7 +112,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from llmpareto.search.rdb import run_worker
 
-    done = run_worker(args.study, args.storage, args.runs_dir, progress=args.progress)
+    done = run_worker(args.study, args.storage, args.runs_dir, progress=args.progress,
+                      torch_device=args.torch_device)
     print(f"worker finished: {done} trials run here; run directory: "
           f"{args.runs_dir}/{args.study}")
     return 0
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--study", required=True, help="study name (made by search --storage)")
     pw.add_argument("--storage", required=True, help="SQLAlchemy URL of the shared study")
     pw.add_argument("--runs-dir", default="runs", help="where this worker writes the run")
+    pw.add_argument("--torch-device", default=None,
+                    help="this worker's device, e.g. cuda:1 (default: the study's, auto)")
     pw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                     help="show a progress bar")
     pw.set_defaults(func=_cmd_worker)

@@ -54,6 +54,26 @@ def _worker_settings(settings: SearchSettings) -> dict:
     return d
 
 
+def worker_placement(settings_dict: dict) -> dict:
+    """A trial's torch device is the one Ray gave it: with --gpus-per-trial, its GPU (Ray sets
+    CUDA_VISIBLE_DEVICES, so it is cuda); without, the CPU, even on a GPU node."""
+    gpus = float(settings_dict.get("gpus_per_trial") or 0)
+    return {**settings_dict, "torch_device": "cuda" if gpus > 0 else "cpu"}
+
+
+def check_gpus(settings: SearchSettings, resources: dict) -> None:
+    """Refuse GPU trials a cluster cannot place (Tune would wait for them forever)."""
+    gpus, have = settings.gpus_per_trial, float(resources.get("GPU", 0))
+    if settings.torch_device.startswith("cuda") and gpus == 0:
+        raise UserError(f"--backend ray: trials go where Ray places them; instead of "
+                        f"--torch-device {settings.torch_device}, ask for GPUs with "
+                        "--gpus-per-trial 1 (or 0.5: two trials share a GPU)")
+    if gpus > have:
+        raise UserError(f"--gpus-per-trial {gpus:g}: the Ray cluster has {have:g} GPUs "
+                        f"(ray.cluster_resources()); start nodes with GPUs (`ray start "
+                        "--num-gpus N`), lower --gpus-per-trial, or use 0 for CPU trials")
+
+
 def _worker_runner(settings_dict: dict) -> tuple[TrialRunner, float]:
     key = json.dumps(settings_dict, sort_keys=True)
     if key in _RUNNERS:
@@ -73,7 +93,7 @@ def _trainable(config: dict, settings_dict: dict) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
-    runner, load_s = _worker_runner(settings_dict)
+    runner, load_s = _worker_runner(worker_placement(settings_dict))
     result = runner.run(Recipe.from_json(config["recipe"]))
     seconds = dict(result.seconds, **({"worker_load_s": load_s} if load_s else {}))
     payload = {"metrics": {k: finite_or_none(v) for k, v in result.metrics.items()},
@@ -171,7 +191,8 @@ def _fit(settings: SearchSettings, runner: TrialRunner, rd: RunDir, sampler, n: 
                          study_name=settings.study, storage=RDBStorage(rd.storage_url))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, settings_dict=_worker_settings(settings)),
-        {"cpu": settings.cpus_per_trial})
+        {"cpu": settings.cpus_per_trial,
+         **({"gpu": settings.gpus_per_trial} if settings.gpus_per_trial else {})})
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n, reuse_actors=True,
@@ -192,6 +213,12 @@ def run_ray(settings: SearchSettings) -> Front:
     rd = prepare_run_dir(settings)
     _connect(settings.address)  # before the slow model load: a bad address fails in seconds
     import ray
+
+    try:
+        check_gpus(settings, ray.cluster_resources())
+    except UserError:
+        ray.shutdown()
+        raise
 
     try:
         runner = TrialRunner(settings)

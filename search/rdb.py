@@ -167,8 +167,10 @@ def run_rdb(settings: SearchSettings) -> Front:
     return _work(study, runner, rd, settings, info)[0]
 
 
-def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = True) -> int:
-    """Join an existing study; returns how many trials this process ran."""
+def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = True,
+               torch_device: str | None = None) -> int:
+    """Join an existing study; returns how many trials this process ran. `torch_device`
+    picks this worker's GPU (cuda:N); None: the study's --torch-device."""
     storage = connect(url)
     found = _load(storage, name)
     if found is None:
@@ -178,7 +180,9 @@ def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = Tru
                         "--create-only ...`")
     stored = _stored_settings(found, url)
     settings = SearchSettings.from_dict({**stored, "storage": url, "resume": True,
-                                         "runs_dir": runs_dir, "progress": progress})
+                                         "runs_dir": runs_dir, "progress": progress,
+                                         **({"torch_device": torch_device} if torch_device
+                                            else {})})
     runner = TrialRunner(settings)
     population = settings.population or default_population(settings.trials)
     rd = RunDir.for_study(runs_dir, name)
