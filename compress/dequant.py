@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from llmpareto.compress.dequant_k import K_DEQUANT
+
 _NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8).reshape(1, 2, 1)
 _CRUMB_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).reshape(1, 1, 4, 1)
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int32).reshape(1, 32)
@@ -69,6 +71,7 @@ def tq2_0(b: torch.Tensor) -> torch.Tensor:
 BLOCK_DEQUANT: dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = {
     "q8_0": (34, q8_0), "q4_0": (18, q4_0), "q4_1": (20, q4_1),
     "q5_0": (22, q5_0), "q5_1": (24, q5_1), "tq2_0": (66, tq2_0),
+    **K_DEQUANT,  # llama.cpp's K-quants and iq4_nl/iq4_xs (compress.dequant_k)
 }
 
 
@@ -79,6 +82,8 @@ def dequantize_torch(fmt: str, packed: np.ndarray | torch.Tensor, shape: tuple[i
     if fmt != "f16" and fmt not in BLOCK_DEQUANT:
         return None
     codes = packed if isinstance(packed, torch.Tensor) else torch.from_numpy(packed)
+    if fmt in K_DEQUANT and (device or codes.device).type == "cpu":
+        return None  # on the CPU ggml's own C dequantizers are 5-25x faster (bench_devices)
     if device is not None and codes.device != device:
         codes = codes.to(device, non_blocking=True)
     if fmt == "f16":

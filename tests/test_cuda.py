@@ -1,0 +1,149 @@
+"""CUDA runs, marked `cuda` and skipped where torch sees no GPU (as in CI, where the same code
+paths run on the CPU: tests/test_placement.py). Run them on a GPU machine with
+`python3 -m pytest -m cuda`: the torch dequantizers are bit-exact on the GPU, one recipe scores
+alike on the CPU and the GPU, packed codes live on the GPU or pinned on the host, a model loads
+straight to the GPU in its dtype, and Ray places trials on GPUs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from llmpareto.errors import UserError
+from llmpareto.placement import cuda_count, resolve
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(cuda_count() == 0, reason="no CUDA GPU on this machine")]
+GPU = torch.device("cuda:0")
+OBJECTIVES = ["perplexity", "kl_nats", "memory_bytes"]
+
+
+def test_dequantizers_are_bit_exact_on_the_gpu():
+    from llmpareto.compress.dequant import BLOCK_DEQUANT, dequantize_torch
+    from llmpareto.formats import get_format
+
+    w = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+    for fmt in ["f16", *BLOCK_DEQUANT]:
+        f = get_format(fmt)
+        packed = f.quantize(w)
+        out = dequantize_torch(fmt, packed, w.shape, GPU)
+        assert out.device.type == "cuda" and out.dtype == torch.float32
+        assert np.array_equal(out.cpu().numpy(), f.dequantize(packed, w.shape)), fmt
+
+
+def _runner(settings: dict, device: str, dtype: str):
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.settings import SearchSettings
+
+    return TrialRunner(SearchSettings(**{**settings, "torch_device": device,
+                                         "torch_dtype": dtype, "objectives": OBJECTIVES}))
+
+
+@pytest.mark.parametrize("dtype, ppl_rel, kl_abs", [
+    ("float32", 1e-4, 1e-5),  # the same float32 math; only summation order differs
+    ("bfloat16", 0.01, 1e-3),  # the GPU's model rounded to bfloat16
+])
+def test_one_recipe_scores_alike_on_the_cpu_and_the_gpu(tiny_settings, dtype, ppl_rel, kl_abs):
+    from llmpareto.recipe import Recipe
+
+    cpu = _runner(tiny_settings, "cpu", "float32")
+    gpu = _runner(tiny_settings, "cuda", dtype)
+    assert gpu.placement.device == "cuda:0" and gpu.placement.dtype == dtype
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    for recipe in (Recipe({"_default": {"format": "q4_0"}}),
+                   Recipe({"_default": {"format": "q8_0"}, "re:.*mlp.*": {"format": "q5_1"}})):
+        a, b = cpu.run(recipe).metrics, gpu.run(recipe).metrics
+        assert abs(b["perplexity"] / a["perplexity"] - 1) < ppl_rel, (a, b)
+        assert abs(b["kl_nats"] - a["kl_nats"]) < kl_abs, (a, b)
+        assert a["memory_bytes"] == b["memory_bytes"]
+
+
+@pytest.mark.real_model
+def test_the_default_model_scores_alike_on_the_cpu_and_the_gpu(tmp_path):
+    from llmpareto.recipe import Recipe
+
+    settings = {"runs_dir": str(tmp_path), "study": "c", "eval_tokens": 512, "calib_tokens": 256,
+                "progress": False, "formats": "q8_0,q4_0", "presets": "none"}
+    cpu = _runner(settings, "cpu", "float32")
+    gpu = _runner(settings, "cuda", "float32")
+    recipe = Recipe({"_default": {"format": "q4_0"}})
+    a, b = cpu.run(recipe).metrics, gpu.run(recipe).metrics
+    assert abs(b["perplexity"] / a["perplexity"] - 1) < 1e-3, (a, b)
+    assert abs(b["kl_nats"] - a["kl_nats"]) < 1e-3 * max(a["kl_nats"], 1e-3), (a, b)
+
+
+def test_packed_codes_live_on_the_gpu_when_they_fit_else_pinned(tiny_model_dir):
+    from llmpareto.arch import Arch
+    from llmpareto.compress import VariantCache
+    from llmpareto.models import load_model, resolve_model
+
+    source = resolve_model(str(tiny_model_dir))
+    model, _ = load_model(source, resolve("cuda", "float32"))
+    host, _ = load_model(source)
+    arch = Arch.from_model(model)
+    on_gpu, pinned = VariantCache(model, arch, device_bytes=10**9), VariantCache(model, arch)
+    on_cpu = VariantCache(host, Arch.from_model(host))
+    for fqn in list(on_cpu.shapes)[:4]:
+        for fmt in ("q4_0", "q8_0", "f16"):
+            key = ("codes", fqn, fmt, None, None)
+            assert np.array_equal(on_gpu.get(fqn, fmt), on_cpu.get(fqn, fmt))
+            pinned.get(fqn, fmt)
+            assert on_gpu.prepared[key].device.type == "cuda"
+            assert pinned.prepared[key].is_pinned()
+            d = on_gpu.dequantized(fqn, fmt)
+            assert d.device.type == "cuda"
+            assert torch.equal(d, pinned.dequantized(fqn, fmt))
+            assert torch.equal(d.cpu(), on_cpu.dequantized(fqn, fmt))
+    assert on_gpu.device_nbytes > 0 and pinned.device_nbytes == 0
+
+
+def test_safetensors_load_straight_to_the_gpu_in_bfloat16(tiny_model_dir):
+    from llmpareto.models import load_model, resolve_model
+
+    model, _ = load_model(resolve_model(str(tiny_model_dir)), resolve("cuda", "bfloat16"))
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cuda", torch.bfloat16)}
+
+
+def test_a_model_larger_than_the_gpu_is_refused_with_the_numbers(tiny_model_dir, tmp_path):
+    """A safetensors header declaring more weights than the GPU holds: refused from the header
+    alone, before anything is allocated."""
+    from llmpareto.models import load_model, resolve_model
+
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder)
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [10**6, 10**6],
+                               "data_offsets": [0, 0]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(UserError) as info:
+        load_model(resolve_model(str(folder)), resolve("cuda", "bfloat16"))
+    msg = str(info.value)
+    assert "(2000000000000 bytes) on cuda:0 in bfloat16" in msg and "free" in msg
+
+
+def test_a_search_on_the_gpu_records_its_placement_and_memory(tiny_settings):
+    import llmpareto
+    from llmpareto.rundir import RunDir
+
+    llmpareto.search(**{**tiny_settings, "trials": 4, "torch_device": "cuda"})
+    info = json.loads(RunDir.for_study(tiny_settings["runs_dir"], "t").run_json.read_text())
+    assert info["placement"]["device"] == "cuda:0"
+    assert info["placement"]["dtype"] in ("bfloat16", "float16")
+    assert info["cache"]["peak_device_bytes"] > 0
+
+
+def test_ray_places_trials_on_the_gpu(tiny_settings):
+    import pandas as pd
+
+    import llmpareto
+    from llmpareto.rundir import RunDir
+
+    llmpareto.search(backend="ray", **{**tiny_settings, "trials": 4, "gpus_per_trial": 0.5})
+    rd = RunDir.for_study(tiny_settings["runs_dir"], "t")
+    trials = pd.read_csv(rd.path / "trials.csv")
+    assert (trials["state"] == "COMPLETE").sum() >= 4
