@@ -50,7 +50,8 @@ class Rebuilder:
         # on the CPU, in the dtype the search's trials ran in: variants are quantized from the
         # same (e.g. bfloat16-rounded) weights, so the export holds the searched model's bytes
         dtype = (info.get("placement") or {}).get("dtype", "float32")
-        self.model, self.tokenizer = load_model(self.source, Placement("cpu", dtype))
+        self.placement = Placement("cpu", dtype)
+        self.model, self.tokenizer = load_model(self.source, self.placement)
         self.cache = VariantCache(self.model, Arch.from_model(self.model), dense_bytes=0)
         self._set_quantizer()
         if "sparsity" in str(self.settings.get("space", "")):  # prune as the search did

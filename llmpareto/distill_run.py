@@ -123,7 +123,7 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
     built = rb.build(recipe)
     windows = training_windows(rb.tokenizer, settings, seq_len)
     masks, formats, names = _student_start(built)
-    teacher, _ = load_model(rb.source)
+    teacher, _ = load_model(rb.source, rb.placement)  # the student's device and dtype
     out = distill_dir(rd.path, trial)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

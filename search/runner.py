@@ -271,10 +271,26 @@ class TrialRunner:
         from tqdm.auto import tqdm
 
         pairs, items = self.prepare_pairs(), self.prune_items()
+        self._warn_variant_cache(pairs)
         with tqdm(total=len(pairs) + len(items), desc="preparing variants", unit="variant",
                   disable=not progress, dynamic_ncols=True, leave=False) as bar:
             self.cache.prepare(pairs, bar)
             self.cache.prepare_pruned(items, bar)
+
+    def _warn_variant_cache(self, pairs: list[tuple[str, str]]) -> None:
+        """Say so when the space's packed variants exceed --variant-cache: those beyond it are
+        quantized again whenever a trial needs them (large models: seconds each)."""
+        import sys
+
+        from llmpareto.formats import get_format
+
+        need = sum(self.cache.shapes[f][0] * self.cache.shapes[f][1]
+                   * get_format(fmt).bits_per_weight / 8 for f, fmt in pairs)
+        if need > self.cache.packed_bytes:
+            print(f"llmpareto: note: this space's packed variants take {format_bytes(need)}, "
+                  f"more than --variant-cache {format_bytes(self.cache.packed_bytes)}: the rest "
+                  f"are made again whenever a trial needs them; --variant-cache "
+                  f"{math.ceil(need / 1e9)}GB keeps them all", file=sys.stderr)
 
     def cost_only(self, recipe: Recipe) -> TrialResult:
         formats = self.arch.formats_for(recipe)
