@@ -163,11 +163,20 @@ def _rank_lowest(score: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
     return rank < per_row[:, None]
 
 
-def outlier_ratio(scores: list[torch.Tensor], m: float = 5.0) -> float:
+def outlier_ratio(scores: list, m: float = 5.0) -> float:
     """OWL's layerwise outlier distribution (Yin et al. 2023): the fraction of the scores
-    (|W| x ||x||, Wanda's metric, over all the group's tensors) above m times their mean."""
-    flat = torch.cat([s.reshape(-1).double() for s in scores])
-    return float((flat > m * flat.mean()).double().mean())
+    (|W| x ||x||, Wanda's metric, over all the group's tensors) above m times their mean.
+    `scores` holds tensors, or functions that make one: then each is made twice (once for the
+    mean, once for the count) and only one is held at a time (an 8B group would not fit)."""
+    def each():
+        for s in scores:
+            yield (s() if callable(s) else s).reshape(-1).double()
+
+    total = count = 0
+    for x in each():
+        total, count = total + float(x.sum()), count + x.numel()
+    cut = m * (total / count)
+    return sum(float((x > cut).sum()) for x in each()) / count
 
 
 def owl_levels(ratios: list[float], sizes: list[int], target: float,

@@ -70,9 +70,9 @@ def slice_weight(w: torch.Tensor, rows: torch.Tensor | None,
                  cols: torch.Tensor | None) -> torch.Tensor:
     """The kept rows and columns of a (rows x cols) weight, contiguous."""
     if rows is not None:
-        w = w.index_select(0, rows)
+        w = w.index_select(0, rows.to(w.device))
     if cols is not None:
-        w = w.index_select(1, cols)
+        w = w.index_select(1, cols.to(w.device))
     return w.contiguous()
 
 

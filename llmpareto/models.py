@@ -281,14 +281,15 @@ def load_size(source: ModelSource, placement: Placement = CPU_FLOAT32
 def load_need(source: ModelSource, placement: Placement = CPU_FLOAT32
               ) -> tuple[int, int | None, int, int]:
     """(bytes on disk, weights or None, host bytes, device bytes) loading `source` into
-    `placement` needs: weights x bytes of the dtype where the model lives, plus transformers'
-    float32 host copy for a GGUF."""
+    `placement` needs: weights x bytes of the dtype where the model lives, plus for a GGUF
+    transformers' float32 copy and the model itself on the host before it moves."""
     per = placement.dtype_bytes
     model_host = 0 if placement.is_cuda else 1
     if source.gguf_file:
         header = read_header(Path(source.directory) / source.gguf_file)  # validated first
         n = header.n_elements
-        return (header.file_bytes, n, n * LOAD_BYTES_PER_WEIGHT + n * per * model_host,
+        # the model is filled on the host, then moved to a GPU
+        return (header.file_bytes, n, n * LOAD_BYTES_PER_WEIGHT + n * per,
                 n * per * (1 - model_host))
     folder = Path(source.directory)
     if source.use_safetensors:

@@ -122,7 +122,7 @@ class TrialRunner:
             w = self.cache.base[fqn].abs().double()
             return w * stats[fqn].col_norm.to(w.device)[None, :] if fqn in stats else w
 
-        sp.set_outliers({k: outlier_ratio([score(t.fqn) for t in ts])
+        sp.set_outliers({k: outlier_ratio([lambda f=t.fqn: score(f) for t in ts])
                          for k, ts in sp.groups.items()})
 
     def _set_quantizer(self) -> None:
