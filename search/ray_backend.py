@@ -220,6 +220,8 @@ def run_ray(settings: SearchSettings) -> Front:
         ray.shutdown()
         raise
 
+    if settings.gpus_per_trial and settings.torch_dtype == "auto":
+        settings.torch_dtype = "bfloat16"  # what `auto` means on the GPUs trials run on
     try:
         runner = TrialRunner(settings)
         study, info, recovered = open_run(settings, runner, rd)

@@ -58,6 +58,9 @@ class TrialRunner:
         self.settings = settings
         # a device or dtype this machine lacks, or bad --text, fails before the slow load
         self.placement = resolve(settings.torch_device, settings.torch_dtype)
+        # the dtype decides the scores: recorded resolved, so a --resume, a worker or a Ray
+        # trial scores in the same one wherever `auto` would resolve otherwise
+        settings.torch_dtype = self.placement.dtype
         text = read_text(settings.text)
         self.source = resolve_model(settings.model, settings.allow_pickle)
         self.model, self.tokenizer = load_model(self.source, self.placement)

@@ -108,6 +108,10 @@ def enqueue_baselines(study: optuna.Study, space, recipes: list | None = None) -
 
 
 def check_same_settings(old_dict: dict, settings: SearchSettings, where: str) -> None:
+    # runs from before --torch-dtype ran in float32; `auto` takes what the run resolved to
+    old_dict = {"torch_dtype": "float32", **old_dict}
+    if settings.torch_dtype == "auto":
+        settings.torch_dtype = old_dict["torch_dtype"]
     old = SearchSettings.from_dict(old_dict).identity()
     new = settings.identity()
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

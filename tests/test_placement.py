@@ -170,6 +170,13 @@ def test_search_records_where_it_ran_and_pick_rebuilds_in_that_dtype(tiny_settin
     assert info["placement"] == {"device": "cpu", "dtype": "bfloat16"}
     assert info["cache"]["peak_device_bytes"] is None  # no GPU memory on a CPU run
     assert next(Rebuilder(run.path).model.parameters()).dtype == torch.bfloat16
+    # --resume with the default (auto) keeps the dtype the trials ran in; another is refused
+    llmpareto.search(**{**tiny_settings, "trials": 4, "resume": True})
+    info = json.loads(run.run_json.read_text())
+    assert info["placement"]["dtype"] == "bfloat16" and info["completed_trials"] == 4
+    with pytest.raises(UserError, match="torch_dtype: was 'bfloat16', now 'float32'"):
+        llmpareto.search(**{**tiny_settings, "trials": 5, "resume": True,
+                            "torch_dtype": "float32"})
 
 
 def test_ray_places_trials_on_the_device_ray_gave_them():
