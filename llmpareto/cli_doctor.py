@@ -144,9 +144,18 @@ def _torch(args: argparse.Namespace) -> Row:
         import torch
     except Exception as exc:  # noqa: BLE001 - a broken CUDA build raises OSError
         return row("FAIL", f"import torch: {first_line(exc)}", f"{PIP} --force-reinstall torch")
+    from llmpareto.errors import UserError
+    from llmpareto.placement import resolve
+
     gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    try:  # what a search's --torch-device auto / --torch-dtype auto resolve to here
+        p = resolve()
+        where = f"; trials run on {p.device} in {p.dtype} by default"
+    except UserError as exc:
+        return row("FAIL", f"torch {torch.__version__}: {exc}", "--torch-device cpu")
     return row("ok", f"torch {torch.__version__}, CUDA " + (
-        f"available ({gpus})" if torch.cuda.is_available() else "not available (CPU only)"))
+        f"available ({gpus})" if torch.cuda.is_available() else "not available (CPU only)")
+        + where)
 
 
 def _ray(args: argparse.Namespace) -> Row:

@@ -218,3 +218,11 @@ def test_a_worker_picks_its_device_and_is_refused_one_it_lacks(tiny_settings, tm
                  "--torch-device", "cuda:3", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "llmpareto: error: --torch-device cuda:3: this machine has" in err
+
+
+@NO_CUDA
+def test_doctor_says_where_trials_run_by_default():
+    from llmpareto.cli_doctor import _torch
+
+    r = _torch(None)
+    assert r["status"] == "ok" and "trials run on cpu in float32 by default" in r["detail"]
