@@ -217,11 +217,17 @@ class VariantCache:
     def get(self, fqn: str, fmt: str, sparsity: tuple[str, float] | None = None,
             sl: tuple | None = None) -> np.ndarray:
         """Packed variant of tensor `fqn` in format `fmt` (cut to `sl`, then pruned when
-        `sparsity` is set), prepared on first use."""
+        `sparsity` is set), prepared on first use; on the host, wherever it is kept."""
+        return _numpy(self._packed(fqn, fmt, sparsity, sl))
+
+    def _packed(self, fqn: str, fmt: str, sparsity: tuple[str, float] | None = None,
+                sl: tuple | None = None) -> np.ndarray | torch.Tensor:
+        """`get`'s variant as it is kept: a numpy array, or for a CUDA model a tensor on the
+        GPU or in pinned memory (no copy back to the host on the hot path)."""
         key = ("codes", *self._key(fqn, fmt, sparsity, sl))
         if key in self.prepared:
             self.prepared.move_to_end(key)
-            return _numpy(self.prepared[key])
+            return self.prepared[key]
         disk_key = (key, self.pruning_method if sparsity else None)
         on_disk = (self.disk is not None and fqn not in self.override
                    and self.quantizer.calibrates(fmt))
@@ -241,7 +247,7 @@ class VariantCache:
             if on_disk:
                 self.disk.save(disk_key, out)
         self._keep(key, out)
-        return out
+        return self.prepared.get(key, out)  # placed on the GPU or pinned, if kept
 
     def _keep(self, key: tuple, value) -> None:
         """Remember a prepared variant, dropping the least recently used past packed_bytes;
@@ -301,7 +307,7 @@ class VariantCache:
         """Quantize every pair now; also fill the dense level while it has room, so the
         first trials swap pointers instead of dequantizing on the hot path."""
         for fqn, fmt in pairs:
-            self.get(fqn, fmt)
+            self._packed(fqn, fmt)
             size = self.dtype.itemsize * self.shapes[fqn][0] * self.shapes[fqn][1]
             if (self._key(fqn, fmt, None) not in self.dense
                     and self._dense_used + size <= self.dense_bytes):
@@ -330,10 +336,7 @@ class VariantCache:
             out = self.source(fqn, sl)
             self._remember(key, out)
             return out
-        self.get(fqn, fmt, sparsity, sl)  # prepared (or made again) ...
-        packed = self.prepared.get(("codes", *key))  # ... but kept only within packed_bytes
-        if packed is None:
-            packed = self.get(fqn, fmt, sparsity, sl)
+        packed = self._packed(fqn, fmt, sparsity, sl)
         shape = narrowed_shape(*self.shapes[fqn], sl)
         out = dequantize_torch(fmt, packed, shape, self.device)
         if out is None:  # formats without a torch path use the reference numpy one
