@@ -19,7 +19,6 @@ from llmpareto.placement import (
     Placement,
     device_free_bytes,
     model_device,
-    refuse_device,
 )
 from llmpareto.units import format_bytes
 
@@ -311,7 +310,12 @@ def check_memory(source: ModelSource, placement: Placement = CPU_FLOAT32) -> Non
     what = f"model {source.describe()} ({held}{format_bytes(on_disk)} on disk)"
     free_device = device_free_bytes(placement)
     if free_device is not None and need_device > free_device:
-        refuse_device(what, need_device, placement, free_device)
+        dev = placement.device
+        raise UserError(
+            f"{what} needs about {format_bytes(need_device)} ({need_device} bytes) on {dev} in "
+            f"{placement.dtype}, and {dev} has {format_bytes(free_device)} ({free_device} bytes)"
+            " free (torch.cuda.mem_get_info); use a smaller model, --torch-dtype bfloat16 (2 "
+            "bytes a weight), a GPU with more memory, or --torch-device cpu")
     free = available_memory_bytes()
     if free is None or need <= free:
         return

@@ -11,7 +11,6 @@ import re
 from dataclasses import asdict, dataclass
 
 from llmpareto.errors import UserError
-from llmpareto.units import format_bytes
 
 DEVICE_FORMS = "auto (CUDA when present), cpu, cuda, or cuda:N"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -164,11 +163,3 @@ def peak_device_bytes(placement: Placement) -> int | None:
     import torch
 
     return int(torch.cuda.max_memory_allocated(placement.torch_device()))
-
-
-def refuse_device(what: str, need: int, placement: Placement, free: int) -> None:
-    raise UserError(
-        f"{what} needs about {format_bytes(need)} ({need} bytes) on {placement.device} in "
-        f"{placement.dtype}, and {placement.device} has {format_bytes(free)} ({free} bytes) free "
-        "(torch.cuda.mem_get_info); use a smaller model, --torch-dtype bfloat16 (2 bytes a "
-        "weight), a GPU with more memory, or --torch-device cpu")

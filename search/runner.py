@@ -287,8 +287,7 @@ class TrialRunner:
 
         from llmpareto.formats import get_format
 
-        need = sum(self.cache.shapes[f][0] * self.cache.shapes[f][1]
-                   * get_format(fmt).bits_per_weight / 8 for f, fmt in pairs)
+        need = sum(get_format(fmt).nbytes(*self.cache.shapes[f]) for f, fmt in pairs)
         if need > self.cache.packed_bytes:
             print(f"llmpareto: note: this space's packed variants take {format_bytes(need)}, "
                   f"more than --variant-cache {format_bytes(self.cache.packed_bytes)}: the rest "
