@@ -3,8 +3,10 @@ last release that still had the sparse compressors (0.15 removed them).
 
     python -m llmpareto.bench.check_compressed_tensors
 
-Installs compressed-tensors==0.14.0.1 (no dependencies) into a temporary folder, then, in a
-child process that imports it instead of the installed release, prunes a tiny random Llama
+compressed-tensors 0.14.0.1 requires transformers<5, so it cannot live in the environment: it
+is installed (no dependencies) into its own folder, REFERENCE (tests/setup.sh, the README's
+test command, does that; this command does it itself when the folder is missing). Then, in a
+child process that imports it instead of the installed release, it prunes a tiny random Llama
 (2:4 and 50% unstructured; float32, bfloat16, float16), writes it with
 `llmpareto.export.compressed.write_compressed` and with the 0.14 library's own
 `ModelCompressor.compress` + `save_pretrained`, and checks that (1) every tensor of the two
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 CHILD = r'''
 import sys, tempfile, torch
@@ -86,14 +88,25 @@ sys.exit(0 if ok_all else 1)
 '''
 
 
+VERSION = "0.14.0.1"
+REFERENCE = Path(os.environ.get(
+    "LLMPARETO_CT014", Path(__file__).resolve().parents[1] / ".refs" / f"compressed-tensors-{VERSION}"))
+INSTALL = (f"python3 -m pip install --no-deps --upgrade --target {REFERENCE} "
+           f"compressed-tensors=={VERSION}")
+
+
+def installed() -> bool:
+    return (REFERENCE / "compressed_tensors" / "__init__.py").is_file()
+
+
+def run(reference: Path = REFERENCE) -> int:
+    """The check against the reference folder (no install, no network); exit status."""
+    env = {**os.environ, "PYTHONPATH": str(reference) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", CHILD], check=False, env=env).returncode
+
+
 def main() -> int:
-    with tempfile.TemporaryDirectory() as target:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                        target, "compressed-tensors==0.14.0.1"], check=True)
-        env = {**os.environ, "PYTHONPATH": target + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        return subprocess.run([sys.executable, "-c", CHILD], check=False, env=env).returncode
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if not installed():
+        subprocess.run(INSTALL.split(), check=True)
+    return run()

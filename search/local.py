@@ -88,6 +88,8 @@ def run_local(settings: SearchSettings) -> Front:
         try:
             while n_done() < settings.trials:
                 feasible += run_one(study, runner, rd, settings.objectives)
+                # a run killed or stopped mid-way leaves its trials and front so far on disk
+                write_outputs(study, rd, settings.objectives, plot=False)
                 bar.update(1)
                 bar.set_postfix(feasible=feasible, front=front_size(study) if feasible else 0)
         except KeyboardInterrupt:

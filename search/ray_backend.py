@@ -131,10 +131,40 @@ def _record(trial: Any, payload: dict) -> None:
     trial.set_user_attr("node_ip", payload["node_ip"])
 
 
+# Driver-side searchers by key. Tune pickles its whole configuration when a Tuner is built
+# (ray >= 2.5x writes tuner.pkl at once) and again on its checkpoints; the searcher holds the
+# driver's sampler, study and storage (locks, connections, KL screens), which are neither
+# picklable nor meaningful elsewhere. What Tune pickles is a handle: unpickled in this process it
+# is the live searcher, anywhere else a placeholder that says how to resume.
+_SEARCHERS: dict[str, Any] = {}
+
+
+def _driver_searcher(key: str) -> Any:
+    return _SEARCHERS.get(key) or _Detached(key)
+
+
+class _Detached:
+    """A searcher unpickled away from the driver that built it (Tuner.restore, another
+    process): llmpareto's checkpoint is the Optuna study, so it refuses any use."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise UserError("this Ray Tune experiment's searcher lives in the llmpareto driver that "
+                        "started it; continue the search with `llmpareto search --resume` (the "
+                        "Optuna study is the checkpoint), not Tuner.restore")
+
+
 def _searcher(**kwargs: Any):
     from ray.tune.search.optuna import OptunaSearch
 
     class Searcher(OptunaSearch):
+        def __reduce__(self):
+            return _driver_searcher, (self.llmpareto_key,)
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None,
                               error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
@@ -149,7 +179,10 @@ def _searcher(**kwargs: Any):
         def save_to_dir(self, *args: Any, **kwargs: Any) -> None:
             return None  # the Optuna study is the checkpoint; --resume reads it
 
-    return Searcher(**kwargs)
+    searcher = Searcher(**kwargs)
+    searcher.llmpareto_key = f"{os.getpid()}-{id(searcher)}"
+    _SEARCHERS[searcher.llmpareto_key] = searcher
+    return searcher
 
 
 def _connect(address: str | None) -> None:
@@ -202,7 +235,10 @@ def _fit(settings: SearchSettings, runner: TrialRunner, rd: RunDir, sampler, n: 
                                   storage_path=str((rd.path / "ray").resolve()), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
     )
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        _SEARCHERS.pop(searcher.llmpareto_key, None)
 
 
 def run_ray(settings: SearchSettings) -> Front:

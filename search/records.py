@@ -64,14 +64,17 @@ def front_size(study: optuna.Study) -> int:
     return len({(tuple(sorted(t.params.items())), tuple(t.values)) for t in feasible})
 
 
-def write_outputs(study: optuna.Study, rd: RunDir, objectives: list[str]) -> Front:
-    """Rewrite trials.csv and the front files from the study (the source of truth)."""
+def write_outputs(study: optuna.Study, rd: RunDir, objectives: list[str],
+                  plot: bool = True) -> Front:
+    """Rewrite trials.csv and the front files from the study (the source of truth); front.png
+    only with `plot` (a local search rewrites the rest after every trial, the picture at the
+    end)."""
     trials = trials_frame(study, rd)
     with atomic.atomic_path(rd.trials_csv) as tmp:
         trials.to_csv(tmp, index=False)
     front = Front.from_trials(trials, objectives, rd.path)
     front.to_csv(rd.front_csv)
     rd.write_json(rd.front_json, {"objectives": objectives, "points": front.to_records()})
-    if len(trials):
+    if plot and len(trials):
         front.plot(rd.front_png, title=f"{rd.path.name}: Pareto front (squares: uniform baselines)")
     return front

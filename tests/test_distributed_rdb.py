@@ -17,22 +17,14 @@ from optuna.trial import TrialState
 import llmpareto
 from llmpareto.errors import UserError
 from llmpareto.search.rdb import connect
-from llmpareto.tests.clusters import InstallFailed, PgServer, Unavailable, free_port
+from llmpareto.tests.clusters import PgServer, free_port, serve
 
 
 @pytest.fixture(scope="module")
 def pg_url():
     """A throwaway server on 127.0.0.1 and a free port, data in a temp dir, stopped after."""
-    try:
-        server = PgServer()
-    except InstallFailed as why:  # we could install and it did not work: a failure, not a skip
-        pytest.fail(str(why))
-    except Unavailable as why:
-        pytest.skip(str(why))
-    try:
+    for server in serve(PgServer):
         yield server.new_db("llmpareto")
-    finally:
-        server.stop()
 
 
 def _worker(study: str, url: str, runs: Path) -> subprocess.Popen:

@@ -13,8 +13,6 @@ import io
 import json
 import time
 
-import pytest
-
 from llmpareto import cli_doctor, models
 from llmpareto.cli_doctor import add_doctor_command
 from llmpareto.errors import UserError
@@ -168,7 +166,7 @@ def test_ray_nothing_listening_fails_fast(capfd):
 
 def test_ray_init_error_is_a_fail_row(capfd, monkeypatch):
     """ray.init itself is monkeypatched (a real refused init retries for about a minute)."""
-    ray = pytest.importorskip("ray")
+    import ray
 
     def refuse(**kwargs):
         raise ConnectionError("Could not find any running Ray instance.\nsecond line")
@@ -181,7 +179,7 @@ def test_ray_init_error_is_a_fail_row(capfd, monkeypatch):
 
 
 def test_ray_cluster_that_answers_lists_nodes_and_shuts_down(capfd, monkeypatch):
-    ray = pytest.importorskip("ray")
+    import ray
     calls = []
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(("init", kw["address"])))
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}, {"Alive": False}])

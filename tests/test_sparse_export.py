@@ -86,15 +86,13 @@ def test_unstructured_recipe_is_sparse_bitmask_and_pick_card_says_so(tiny_settin
 
 
 def test_layout_is_what_compressed_tensors_0_14_writes_and_reads():
-    """The last compressed-tensors with sparse compressors (0.14.0.1), installed from the package
-    registry into a temporary folder: its writer makes the same tensors, its reader restores
-    ours bit for bit (bench/check_compressed_tensors.py, run here)."""
-    import subprocess
+    """The last compressed-tensors with sparse compressors (0.14.0.1, which needs transformers<5,
+    so tests/setup.sh installs it into its own folder): its writer makes the same tensors, its
+    reader restores ours bit for bit (bench/check_compressed_tensors.py, run here)."""
+    from llmpareto.bench import check_compressed_tensors as ct
+    from llmpareto.tests.clusters import missing
 
-    from llmpareto.bench import check_compressed_tensors
-
-    try:
-        rc = check_compressed_tensors.main()
-    except subprocess.CalledProcessError:
-        pytest.skip("pip could not install compressed-tensors==0.14.0.1 from the registry")
-    assert rc == 0
+    if not ct.installed():
+        missing(f"compressed-tensors {ct.VERSION} is not in {ct.REFERENCE}: {ct.INSTALL} "
+                "(tests/setup.sh does it)")
+    assert ct.run() == 0

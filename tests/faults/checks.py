@@ -211,8 +211,12 @@ def account(storage, study: str, before: dict, trials_csv: Path | None, wanted: 
 
 @dataclass
 class Outcome:
+    """One injected fault and what followed. `injected`: the fault really happened (the signal
+    landed on a live process, the disk limit was hit, the damaged file was fed); an outcome
+    whose fault never happened, or that left temporaries behind, is not ok."""
     fault: str
     detail: str = ""
+    injected: bool = False
     completed: bool = False
     lost: int = 0
     duplicated: int = 0
@@ -223,11 +227,12 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return (self.completed and not self.lost and not self.duplicated
-                and not self.half_written and not self.problems)
+        return (self.injected and self.completed and not self.lost and not self.duplicated
+                and not self.half_written and not self.leftover_tmp and not self.problems)
 
     def line(self) -> str:
-        return (f"{self.fault} [{self.detail}]: completed={self.completed} lost={self.lost} "
+        return (f"{self.fault} [{self.detail}]: injected={self.injected} "
+                f"completed={self.completed} lost={self.lost} "
                 f"duplicated={self.duplicated} half_written={len(self.half_written)} "
                 f"leftover_tmp={len(self.leftover_tmp)} ({self.seconds:.0f} s)"
                 + (f" problems={self.problems}" if self.problems else "")
@@ -237,9 +242,11 @@ class Outcome:
 def summarize(outcomes: list[Outcome]) -> list[dict]:
     rows: dict[str, dict] = {}
     for o in outcomes:
-        r = rows.setdefault(o.fault, {"fault": o.fault, "tried": 0, "completed": 0, "lost": 0,
-                                      "duplicated": 0, "half_written": 0, "leftover_tmp": 0})
+        r = rows.setdefault(o.fault, {"fault": o.fault, "tried": 0, "injected": 0,
+                                      "completed": 0, "lost": 0, "duplicated": 0,
+                                      "half_written": 0, "leftover_tmp": 0})
         r["tried"] += 1
+        r["injected"] += int(o.injected)
         r["completed"] += int(o.completed)
         r["lost"] += o.lost
         r["duplicated"] += o.duplicated
@@ -249,9 +256,10 @@ def summarize(outcomes: list[Outcome]) -> list[dict]:
 
 
 def table(outcomes: list[Outcome]) -> str:
-    head = ("fault injected", "times tried", "completed after resume", "completed trials lost",
-            "trials duplicated", "files left half-written", "leftover temporaries")
-    rows = [(r["fault"], r["tried"], r["completed"], r["lost"], r["duplicated"],
+    head = ("fault injected", "times tried", "landed", "completed after resume",
+            "completed trials lost", "trials duplicated", "files left half-written",
+            "leftover temporaries")
+    rows = [(r["fault"], r["tried"], r["injected"], r["completed"], r["lost"], r["duplicated"],
              r["half_written"], r["leftover_tmp"]) for r in summarize(outcomes)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]

@@ -52,35 +52,63 @@ def _fsize_limit(n: int):
     return apply
 
 
+SMALLER = 0.8  # a size the run never filled is retried this much smaller
+DISK_ATTEMPTS = 4
+
+
+def _search_in(runs: Path, s: dict, size: int, mode: str, timeout: float):
+    """The search of `s` with its run directory limited to `size` bytes."""
+    if mode == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(runs)],
+                       check=True, capture_output=True)
+        return run_cli(search_argv(s), timeout=timeout)
+    return run_cli(search_argv(s), timeout=timeout, preexec_fn=_fsize_limit(size))
+
+
 def disk_full(model: Path, work: Path, study: str, size: int, rng: random.Random,
-              mode: str = "auto", trials: int = 8, timeout: float = 300) -> Outcome:
+              mode: str = "auto", trials: int = 8, timeout: float = 300,
+              attempts: int = DISK_ATTEMPTS) -> Outcome:
     """A search whose run directory fills up at `size` bytes: a tmpfs of that size where this
     user may mount one (mode "tmpfs"), else RLIMIT_FSIZE in the child (mode "rlimit": any
-    write past `size` bytes of one file fails with EFBIG). The run must stop with exit != 0,
-    one `llmpareto: error:` line and no traceback, leave no half-written file, and `--resume`
+    write past `size` bytes of one file fails with EFBIG). A run that finishes inside the limit
+    injected nothing: it is started again from nothing with a smaller limit, up to `attempts`
+    times, after which the outcome fails. The run must stop with exit != 0, one
+    `llmpareto: error:` line and no traceback, leave no half-written file, and `--resume`
     without the limit must complete with no completed trial lost."""
     t0 = time.time()
     if mode == "auto":
         mode = "tmpfs" if tmpfs_works(work) else "rlimit"
     runs = work / f"disk-{study}"
-    runs.mkdir(parents=True, exist_ok=True)
     s = {"model": str(model), "runs_dir": str(runs), "study": study, "trials": trials,
          "seed": rng.randint(0, 10_000), **FAST}
     o = Outcome(f"disk full ({mode})", f"{size // 1024} KiB")
     mounted = False
     try:
-        if mode == "tmpfs":
-            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(runs)],
-                           check=True, capture_output=True)
-            mounted = True
-            res = run_cli(search_argv(s), timeout=timeout)
-        else:
-            res = run_cli(search_argv(s), timeout=timeout, preexec_fn=_fsize_limit(size))
+        for attempt in range(1, attempts + 1):
+            if mounted:
+                subprocess.run(["umount", "-l", str(runs)], capture_output=True, check=False)
+                mounted = False
+            shutil.rmtree(runs, ignore_errors=True)
+            runs.mkdir(parents=True)
+            mounted = mode == "tmpfs"
+            res = _search_in(runs, s, size, mode, timeout)
+            if res.returncode != 0 or attempt == attempts:
+                break
+            size = int(size * SMALLER)
+        if attempt > 1:
+            o.detail += f"; try {attempt} at {size // 1024} KiB"
         run, db = runs / study, runs / study / "study.db"
         errs = error_lines(res.stderr)
+        o.injected = res.returncode != 0 and any(
+            w in line for line in errs for w in ("disk", "space", "too large", "limit"))
         if res.returncode == 0:
             o.detail += "; the limit was never hit"
-        else:
+            o.problems.append(f"the run finished inside {size} bytes in {attempt} tries: "
+                              "no full disk was tested")
+        elif not o.injected:
+            o.problems.append(f"exit {res.returncode} for another reason than a full disk: "
+                              f"{res.stderr.strip()[-500:]}")
+        if res.returncode != 0:
             o.detail += f"; exit {res.returncode}: {(errs or ['(no error line)'])[-1][:160]}"
             if "Traceback" in res.stderr:
                 o.problems.append(f"traceback: {res.stderr.strip()[-700:]}")
@@ -140,8 +168,8 @@ def damage_study_db(run_settings: dict, kind: str, rng: random.Random) -> Outcom
     for side in ("study.db-journal", "study.db-wal"):
         (db.parent / side).unlink(missing_ok=True)
     digest = sha256(db)
-    o = Outcome(f"damaged study.db ({kind})", what)
-    if not check_file(db):
+    o = Outcome(f"damaged study.db ({kind})", what, injected=check_file(db) is not None)
+    if not o.injected:
         o.problems.append("the damage passes PRAGMA integrity_check: not a usable test case")
     t0 = time.time()
     res = run_cli(search_argv({**run_settings, "trials": run_settings["trials"] + 2},
@@ -191,7 +219,7 @@ def refuse(fault: str, what: str, argv: list[str], must_name: str | None = None,
     t0 = time.time()
     res = run_cli(argv, timeout=timeout)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
-    o = Outcome(fault, what)
+    o = Outcome(fault, what, injected=True)  # the bad input was fed to the command
     o.seconds = time.time() - t0
     bad = clear_refusal(res)
     if bad:

@@ -52,6 +52,7 @@ from llmpareto.tests.faults.distributed import (  # noqa: F401 - re-exported
     kill_rdb_worker,
 )
 from llmpareto.tests.faults.kills import (  # noqa: F401 - re-exported
+    ATTEMPTS,
     CLI,
     FAST,
     N_BASELINES,
@@ -65,6 +66,7 @@ from llmpareto.tests.faults.kills import (  # noqa: F401 - re-exported
     kill_chain,
     kill_distill,
     kill_pick,
+    missed,
     observed_phase,
     run_cli,
     search_argv,

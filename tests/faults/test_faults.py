@@ -88,7 +88,24 @@ def copy_run(killed_runs, dst: Path) -> tuple[Path, dict]:
 def test_local_search_killed_at_random_moments_resumes_whole(killed_runs):
     outcomes, _ = killed_runs
     assert len(outcomes) == (20 if FULL else 3)
-    assert_clean(outcomes)
+    assert_clean(outcomes)  # each kill landed on a live search (Outcome.ok)
+    assert all(o.injected for o in outcomes)
+
+
+def test_a_fault_that_never_landed_fails_the_suite(model, tmp_path):
+    """A no-op fault (the search 'killed' after it had exited) is not a survived fault."""
+    outcomes = h.kill_chain(["exited"], model, tmp_path / "runs", "noop", rng_for("noop"),
+                            trials=TRIALS, attempts=1)
+    assert [o.injected for o in outcomes] == [False]
+    with pytest.raises(AssertionError, match="never landed"):
+        assert_clean(outcomes)
+
+
+def test_leftover_temporaries_fail_an_outcome():
+    o = h.Outcome("x", injected=True, completed=True)
+    assert o.ok
+    o.leftover_tmp.append("runs/t/.trials.csv.123.abc.tmp")
+    assert not o.ok
 
 
 def test_outputs_keep_the_permissions_the_umask_gives(killed_runs):
