@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.session import (
+    NODE_COLUMNS,
     emissions,
     finite_or_none,
     n_complete,
@@ -100,7 +102,7 @@ def _trainable(config: dict, settings_dict: dict) -> None:
                "constraints": result.constraints, "seconds": seconds,
                "feasible": result.feasible, "reused": result.reused,
                "node": ray.get_runtime_context().get_node_id(),
-               "node_ip": ray.util.get_node_ip_address()}
+               "node_ip": ray.util.get_node_ip_address(), **runner.where()}
     objectives = settings_dict["objectives"]
     tune.report({**{o: result.metrics[o] for o in objectives}, PAYLOAD: json.dumps(payload)})
 
@@ -127,8 +129,8 @@ def _record(trial: Any, payload: dict) -> None:
     trial.set_user_attr("feasible", payload["feasible"])
     if payload["reused"]:
         trial.set_user_attr("reused", True)
-    trial.set_user_attr("node", payload["node"])
-    trial.set_user_attr("node_ip", payload["node_ip"])
+    for key in NODE_COLUMNS:
+        trial.set_user_attr(key, payload[key])
 
 
 # Driver-side searchers by key. Tune pickles its whole configuration when a Tuner is built
@@ -206,6 +208,14 @@ def _connect(address: str | None) -> None:
                  **({} if address else {"include_dashboard": False}))
     except AuthenticationError as exc:
         raise UserError(f"--address {address}: {str(exc).splitlines()[0]}. {TOKEN_HELP}") from None
+    except RuntimeError as exc:  # ray.init's own check of the driver against the cluster
+        if not str(exc).startswith("Version mismatch"):
+            raise
+        theirs, mine = (re.findall(r"Ray: (\S+)", str(exc)) + ["?", "?"])[:2]
+        raise UserError(f"--address {address}: the Ray cluster runs ray {theirs}, this machine "
+                        f"ray {mine}; every node and the driver need the same ray: `pip install "
+                        f"'ray[tune]=={theirs}'` here, or restart the cluster with ray {mine}"
+                        ) from None
     except ConnectionError as exc:
         # the port answered (checked above), so the head most likely refused this driver
         mine = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
@@ -213,6 +223,46 @@ def _connect(address: str | None) -> None:
                 else TOKEN_HELP)
         raise UserError(f"--address {address}: Ray refused or did not answer ({exc}). If the "
                         f"cluster uses token authentication: {hint}") from None
+
+
+def node_versions() -> dict[str, str | None]:
+    """What a node runs (called on each node by check_nodes)."""
+    import ray
+
+    from llmpareto.versions import package_versions
+
+    return {"ray": ray.__version__, "llmpareto": package_versions(("llmpareto",))["llmpareto"],
+            "node_ip": ray.util.get_node_ip_address()}
+
+
+def check_nodes(timeout_s: float = 180) -> None:
+    """Refuse a cluster whose nodes run another ray or llmpareto than this driver, before any
+    trial is sent (a trial there would fail, or score with other code)."""
+    import ray
+    from ray.exceptions import RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from llmpareto.versions import package_versions
+
+    mine = {"ray": ray.__version__, "llmpareto": package_versions(("llmpareto",))["llmpareto"]}
+    probe = ray.remote(num_cpus=0, max_retries=0)(node_versions)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote() for n in nodes]
+    for node, ref in zip(nodes, refs, strict=True):
+        where = f"node {node.get('NodeManagerAddress', '?')} ({node['NodeID'][:8]})"
+        try:
+            theirs = ray.get(ref, timeout=timeout_s)
+        except RayError as exc:
+            first = (str(exc).strip().splitlines() or [repr(exc)])[-1][:200]
+            raise UserError(f"--backend ray: {where} cannot run llmpareto ({first}); install "
+                            f"llmpareto {mine['llmpareto']} and ray {mine['ray']} there") from None
+        for pkg in ("ray", "llmpareto"):
+            if theirs[pkg] != mine[pkg]:
+                raise UserError(f"--backend ray: {where} runs {pkg} {theirs[pkg]}, this driver "
+                                f"{pkg} {mine[pkg]}; install the same {pkg} on every node "
+                                f"(`pip install {pkg}=={mine[pkg]}` there, or this node's "
+                                "version here), then start the search again")
 
 
 def _fit(settings: SearchSettings, runner: TrialRunner, rd: RunDir, sampler, n: int):
@@ -252,6 +302,7 @@ def run_ray(settings: SearchSettings) -> Front:
 
     try:
         check_gpus(settings, ray.cluster_resources())
+        check_nodes()
     except UserError:
         ray.shutdown()
         raise

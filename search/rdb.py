@@ -241,7 +241,7 @@ def _work(study, runner: TrialRunner, rd: RunDir, settings: SearchSettings, info
     heartbeat_from_ask(study)
 
     rd.write_json(rd.run_json, {**info, "status": "running"})
-    attrs, here, status = local_node(), 0, "finished"
+    attrs, here, status = {**local_node(), **runner.where()}, 0, "finished"
     with emissions(settings.country) as energy:
         runner.prepare(settings.progress)
         bar = tqdm(total=_target(study), initial=n_complete(study), desc="trials", unit="trial",

@@ -302,6 +302,12 @@ class TrialRunner:
             metrics.update(ev.evaluate(cand))
         return TrialResult(metrics, self.budget.constraints(metrics), formats)
 
+    def where(self) -> dict[str, str]:
+        """Where this runner's trials run, read off the model's weights (not the settings): a
+        distributed trial records it, so a run shows which device and dtype scored it."""
+        p = next(self.model.parameters())
+        return {"torch_device": str(p.device), "torch_dtype": str(p.dtype).removeprefix("torch.")}
+
     def run(self, recipe: Recipe) -> TrialResult:
         """Score a recipe; a samplers' repeat of an earlier candidate costs nothing."""
         key = (tuple(sorted(self.arch.formats_for(recipe).items(), key=lambda kv: kv[0])),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import sys
 import warnings
 from contextlib import contextmanager
 
@@ -27,13 +28,21 @@ from llmpareto.search.records import (
 from llmpareto.settings import SearchSettings
 from llmpareto.spaces.base import recipe_of
 
-# User attrs naming who ran a trial (distributed backends); they become trials.csv columns.
-NODE_COLUMNS = ("node", "node_ip")
+# User attrs naming who ran a trial and where (distributed backends: node, and the torch device
+# and dtype its model was on); they become trials.csv columns.
+NODE_COLUMNS = ("node", "node_ip", "torch_device", "torch_dtype")
+
+
+def _no_energy(out: dict) -> None:
+    """Energy that could not be measured is said once, not left for run.json alone to show."""
+    print(f"llmpareto: note: the search's energy and CO2 are missing from run.json "
+          f"({out['error']})", file=sys.stderr, flush=True)
 
 
 @contextmanager
 def emissions(country: str):
-    """Energy and CO2 of the search itself (codecarbon, offline: never a network call)."""
+    """Energy and CO2 of the search itself (codecarbon, offline: never a network call). When
+    codecarbon cannot measure, run.json holds {"error": why} and one note line says so."""
     out: dict = {}
     tracker = None
     try:
@@ -45,6 +54,7 @@ def emissions(country: str):
         tracker.start()
     except Exception as exc:  # noqa: BLE001 - measuring must never stop a search
         out["error"] = f"codecarbon unavailable: {exc}"
+        _no_energy(out)
     try:
         yield out
     finally:
@@ -55,8 +65,13 @@ def emissions(country: str):
                 out.update(energy_kwh=float(d.energy_consumed), co2_kg=float(d.emissions),
                            duration_s=float(d.duration), country=country,
                            tool="codecarbon OfflineEmissionsTracker")
+                if not (out["energy_kwh"] >= 0 and out["co2_kg"] >= 0):  # NaN or negative
+                    raise ValueError(f"it returned {out['energy_kwh']} kWh")
             except Exception as exc:  # noqa: BLE001
+                for key in ("energy_kwh", "co2_kg", "duration_s"):
+                    out.pop(key, None)
                 out["error"] = f"codecarbon failed: {exc}"
+                _no_energy(out)
 
 
 def peak_rss_bytes() -> int:

@@ -159,17 +159,18 @@ class RayCluster:
                                  "--include-dashboard=false", "--temp-dir", self.tmp])
         self.workers: list[subprocess.Popen] = []
 
-    def _start(self, args: list[str]) -> subprocess.Popen:
+    def _start(self, args: list[str], env: dict | None = None) -> subprocess.Popen:
         log = Path(self.tmp) / f"node-{len(self.logs)}.log"
         self.logs.append(log)
         with open(log, "w") as fh:
             return subprocess.Popen(["ray", "start", "--block", "--node-ip-address", "127.0.0.1",
                                      "--disable-usage-stats", *_node_ports(), *args],
-                                    env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    env={**self.env, **(env or {})}, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
 
-    def add_worker(self) -> subprocess.Popen:
-        proc = self._start(["--address", self.address, "--num-cpus", "1"])
+    def add_worker(self, env: dict | None = None) -> subprocess.Popen:
+        """A worker node (`env`: variables that differ on it, e.g. another PYTHONPATH)."""
+        proc = self._start(["--address", self.address, "--num-cpus", "1"], env)
         self.workers.append(proc)
         return proc
 

@@ -146,4 +146,10 @@ def test_ray_places_trials_on_the_gpu(tiny_settings):
     llmpareto.search(backend="ray", **{**tiny_settings, "trials": 4, "gpus_per_trial": 0.5})
     rd = RunDir.for_study(tiny_settings["runs_dir"], "t")
     trials = pd.read_csv(rd.path / "trials.csv")
-    assert (trials["state"] == "COMPLETE").sum() >= 4
+    done = trials[trials["state"] == "COMPLETE"]
+    assert len(done) >= 4
+    # what each trial's worker recorded from its model's weights, not what was asked for
+    assert set(done["torch_device"]) == {"cuda:0"}, done["torch_device"].tolist()
+    assert set(done["torch_dtype"]) == {"bfloat16"}, done["torch_dtype"].tolist()
+    info = json.loads(rd.run_json.read_text())
+    assert info["cluster"]["resources"].get("GPU", 0) >= 1

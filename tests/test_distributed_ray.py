@@ -23,7 +23,8 @@ def cluster(tmp_path_factory):
     yield from serve(lambda: RayCluster(tmp_path_factory.mktemp("ray")))
 
 
-def _search(cluster: RayCluster, settings: dict, *extra: str) -> subprocess.Popen:
+def _search(cluster: RayCluster, settings: dict, *extra: str,
+            cwd: Path | None = None) -> subprocess.Popen:
     argv = [sys.executable, "-m", "llmpareto.cli", "search", "--backend", "ray", "--address",
             cluster.address, "--cpus-per-trial", "1", "--max-concurrent", "2", "--no-progress",
             *extra]
@@ -31,7 +32,7 @@ def _search(cluster: RayCluster, settings: dict, *extra: str) -> subprocess.Pope
         if k != "progress":
             argv += [f"--{k.replace('_', '-')}", str(v)]
     return subprocess.Popen(argv, env=cluster.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
 def _check_run(run: Path, study: str, trials: int) -> pd.DataFrame:
@@ -45,6 +46,9 @@ def _check_run(run: Path, study: str, trials: int) -> pd.DataFrame:
     assert df["trial"].is_unique and len(df) == len(s.trials)
     assert {"node", "node_ip", "perplexity", "memory_bytes", "recipe"} <= set(df.columns)
     assert (run / "front.csv").is_file() and (run / "front.png").is_file()
+    # recorded by each trial's worker from its model's weights
+    done = df[df["state"] == "COMPLETE"]
+    assert set(done["torch_device"]) == {"cpu"} and set(done["torch_dtype"]) == {"float32"}
     return df
 
 
@@ -117,3 +121,49 @@ def test_unreachable_address_fails_fast_with_the_address(tiny_settings):
     assert time.perf_counter() - t0 < 10
     with pytest.raises(UserError, match="HOST:PORT"):
         llmpareto.search(backend="ray", address="nowhere", **tiny_settings)
+
+
+def test_a_driver_with_another_ray_is_refused_with_both_versions(cluster, tiny_settings):
+    """Ray's own check on the real cluster, the driver (the real CLI, in its own process)
+    claiming another ray version: a second ray install cannot share this environment."""
+    import ray
+
+    argv = ["search", "--backend", "ray", "--address", cluster.address, "--no-progress",
+            "--model", tiny_settings["model"], "--runs-dir", tiny_settings["runs_dir"]]
+    code = ("import sys, ray._private.utils as u; real = u.compute_version_info(); "
+            "u.compute_version_info = lambda: ('2.0.0', real[1]); "
+            f"from llmpareto.cli import main; sys.exit(main({argv!r}))")
+    out = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True,
+                         text=True, timeout=180, check=False)
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("llmpareto: error:")]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert f"runs ray {ray.__version__}" in lines[0] and "ray 2.0.0" in lines[0], lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_a_node_with_another_llmpareto_is_refused_before_any_trial(cluster, tiny_settings,
+                                                                   tmp_path):
+    """A worker node whose Python finds llmpareto 9.9.9's metadata first (as a node with
+    another release installed would): one error line naming both versions, no trial sent."""
+    from llmpareto.versions import package_versions
+
+    fake = tmp_path / "site" / "llmpareto-9.9.9.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: llmpareto\nVersion: 9.9.9\n")
+    alive = cluster.alive_nodes()
+    node = cluster.add_worker(env={"PYTHONPATH": str(fake.parent)})
+    try:
+        cluster.wait_nodes(alive + 1)
+        # from another folder: Ray puts the driver's working folder first on every worker's
+        # path, and a source checkout's llmpareto.egg-info would be found before the node's
+        proc = _search(cluster, {**tiny_settings, "study": "ver"}, cwd=tmp_path)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        RayCluster.kill(node)
+    lines = [ln for ln in err.splitlines() if ln.startswith("llmpareto: error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    mine = package_versions(("llmpareto",))["llmpareto"]
+    assert "llmpareto 9.9.9" in lines[0] and f"llmpareto {mine}" in lines[0], lines[0]
+    db = tmp_path / "runs" / "ver" / "study.db"
+    assert not db.exists() or not optuna.load_study(
+        study_name="ver", storage=f"sqlite:///{db}").trials
