@@ -150,7 +150,8 @@ def main() -> None:
     from llmpareto.placement import cuda_count
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--devices", default=None, help="default: cpu, and cuda when present")
+    ap.add_argument("--devices", default=None,
+                    help="default: cpu, and cuda when present; none: only the --shapes rows")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--shapes", default="", help="1b, 8b or 1b,8b (random weights)")
@@ -169,7 +170,8 @@ def main() -> None:
                                  str(Path(args.out) / f"runs-{device}-{time.time_ns()}"))))
         return
     gpu = cuda_count() > 0
-    devices = (args.devices or ("cpu,cuda" if gpu else "cpu")).split(",")
+    devices = [d for d in (args.devices or ("cpu,cuda" if gpu else "cpu")).split(",")
+               if d != "none"]  # none: only the --shapes rows
     if not gpu:
         print("no CUDA GPU here: the GPU rows are not measured (run this script on one)")
     runs = {}
