@@ -73,6 +73,9 @@ class VariantCache:
         self._slices: dict[tuple, dict] = {}
         self.override: dict[str, torch.Tensor] = {}  # set_override: distilled weights
         self.modules = {fqn: model.get_submodule(fqn) for fqn in self.shapes}
+        # biases (Qwen2's q/k/v): a student keeps the entries of the rows it keeps
+        self.base_bias = {fqn: m.bias.detach().clone() for fqn, m in self.modules.items()
+                          if getattr(m, "bias", None) is not None}
         cfg = model.config
         self.base_config = {k: getattr(cfg, k) for k in
                             ("intermediate_size", "num_attention_heads", "num_key_value_heads")

@@ -297,12 +297,12 @@ def _write_legacy(tmp: Path, values: dict[str, np.ndarray], tokens: int, chunk_s
 
 
 # --- names, model checks, our statistics ---
-def _gguf_of(fqn: str, n_blocks: int) -> str | None:
+def _gguf_of(fqn: str, n_blocks: int, gguf_arch: str = "llama") -> str | None:
     """GGUF weight name of a module (or parameter) name, None when llama.cpp has none."""
-    from llmpareto.export.gguf import gguf_name
+    from llmpareto.families import gguf_name
 
     try:
-        return gguf_name(fqn if fqn.endswith(".weight") else fqn + ".weight", n_blocks)
+        return gguf_name(fqn if fqn.endswith(".weight") else fqn + ".weight", n_blocks, gguf_arch)
     except UserError:
         return None
 
@@ -312,22 +312,23 @@ def _values(imatrix: Imatrix | Mapping[str, np.ndarray]) -> Mapping[str, np.ndar
 
 
 def to_modules(imatrix: Imatrix | Mapping[str, np.ndarray], fqns: Iterable[str],
-               n_blocks: int) -> dict[str, np.ndarray]:
+               n_blocks: int, gguf_arch: str = "llama") -> dict[str, np.ndarray]:
     """GGUF-named values -> {module name: values} for the given modules that have an entry
     (columns need no reordering: llama.cpp permutes only q/k rows)."""
     values = _values(imatrix)
-    names = {fqn: _gguf_of(fqn, n_blocks) for fqn in fqns}
+    names = {fqn: _gguf_of(fqn, n_blocks, gguf_arch) for fqn in fqns}
     return {fqn: values[name] for fqn, name in names.items() if name in values}
 
 
-def to_gguf_names(values_by_fqn: Mapping[str, np.ndarray], n_blocks: int) -> dict[str, np.ndarray]:
+def to_gguf_names(values_by_fqn: Mapping[str, np.ndarray], n_blocks: int,
+                  gguf_arch: str = "llama") -> dict[str, np.ndarray]:
     """{module name: values} -> {GGUF tensor name: values}, ready for write_imatrix."""
     out: dict[str, np.ndarray] = {}
     for fqn, v in values_by_fqn.items():
-        name = _gguf_of(fqn, n_blocks)
+        name = _gguf_of(fqn, n_blocks, gguf_arch)
         if name is None:
-            raise UserError(f"imatrix: module {fqn} has no llama.cpp tensor name (Llama-family "
-                            f"models with {n_blocks} blocks only); leave it out of the imatrix")
+            raise UserError(f"imatrix: module {fqn} has no llama.cpp tensor name ({gguf_arch} "
+                            f"models with {n_blocks} blocks); leave it out of the imatrix")
         out[name] = v
     return out
 
@@ -339,7 +340,8 @@ def _blocks_of(fqns: Iterable[str]) -> int:
 
 def check_imatrix(imatrix: Imatrix | Mapping[str, np.ndarray],
                   shapes: Mapping[str, tuple[int, int]], path: str | os.PathLike, *,
-                  n_blocks: int | None = None, requires: Iterable[str] = ()) -> list[str]:
+                  n_blocks: int | None = None, requires: Iterable[str] = (),
+                  gguf_arch: str = "llama") -> list[str]:
     """Whether an imatrix (GGUF names, or module names) fits this model, whose linear weights
     are `shapes` ({module: (rows, cols)}, every one of them). Returns the modules it has no
     values for, which llama-quantize quantizes without one; raises UserError for a file made
@@ -347,7 +349,8 @@ def check_imatrix(imatrix: Imatrix | Mapping[str, np.ndarray],
     IQ1_S/IQ1_M/IQ2_*/IQ3_XXS, and Q2_K in a Q2_K_S file)."""
     values = _values(imatrix)
     n_blocks = _blocks_of(shapes) if n_blocks is None else n_blocks
-    by_gguf = {g: fqn for fqn in shapes if (g := _gguf_of(fqn, n_blocks)) is not None}
+    by_gguf = {g: fqn for fqn in shapes
+               if (g := _gguf_of(fqn, n_blocks, gguf_arch)) is not None}
     where = f"--imatrix {path}"
     fix = "use --imatrix on to compute one for this model"
     foreign, used = [], {}
@@ -359,7 +362,8 @@ def check_imatrix(imatrix: Imatrix | Mapping[str, np.ndarray],
         v = np.asarray(v)
         cols = shapes[fqn][1]
         if v.size != cols:
-            if (name if name in by_gguf else _gguf_of(fqn, n_blocks)) == "token_embd.weight":
+            if (name if name in by_gguf else _gguf_of(fqn, n_blocks, gguf_arch)) \
+                    == "token_embd.weight":
                 continue  # llama-quantize ignores a mismatched token_embd entry
             raise UserError(f"{where}: made for another model: {name} has {v.size} values, "
                             f"this model's has {cols} input columns; {fix}")

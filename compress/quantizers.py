@@ -245,8 +245,11 @@ def _imatrix(cache, calib: np.ndarray, batch_size: int, imatrix: str) -> dict:
         return im.imatrix_from_stats(quantizer_stats(cache.model, arch, calib, batch_size, False))
     raw = im.read_imatrix(imatrix)
     shapes = {t.fqn: (t.rows, t.cols) for t in arch.tensors}
-    im.check_imatrix(raw, shapes, imatrix, n_blocks=arch.n_layers)
-    return im.to_modules(raw, shapes, arch.n_layers)
+    from llmpareto.families import gguf_arch_of
+
+    im.check_imatrix(raw, shapes, imatrix, n_blocks=arch.n_layers,
+                     gguf_arch=gguf_arch_of(arch))
+    return im.to_modules(raw, shapes, arch.n_layers, gguf_arch_of(arch))
 
 
 def _quant_versions() -> dict[str, str | None]:

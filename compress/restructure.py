@@ -131,6 +131,8 @@ def slices_for(structure: dict, shapes: dict[str, tuple[int, int]], kinds: dict[
                 for kind in ("mlp.gate_proj", "mlp.up_proj"):
                     if kind in mods:
                         out[mods[kind]] = (key, keep, None)
+                if "mlp.gate_up_proj" in mods:  # fused (Phi-3): gate rows, then up rows
+                    out[mods["mlp.gate_up_proj"]] = (key, torch.cat([keep, keep + inter]), None)
                 out[down] = (key, None, keep)
         o = mods.get("self_attn.o_proj")
         if heads is not None and heads < n_kv_heads and o is not None:

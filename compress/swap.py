@@ -34,6 +34,10 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
         mod = cache.modules[fqn]
         if isinstance(mod, torch.nn.Linear):  # a narrower student: the module says so too
             mod.out_features, mod.in_features = w.shape
+        if fqn in cache.base_bias:
+            b = cache.base_bias[fqn]
+            mod.bias.data = b if sl is None or sl[1] is None else \
+                b.index_select(0, sl[1].to(b.device))
         cache.current[fqn], cache.current_sparsity[fqn], cache.current_slice[fqn] = \
             fmt, sparsity, sl
     _set_config(model, recipe.structure, cache)
@@ -54,6 +58,8 @@ def _set_config(model: torch.nn.Module, structure: dict, cache: VariantCache) ->
     if heads is not None and "num_key_value_heads" in base:
         per = base["num_attention_heads"] // base["num_key_value_heads"]
         cfg.num_key_value_heads, cfg.num_attention_heads = heads, heads * per
+        # the head size stays: said outright where a config would derive it as hidden / heads
+        cfg.head_dim = cache.arch.head_dim
 
 
 def _set_layers(model: torch.nn.Module, layers: list[int] | None, cache: VariantCache) -> None:

@@ -91,8 +91,9 @@ def scale_overhead_bytes(arch: Arch, formats: dict[str, str | None]) -> int:
 
 def kv_cache_bytes(arch: Arch, context: int, batch: int = 1,
                    bytes_per_value: int = KV_BYTES_PER_VALUE) -> int:
-    """K and V for every layer and KV head: 2 * layers * kv_heads * head_dim * bytes * context."""
-    return 2 * arch.n_layers * arch.n_kv_heads * arch.head_dim * bytes_per_value * context * batch
+    """K and V for every layer and KV head: 2 * layers * kv_heads * head_dim * bytes * context
+    (a sliding-window layer of a family llama.cpp runs so holds min(context, window) tokens)."""
+    return 2 * arch.kv_tokens(context) * arch.n_kv_heads * arch.head_dim * bytes_per_value * batch
 
 
 def activation_bytes(arch: Arch, w: Workload) -> int:
@@ -165,11 +166,12 @@ def op_costs(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
         # prompt's rows and reads them back once, with causal (half) score math
         kv_row = arch.n_layers * 2 * arch.n_kv_heads * arch.head_dim * KV_BYTES_PER_VALUE
         if phase == "decode":
-            b = kv_row * (w.context + 1) * w.batch
-            f = arch.n_layers * 4.0 * heads * arch.head_dim * w.context * w.batch
+            held = arch.kv_tokens(w.context + 1)  # layer-tokens read (sliding layers: a window)
+            b = 2 * arch.n_kv_heads * arch.head_dim * KV_BYTES_PER_VALUE * held * w.batch
+            f = 4.0 * heads * arch.head_dim * arch.kv_tokens(w.context) * w.batch
             sec, bound = roofline(b, f, "f16", p)
             # measured: a CPU runtime's scores, softmax and sums over the cache, per K value
-            kv_values = arch.n_layers * arch.n_kv_heads * arch.head_dim * w.context * w.batch
+            kv_values = arch.kv_tokens(w.context) * arch.n_kv_heads * arch.head_dim * w.batch
             rate = p.attention_values_per_s
             if rate and kv_values / rate > sec:
                 sec, bound = kv_values / rate, "compute"

@@ -29,7 +29,7 @@ def write_timing_gguf(path: str | Path, shape: Shape, formats: dict[str, str | N
     """Write `shape` with each tensor in `formats[fqn]` (None: f32), as llama.cpp loads it."""
     import gguf
 
-    from llmpareto.export.gguf import gguf_name
+    from llmpareto.families import gguf_name
 
     arch, rng = shape.arch(), np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch="llama")

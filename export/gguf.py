@@ -1,25 +1,37 @@
-"""GGUF export: one file, each tensor in its recipe's format, written with the `gguf` package.
+"""GGUF export: one file, each tensor in its recipe's format, written with the `gguf` package,
+for every family in llmpareto.families.
 
 The packed bytes are the very ones the search evaluated (the prepared-variant cache), so the
-file dequantizes bit-identically to the searched model. Llama-family models only for now;
-metadata and tokenizer are copied from a GGUF source, or built from a HF config + BPE
-tokenizer.
+file dequantizes bit-identically to the searched model. From a GGUF source the file keeps the
+source's architecture, metadata, tokenizer and tensor names, and only the tensors the recipe
+changes are rewritten (types, data, a student's shapes and shape keys); every other tensor is
+copied byte for byte. From a Hugging Face folder, names come from the `gguf` package's map for
+the family's architecture, with what llama.cpp's converter does for that family (q/k row
+permutation for LLaMA-style rotary, Gemma's 1 + w norms) and its metadata keys.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from llmpareto.errors import UserError
+from llmpareto.families import Family, family_of, gguf_name
 from llmpareto.formats import GGUF_FORMATS, get_format
+
+__all__ = ["check_exportable", "gguf_name", "permute_rows", "unpermute_rows", "write_gguf"]
 
 # Keys rewritten for the exported file (or set by GGUFWriter itself).
 _OWN_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version",
              "general.name")
+# Shape keys a student changes (after the architecture's prefix): written from its config.
+_SHAPE_KEYS = ("block_count", "feed_forward_length", "attention.head_count",
+               "attention.head_count_kv", "attention.key_length", "attention.value_length")
+_SLIDING_KEYS = ("attention.sliding_window", "attention.sliding_window_pattern")
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -34,18 +46,10 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
         .reshape(w.shape)
 
 
-@functools.cache
-def _name_map(n_blocks: int):
-    import gguf
-
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)  # ~20 ms to build
-
-
-def gguf_name(hf_name: str, n_blocks: int) -> str:
-    name = _name_map(n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
-    if name is None:
-        raise UserError(f"GGUF export: no llama.cpp name for tensor {hf_name}")
-    return name
+def check_exportable(model) -> Family:
+    """The family the GGUF is written for; one line before any work when there is none."""
+    return family_of(getattr(model.config, "model_type", None),
+                     "GGUF export (--format gguf)")
 
 
 def _check_gguf_formats(formats: dict[str, str | None]) -> None:
@@ -57,17 +61,20 @@ def _check_gguf_formats(formats: dict[str, str | None]) -> None:
         )
 
 
-# Shape keys a student changes: written from the (restructured) model's config instead.
-_SHAPE_KEYS = ("llama.block_count", "llama.feed_forward_length", "llama.attention.head_count",
-               "llama.attention.head_count_kv", "llama.attention.key_length",
-               "llama.attention.value_length")
-
-
 def _head_dim(cfg) -> int:
     return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
-def _write_shape(writer, cfg) -> None:
+def _swa_pattern(cfg) -> list[bool] | None:
+    """Which blocks slide (llama.cpp's per-layer pattern; written even when none does, or
+    llama.cpp would apply the family's default pattern)."""
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        return None
+    return [t == "sliding_attention" for t in types]
+
+
+def _write_shape(writer, cfg, fam: Family) -> None:
     """Shapes from the (possibly restructured) config; a student with fewer heads keeps its
     head size, which llama.cpp would otherwise derive as hidden / heads."""
     writer.add_block_count(cfg.num_hidden_layers)
@@ -76,37 +83,54 @@ def _write_shape(writer, cfg) -> None:
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_key_length(_head_dim(cfg))
     writer.add_value_length(_head_dim(cfg))
+    pattern = _swa_pattern(cfg) if fam.kv_sliding else None
+    window = getattr(cfg, "sliding_window", None)
+    if pattern is not None and window:  # which blocks slide: a student keeps its own
+        if not any(pattern):
+            if fam.swa_optional:
+                return  # no window: no sliding block
+            # llama.cpp needs one sliding block here: a window as long as any text slides not
+            pattern, window = [True] * len(pattern), cfg.max_position_embeddings
+        writer.add_sliding_window(int(window))
+        writer.add_sliding_window_pattern(pattern)
 
 
-def _copy_metadata(writer, source_gguf: str, cfg) -> None:
-    import gguf
-
-    reader = gguf.GGUFReader(source_gguf)
-    for key, field in reader.fields.items():
-        if key.startswith(_OWN_KEYS) or key in _SHAPE_KEYS:
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub)
-    _write_shape(writer, cfg)
+def _rope_theta(cfg, kind: str = "full_attention") -> float | None:
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if kind in rope and isinstance(rope[kind], dict):
+        rope = rope[kind]
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
+    return None if theta is None else float(theta)
 
 
-def _hf_metadata(writer, cfg, tokenizer) -> None:
-    if getattr(cfg, "model_type", "") != "llama":
-        raise UserError(f"GGUF export supports llama-family models; this one is "
-                        f"{getattr(cfg, 'model_type', '?')!r}: use --format hf")
+def _hf_metadata(writer, cfg, fam: Family, tokenizer, bos: bool) -> None:
+    """What llama.cpp's converter writes for the family (conversion/*.py set_gguf_parameters)."""
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
-    _write_shape(writer, cfg)
+    _write_shape(writer, cfg, fam)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 1e4))))
-    writer.add_rope_dimension_count(_head_dim(cfg))
+    theta = _rope_theta(cfg)
+    if theta is not None:
+        writer.add_rope_freq_base(theta)
+    if fam.name in ("llama", "mistral", "phi3"):
+        partial = float((getattr(cfg, "rope_parameters", None) or {})
+                        .get("partial_rotary_factor", 1.0))
+        writer.add_rope_dimension_count(int(partial * _head_dim(cfg)))
+    if fam.name in ("gemma2", "gemma3"):
+        if getattr(cfg, "attn_logit_softcapping", None) is not None:
+            writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+        if getattr(cfg, "final_logit_softcapping", None) is not None:
+            writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+        local = _rope_theta(cfg, "sliding_attention")
+        if local is not None:
+            writer.add_rope_freq_base_swa(local)
+    if fam.name == "phi3":
+        writer.add_sliding_window(int(getattr(cfg, "sliding_window", None) or 0))
     writer.add_vocab_size(cfg.vocab_size)
-    _bpe_tokenizer(writer, tokenizer, cfg)
+    _bpe_tokenizer(writer, tokenizer, cfg, bos)
 
 
-def _bpe_tokenizer(writer, tokenizer, cfg) -> None:
+def _bpe_tokenizer(writer, tokenizer, cfg, bos: bool) -> None:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
@@ -128,55 +152,142 @@ def _bpe_tokenizer(writer, tokenizer, cfg) -> None:
                       ("eos_token_id", writer.add_eos_token_id)):
         if getattr(tokenizer, attr, None) is not None:
             add(int(getattr(tokenizer, attr)))
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(bos)  # what the search's windows did: llama.cpp does the same
 
 
 def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
-               tokenizer) -> Path:
+               tokenizer, bos: bool | None = None) -> Path:
     """Write `model` (its recipe already applied through `cache`) as one GGUF file (to a
-    temporary name first: a killed export never leaves a GGUF that looks whole)."""
+    temporary name first: a killed export never leaves a GGUF that looks whole). `bos`: whether
+    llama.cpp should put BOS first (a HF source; default: what the tokenizer does)."""
     from llmpareto import atomic
 
+    fam = check_exportable(model)
     _check_gguf_formats(formats)
+    if bos is None and not source.gguf_file:
+        from llmpareto.text import bos_token
+
+        bos = bos_token(tokenizer, needs_bos=fam.needs_bos) is not None
     with atomic.atomic_path(path) as tmp:
-        _write_gguf_file(tmp, model, cache, formats, source, tokenizer)
+        if source.gguf_file:
+            _from_gguf(tmp, model, cache, formats, str(Path(source.directory) / source.gguf_file),
+                       fam)
+        else:
+            _from_hf(tmp, model, cache, formats, tokenizer, fam, bool(bos))
     return Path(path)
 
 
-def _write_gguf_file(path: Path, model, cache, formats: dict[str, str | None], source,
-                     tokenizer) -> None:
-    import gguf
-
-    cfg = model.config
-    n_blocks = cfg.num_hidden_layers
-    writer = gguf.GGUFWriter(str(path), arch="llama")
-    if source.gguf_file:
-        _copy_metadata(writer, str(Path(source.directory) / source.gguf_file), cfg)
-    else:
-        _hf_metadata(writer, cfg, tokenizer)
-    writer.add_name(f"{getattr(cfg, 'name_or_path', '') or 'model'} (llmpareto)")
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # mixed per tensor; informative only
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    heads = {"self_attn.q_proj": cfg.num_attention_heads,
-             "self_attn.k_proj": cfg.num_key_value_heads}
-    kinds = {t.fqn: t.kind for t in cache.arch.tensors}
-    seen = set()
+def _searched(model, cache, formats) -> dict[str, tuple]:
+    """GGUF-independent view of every parameter: hf name -> (fqn, format or None, param)."""
+    out, seen = {}, set()
     for name, param in model.named_parameters():
         if id(param) in seen:
             continue  # a tied output head is the embedding itself
         seen.add(id(param))
-        fqn = cache.fqn_of_param.get(id(param), name.rsplit(".", 1)[0])
-        fmt = formats.get(fqn)
-        if fqn in formats and fmt is not None:
-            data = cache.get(fqn, fmt, cache.current_sparsity.get(fqn),  # zeros stored
-                             cache.current_slice.get(fqn))  # a student's shape
-            qtype = gguf.GGMLQuantizationType(get_format(fmt).gguf_type)
-        else:
-            data, qtype = param.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.F32
-        if kinds.get(fqn) in heads:  # packed rows move as a whole: permuting stays exact
-            data = permute_rows(data, heads[kinds[fqn]])
-        writer.add_tensor(gguf_name(name, n_blocks), np.ascontiguousarray(data), raw_dtype=qtype)
+        fqn = cache.fqn_of_param.get(id(param))  # a searched weight (not its module's bias)
+        out[name] = (fqn or name.rsplit(".", 1)[0], formats.get(fqn) if fqn else None, param)
+    return out
+
+
+def _tensor_data(name: str, fqn: str, fmt: str | None, param, cache, model, fam: Family,
+                 kinds: dict[str, str]):
+    """(array, GGML type) of one parameter as llama.cpp stores it for the family."""
+    import gguf
+
+    cfg = model.config
+    if fmt is not None:
+        data = cache.get(fqn, fmt, cache.current_sparsity.get(fqn),  # zeros stored
+                         cache.current_slice.get(fqn))  # a student's shape
+        qtype = gguf.GGMLQuantizationType(get_format(fmt).gguf_type)
+    else:
+        data, qtype = param.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.F32
+        if fam.norm_shift and name.endswith("norm.weight"):
+            data = data + np.float32(fam.norm_shift)
+    kind = kinds.get(fqn)
+    heads = {"self_attn.q_proj": cfg.num_attention_heads,
+             "self_attn.k_proj": cfg.num_key_value_heads}
+    if fam.permute_qk and kind in heads:  # packed rows move as a whole: permuting stays exact
+        data = permute_rows(data, heads[kind])
+    return np.ascontiguousarray(data), qtype
+
+
+def _from_hf(path: Path, model, cache, formats, tokenizer, fam: Family, bos: bool) -> None:
+    import gguf
+
+    cfg = model.config
+    n_blocks = cfg.num_hidden_layers
+    writer = gguf.GGUFWriter(str(path), arch=fam.gguf_arch)
+    _hf_metadata(writer, cfg, fam, tokenizer, bos)
+    _own_keys(writer, Path(str(getattr(cfg, "name_or_path", "") or "")).name)
+    kinds = {t.fqn: t.kind for t in cache.arch.tensors}
+    for name, (fqn, fmt, param) in _searched(model, cache, formats).items():
+        data, qtype = _tensor_data(name, fqn, fmt, param, cache, model, fam, kinds)
+        writer.add_tensor(gguf_name(name, n_blocks, fam.gguf_arch), data, raw_dtype=qtype)
+    _finish(writer)
+
+
+def _own_keys(writer, name: str) -> None:
+    """general.name (llama.cpp reads it: e.g. a name with "phi3" in it makes it look up
+    Phi-3's special tokens), file type and quantization version."""
+    import gguf
+
+    writer.add_name(f"{name.removesuffix(' (llmpareto)') or 'model'} (llmpareto)")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # mixed per tensor; informative only
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _finish(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _from_gguf(path: Path, model, cache, formats, source_path: str, fam: Family) -> None:
+    """The source GGUF with only what the recipe changed rewritten (see the module doc)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source_path)
+    arch = str(reader.fields["general.architecture"].contents())
+    cfg = model.config
+    kept = getattr(model, "_llmpareto_layers", None) or list(range(cfg.num_hidden_layers))
+    new_index = {old: new for new, old in enumerate(kept)}
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    rewritten = _SHAPE_KEYS + (_SLIDING_KEYS if fam.kv_sliding else ())
+    for key, field in reader.fields.items():
+        if key.startswith(_OWN_KEYS) or key.removeprefix(f"{arch}.") in rewritten:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub)
+    _write_shape(writer, cfg, fam)
+    named = reader.fields.get("general.name")
+    _own_keys(writer, str(named.contents()) if named is not None else Path(source_path).stem)
+    kinds = {t.fqn: t.kind for t in cache.arch.tensors}
+    params = {gguf_name(name, len(kept), arch): (name, *rest)
+              for name, rest in _searched(model, cache, formats).items()}
+    for t in reader.tensors:
+        name = t.name
+        m = _BLOCK.match(name)
+        if m is not None:
+            if int(m.group(1)) not in new_index:
+                continue  # a block the student dropped
+            name = f"blk.{new_index[int(m.group(1))]}.{name[m.end():]}"
+        hit = params.get(name)
+        shape = tuple(int(d) for d in reversed(t.shape))  # gguf lists ne0 first
+        if hit is not None:
+            hf_name, fqn, fmt, param = hit
+            if fmt is not None or tuple(param.shape) != shape:
+                data, qtype = _tensor_data(hf_name, fqn, fmt, param, cache, model, fam, kinds)
+                writer.add_tensor(name, data, raw_dtype=qtype)
+                continue
+        # unchanged: the source's own bytes and type (norms, a tensor the recipe leaves alone,
+        # tensors the model has no parameter for)
+        writer.add_tensor(name, np.asarray(t.data), raw_shape=_raw_shape(t),
+                          raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)))
+    _finish(writer)
+
+
+def _raw_shape(t) -> list[int]:
+    """The shape add_tensor expects for raw bytes of tensor `t` (numpy order: outer first)."""
+    return [int(d) for d in reversed(t.shape)]

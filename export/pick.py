@@ -52,6 +52,8 @@ class Rebuilder:
         dtype = (info.get("placement") or {}).get("dtype", "float32")
         self.placement = Placement("cpu", dtype)
         self.model, self.tokenizer = load_model(self.source, self.placement)
+        # the windows as the search cut them (a run from before BOS-first windows: no BOS)
+        self.bos = ((info.get("text") or {}).get("windows") or {}).get("bos_token_id")
         self.cache = VariantCache(self.model, Arch.from_model(self.model), dense_bytes=0)
         self._set_quantizer()
         if "sparsity" in str(self.settings.get("space", "")):  # prune as the search did
@@ -95,7 +97,7 @@ class Rebuilder:
 
         s = self.settings
         return tokenize_windows(self.tokenizer, read_text(s["text"]), s["window"],
-                                s["calib_tokens"], s["eval_tokens"])
+                                s["calib_tokens"], s["eval_tokens"], bos=self.bos)
 
     def eval_windows(self):
         return self._windows().eval

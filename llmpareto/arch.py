@@ -44,6 +44,16 @@ class Arch:
     layer_other_params: int = 0  # norms/biases inside one block (dropped with the block)
     source_bytes_per_weight: float = 4.0  # what an uncompressed tensor costs (f32 in torch)
     extra: dict = field(default_factory=dict)
+    family: str | None = None  # llmpareto.families name; None for a model no family describes
+    # per block, the most tokens llama.cpp keeps in its KV cache (a sliding-window layer of a
+    # family that runs it so: its window; 0: every token of the context)
+    kv_windows: list[int] = field(default_factory=list)
+
+    def kv_tokens(self, context: int) -> int:
+        """Tokens held in the KV cache summed over blocks at `context` (layers x context when
+        no block slides; a sliding block holds min(context, window))."""
+        caps = self.kv_windows or [0] * self.n_layers
+        return sum(min(context, c) if c else context for c in caps)
 
     @property
     def tensors(self) -> list[Tensor2D]:
@@ -64,19 +74,27 @@ class Arch:
         if not s:
             return self
         check_structure(s, self.n_layers, self.n_kv_heads)
+        if self.family is not None:
+            from llmpareto.families import FAMILIES
+
+            FAMILIES[self.family].check_cuts(s)
         out = self
         if "layers" in s:
             kept = set(s["layers"])
             dropped = self.n_layers - len(kept)
             out = replace(out, linears=[t for t in out.linears if t.layer in kept],
                           n_layers=len(kept),
-                          other_params=out.other_params - dropped * out.layer_other_params)
+                          other_params=out.other_params - dropped * out.layer_other_params,
+                          kv_windows=[c for i, c in enumerate(out.kv_windows) if i in kept])
         if s.get("mlp_ratio", 1) < 1:
             inter = next((t.cols for t in out.linears if t.kind == "mlp.down_proj"), None)
             if inter is not None:
                 k = mlp_width(inter, s["mlp_ratio"])
                 out = replace(out, linears=[_narrow(t, k, inter, "mlp.gate_proj", "mlp.up_proj",
                                                     "mlp.down_proj") for t in out.linears])
+                # a fused gate/up tensor holds both halves: 2 x inter rows
+                out = replace(out, linears=[_narrow(t, 2 * k, 2 * inter, "mlp.gate_up_proj",
+                                                    None, None) for t in out.linears])
         heads = s.get("heads", self.n_kv_heads)
         if heads < self.n_kv_heads:
             per = (self.n_heads or self.n_kv_heads) // self.n_kv_heads  # query heads a group
@@ -149,6 +167,7 @@ class Arch:
             per_layer = sum(p.numel() for p in layers[0].parameters() if id(p) not in covered)
         n_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        family, windows = _family_and_windows(cfg)
         return cls(
             linears=linears,
             embedding=Tensor2D(emb_name, emb.num_embeddings, emb.embedding_dim, None, "embed"),
@@ -162,6 +181,8 @@ class Arch:
             vocab_size=cfg.vocab_size,
             n_heads=n_heads,
             layer_other_params=int(per_layer),
+            family=family,
+            kv_windows=windows,
         )
 
     @classmethod
@@ -174,6 +195,19 @@ class Arch:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return cls.from_model(model)
+
+
+def _family_and_windows(cfg) -> tuple[str | None, list[int]]:
+    """The family of a config (None if no family describes it) and its blocks' KV caps."""
+    from llmpareto.families import _BY_MODEL_TYPE
+
+    fam = _BY_MODEL_TYPE.get(getattr(cfg, "model_type", "") or "")
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    types = list(getattr(cfg, "layer_types", None) or [])
+    if fam is None or not fam.kv_sliding or not window or len(types) != n:
+        return (fam.name if fam else None), [0] * n
+    return fam.name, [int(window) if t == "sliding_attention" else 0 for t in types]
 
 
 def _narrow(t: Tensor2D, new: int, old: int, row_kind: str, row_kind2: str | None,

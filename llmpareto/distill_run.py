@@ -28,19 +28,23 @@ def distill_dir(run_dir: Path, trial: int) -> Path:
     return Path(run_dir) / "distill" / f"trial-{trial}"
 
 
-def training_windows(tokenizer, settings: dict, seq_len: int) -> np.ndarray:
-    """Every window of the run's text that is not an evaluation window, cut to `seq_len`."""
-    from llmpareto.text import make_windows, read_text
+def training_windows(tokenizer, settings: dict, seq_len: int,
+                     bos: int | None = None) -> np.ndarray:
+    """Every window of the run's text that is not an evaluation window, cut to `seq_len`, as
+    the model runs (BOS first when `bos`, as the search's windows)."""
+    from llmpareto.text import make_windows, read_text, with_bos
 
     text, desc = read_text(settings["text"])
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     window, evals = settings["window"], settings["eval_tokens"]
-    rest = (len(ids) // window - -(-evals // window)) * window
-    if rest < window:
+    span = window - (bos is not None)  # text tokens a window holds
+    n_eval = -(-evals // window)
+    rest = (len(ids) // span - n_eval) * span
+    if rest < span:
         raise UserError(f"--text {desc} leaves no tokens outside the evaluation windows to "
                         "distill on; give a longer --text")
-    calib, _ = make_windows(ids, window, rest, evals, source=f"--text {desc}")
-    return np.ascontiguousarray(calib[:, :seq_len])
+    calib, _ = make_windows(ids, span, rest, n_eval * span, source=f"--text {desc}")
+    return np.ascontiguousarray(with_bos(calib, bos)[:, :seq_len])
 
 
 def load_trial_recipe(rd: RunDir, trial: int) -> Recipe:
@@ -121,7 +125,7 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
         raise UserError(f"--seq-len {seq_len}: use 2..{settings['window']} (the run's --window)")
     rb = Rebuilder(rd.path)  # a run whose model is gone fails here, naming it
     built = rb.build(recipe)
-    windows = training_windows(rb.tokenizer, settings, seq_len)
+    windows = training_windows(rb.tokenizer, settings, seq_len, rb.bos)
     masks, formats, names = _student_start(built)
     teacher, _ = load_model(rb.source, rb.placement)  # the student's device and dtype
     out = distill_dir(rd.path, trial)

@@ -120,13 +120,53 @@ def resolve_model(spec: str, allow_pickle: bool = False) -> ModelSource:
     raise UserError(f"--model {spec!r}: no such model or path; accepted forms: {MODEL_FORMS}")
 
 
+def gguf_fields(path: str | os.PathLike, *keys: str) -> dict:
+    """Values of a few metadata keys of a GGUF file (absent keys left out)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    return {k: fields[k].contents() for k in keys if k in fields}
+
+
+def source_family(source: ModelSource):
+    """The family of a GGUF source, from its general.architecture, before transformers opens
+    it (an architecture llama.cpp or llmpareto does not know is one line); None for a folder,
+    whose family comes from its config once loaded."""
+    if not source.gguf_file:
+        return None
+    from llmpareto.families import family_of_gguf
+
+    path = Path(source.directory) / source.gguf_file
+    arch = gguf_fields(path, "general.architecture").get("general.architecture")
+    return family_of_gguf(str(arch), str(path))
+
+
+def model_bos(source: ModelSource, tokenizer, model) -> int | None:
+    """The BOS id the model runs with (None: it puts none): a GGUF's add_bos_token (what
+    llama.cpp does), else the tokenizer's own behaviour; a family that always puts BOS first
+    refuses a tokenizer without one."""
+    from llmpareto.families import family_of
+    from llmpareto.text import bos_token
+
+    fam = family_of(getattr(model.config, "model_type", None), f"--model {source.spec}")
+    adds = None
+    if source.gguf_file:
+        got = gguf_fields(Path(source.directory) / source.gguf_file,
+                          "tokenizer.ggml.add_bos_token")
+        adds = bool(got["tokenizer.ggml.add_bos_token"]) if got else None
+    return bos_token(tokenizer, adds, fam.needs_bos, f"--model {source.spec} ({fam.name})")
+
+
 def load_model(source: ModelSource, placement: Placement = CPU_FLOAT32):
     """Load model (in `placement`'s dtype, on its device, eval mode, no grad) and tokenizer
     from resolved local files. Safetensors go straight to the device in the target dtype
-    (no float32 copy on the host); a GGUF is dequantized on the host by transformers first."""
+    (no float32 copy on the host); a GGUF is dequantized on the host by transformers first.
+    A model of no supported family is refused in one line."""
     check_memory(source, placement)  # a GGUF's header is checked here too, before it opens
     if not source.gguf_file:
         check_no_remote_code(Path(source.directory), source.spec)
+    else:
+        source_family(source)
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,6 +190,9 @@ def load_model(source: ModelSource, placement: Placement = CPU_FLOAT32):
             )
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"could not load model {source.describe()}: {_one_line(exc)}") from None
+    from llmpareto.families import family_of
+
+    family_of(getattr(model.config, "model_type", None), f"--model {source.spec}")
     if model_device(model) != placement.torch_device():
         model.to(placement.torch_device())
     model.eval()
@@ -209,11 +252,13 @@ def check_no_remote_code(folder: Path, spec: str) -> None:
     kind = cfg.get("model_type")
     if isinstance(kind, str) and kind in CONFIG_MAPPING:
         return  # transformers' own implementation is used; the shipped code never runs
+    from llmpareto.families import supported
+
     raise UserError(
         f"--model {spec}: its config.json names model_type {kind!r}, which exists only as "
         f"Python code shipped with the model (auto_map: {', '.join(map(str, cfg['auto_map']))}"
         "); llmpareto never runs a model's own code (there is no flag for it): use a model "
-        "whose architecture transformers implements (llama, qwen2, mistral, ...), or a .gguf")
+        f"of a supported family ({supported()}), or a .gguf of one")
 
 
 # What loading costs (weights x bytes of the --torch-dtype): transformers' GGUF loader first

@@ -20,16 +20,49 @@ DEFAULT_TEXT = "pydoc"
 TOKENIZE_BYTES_PER_BYTE = 150
 
 
+# How windows are built, recorded in run.json: a run whose record differs scored other tokens.
+WINDOW_SCHEME = "bos-first"  # BOS (when the model's tokenizer adds one) then text tokens
+
+
 @dataclass
 class TextWindows:
     calib: np.ndarray  # (n_calib, window) int64 token ids, for KL to the base model
     eval: np.ndarray  # (n_eval, window) int64 token ids, for perplexity; disjoint from calib
     n_tokens: int  # tokens in the whole text
     sha256: str  # of the text, recorded in run.json
+    bos: int | None = None  # the BOS id at position 0 of every window (never a scored target)
 
     @property
     def window(self) -> int:
         return self.eval.shape[1]
+
+    def record(self) -> dict:
+        """How these windows were built, for run.json."""
+        return window_record(self.bos)
+
+
+def window_record(bos: int | None) -> dict:
+    return {"scheme": WINDOW_SCHEME, "bos_token_id": bos}
+
+
+def bos_token(tokenizer, adds_bos: bool | None = None, needs_bos: bool = False,
+              what: str = "the model") -> int | None:
+    """The BOS id the model puts before a text, or None when it puts none.
+
+    `adds_bos`: what the model file says (a GGUF's tokenizer.ggml.add_bos_token, which is what
+    llama.cpp does); else what the tokenizer itself does when asked for special tokens.
+    `needs_bos`: the family always runs with BOS (a tokenizer without one is refused)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if needs_bos and bos is None:
+        raise UserError(f"{what}: its family always puts a BOS token first, and its tokenizer "
+                        "has none (bos_token is unset); use the tokenizer the model was trained "
+                        "with")
+    if adds_bos is None:
+        with_special = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+        plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+        adds_bos = (bos is not None and len(with_special) > len(plain)
+                    and with_special[0] == bos)
+    return int(bos) if (adds_bos or needs_bos) and bos is not None else None
 
 
 def read_text(files: list[str] | None) -> tuple[str, str]:
@@ -102,11 +135,28 @@ def make_windows(
     return all_w[np.asarray(calib_idx, dtype=int)], all_w[eval_idx]
 
 
+def with_bos(windows: np.ndarray, bos: int | None) -> np.ndarray:
+    """`windows` with a column of `bos` in front (unchanged when bos is None)."""
+    if bos is None:
+        return windows
+    return np.concatenate([np.full((len(windows), 1), bos, dtype=np.int64), windows], axis=1)
+
+
 def tokenize_windows(
-    tokenizer, text: tuple[str, str], window: int, calib_tokens: int, eval_tokens: int
+    tokenizer, text: tuple[str, str], window: int, calib_tokens: int, eval_tokens: int,
+    bos: int | None = None,
 ) -> TextWindows:
-    """Tokenize `text` (as read_text returns it) once and cut its windows."""
+    """Tokenize `text` (as read_text returns it) once and cut its windows, as the model runs:
+    with `bos`, each window is BOS then `window - 1` text tokens (the same windows and scored
+    tokens per window as without; BOS is context, never a target)."""
     text, desc = text
+    if bos is not None and window < 3:
+        raise UserError(f"--window {window}: with the BOS token first a window needs at least 3")
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    calib, evalw = make_windows(ids, window, calib_tokens, eval_tokens, source=f"--text {desc}")
-    return TextWindows(calib, evalw, len(ids), hashlib.sha256(text.encode()).hexdigest())
+    span = window - (bos is not None)
+    if bos is not None:  # as many windows as without BOS: ceil(tokens / window) of each
+        calib_tokens = -(-calib_tokens // window) * span
+        eval_tokens = -(-eval_tokens // window) * span
+    calib, evalw = make_windows(ids, span, calib_tokens, eval_tokens, source=f"--text {desc}")
+    return TextWindows(with_bos(calib, bos), with_bos(evalw, bos), len(ids),
+                       hashlib.sha256(text.encode()).hexdigest(), bos)

@@ -22,7 +22,9 @@ from llmpareto.search.local import run_one
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.samplers import default_population
 from llmpareto.search.session import (
+    WINDOWS_ATTR,
     check_same_settings,
+    check_same_windows,
     emissions,
     enqueue_baselines,
     fail_stale,
@@ -133,6 +135,8 @@ def run_rdb(settings: SearchSettings) -> Front:
     elif settings.resume:
         raise UserError(f"--resume: no study {name!r} in {masked(url)}; check --study/--storage")
     runner = TrialRunner(settings)
+    if existing is not None:
+        check_same_windows(existing.user_attrs.get(WINDOWS_ATTR), runner.windows, where)
     population = settings.population or default_population(settings.trials)
     rd = RunDir.for_study(settings.runs_dir, name)
     rd.create()
@@ -157,6 +161,7 @@ def run_rdb(settings: SearchSettings) -> Front:
         study = _load(storage, name, sampler)
         fail_stale(study)  # not every RUNNING trial: other workers may be alive
     study.set_user_attr(SETTINGS_ATTR, _shared(settings))  # --resume may raise --trials
+    study.set_user_attr(WINDOWS_ATTR, runner.windows.record())
     info = run_info(settings, runner, population, planner)
     info["settings"]["storage"] = masked(url)
     if settings.create_only:
@@ -184,6 +189,8 @@ def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = Tru
                                          **({"torch_device": torch_device} if torch_device
                                             else {})})
     runner = TrialRunner(settings)
+    check_same_windows(found.user_attrs.get(WINDOWS_ATTR), runner.windows,
+                       f"llmpareto worker --study {name}")
     population = settings.population or default_population(settings.trials)
     rd = RunDir.for_study(runs_dir, name)
     rd.create()

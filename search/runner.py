@@ -22,7 +22,7 @@ from llmpareto.evaluators import (
     MemoryEvaluator,
     PerplexityEvaluator,
 )
-from llmpareto.models import load_model, resolve_model
+from llmpareto.models import load_model, model_bos, resolve_model
 from llmpareto.placement import device_free_bytes, resolve
 from llmpareto.recipe import Recipe
 from llmpareto.settings import SearchSettings
@@ -66,7 +66,8 @@ class TrialRunner:
         self.model, self.tokenizer = load_model(self.source, self.placement)
         self.arch = Arch.from_model(self.model)
         self.windows = tokenize_windows(self.tokenizer, text, settings.window,
-                                        settings.calib_tokens, settings.eval_tokens)
+                                        settings.calib_tokens, settings.eval_tokens,
+                                        bos=model_bos(self.source, self.tokenizer, self.model))
         self.space = space_for(settings, self.arch)
         self.cache = VariantCache(self.model, self.arch, settings.dequant_cache,
                                   settings.variant_cache, self._device_room())
@@ -186,11 +187,13 @@ class TrialRunner:
         """The importance matrix this run computed, as a llama.cpp imatrix file (GGUF), so
         `llama-quantize --imatrix` can use the same one."""
         from llmpareto.compress.imatrix import to_gguf_names, write_imatrix
+        from llmpareto.families import gguf_arch_of
 
         q = self.cache.quantizer
         if q.name != "imatrix" or q.source != "on" or not q.imatrix:
             return None
-        return write_imatrix(path, to_gguf_names(q.imatrix, self.arch.n_layers),
+        return write_imatrix(path, to_gguf_names(q.imatrix, self.arch.n_layers,
+                                                 gguf_arch_of(self.arch)),
                              int(self.windows.calib.size), chunk_size=self.settings.window,
                              datasets=[f"llmpareto calibration, text {self.windows.sha256[:16]}"])
 

@@ -138,6 +138,26 @@ def check_same_settings(old_dict: dict, settings: SearchSettings, where: str) ->
         )
 
 
+WINDOWS_ATTR = "llmpareto_windows"  # study user attr: how the shared study's windows were cut
+
+
+def check_same_windows(old: dict | None, windows, where: str) -> None:
+    """Refuse to add trials scored on other tokens: a run made before windows started with
+    the model's BOS (no record: no BOS), or with another BOS, is not comparable."""
+    from llmpareto.text import window_record
+
+    before = old if old is not None else window_record(None)
+    if before != windows.record():
+        theirs = before.get("bos_token_id")
+        raise UserError(
+            f"{where}: this run's trials were scored on windows "
+            f"{'without a BOS token' if theirs is None else f'starting with token {theirs}'}, "
+            f"and this model runs with "
+            f"{'no BOS' if windows.bos is None else f'BOS {windows.bos} first'} (llmpareto now "
+            "cuts windows as the model runs); its numbers are not comparable: start a new "
+            "--study")
+
+
 def prepare_run_dir(settings: SearchSettings) -> RunDir:
     """The run directory for `settings`, refusing a clash (exists without --resume, missing
     with it) and a --resume whose settings differ from the original run's."""
@@ -169,6 +189,11 @@ def open_run(settings: SearchSettings, runner, rd: RunDir):
     from llmpareto.search.study import open_study, run_info
 
     rd.create()
+    if settings.resume:
+        old = rd.read_run_json()
+        if "text" in old:  # a run killed before it stored anything has scored nothing
+            check_same_windows(old["text"].get("windows"), runner.windows,
+                               f"--resume {rd.path}")
     population = settings.population or default_population(settings.trials)
     planner = plan(settings, runner, rd.path, progress=settings.progress)
     study = open_study(rd, settings, make_sampler(settings, runner, planner, population))

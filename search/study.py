@@ -112,7 +112,8 @@ def run_info(settings: SearchSettings, runner, population: int, planner=None) ->
                   "arch": runner.arch.to_dict()},
         "text": {"n_tokens": runner.windows.n_tokens, "sha256": runner.windows.sha256,
                  "eval_windows": len(runner.windows.eval),
-                 "calib_windows": len(runner.windows.calib)},
+                 "calib_windows": len(runner.windows.calib),
+                 "windows": runner.windows.record()},  # how they were cut: BOS first or not
         "space": runner.space.describe(),
         "device": runner.profile.to_dict(),
         "workload": vars(runner.workload),

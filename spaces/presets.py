@@ -53,10 +53,11 @@ def _ftype(name: str) -> int:
 
 def gguf_names(model, arch) -> dict[str, str]:
     """fqn -> GGUF tensor name of every searched tensor (blk.0.attn_q.weight, ...)."""
-    from llmpareto.export.gguf import gguf_name
+    from llmpareto.families import gguf_arch_of, gguf_name
 
     n_blocks = model.config.num_hidden_layers
-    return {t.fqn: gguf_name(f"{t.fqn}.weight", n_blocks) for t in arch.tensors}
+    return {t.fqn: gguf_name(f"{t.fqn}.weight", n_blocks, gguf_arch_of(arch))
+            for t in arch.tensors}
 
 
 def _check_base(model, cache) -> None:
