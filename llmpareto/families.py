@@ -41,15 +41,16 @@ class Family:
     traits: tuple[str, ...] = ()  # what else differs, for the README's table and `describe`
     why_not: dict[str, str] = field(default_factory=dict)  # cut -> why this family refuses it
 
-    def check_cuts(self, structure: dict) -> None:
-        """One line for a structural cut this family cannot take."""
+    def check_cuts(self, structure: dict, what: str = "recipe structure {cut!r}") -> None:
+        """One line for a structural cut this family cannot take (`what` names where it came
+        from: a recipe's structure, or a --student-* flag)."""
         for cut in CUTS:
             v = structure.get(cut)
             if v is None or cut in self.cuts:
                 continue
             if cut == "mlp_ratio" and v == 1:
                 continue
-            raise UserError(f"recipe structure {cut!r}: the {self.name} family cannot take this "
+            raise UserError(f"{what.format(cut=cut)}: the {self.name} family cannot take this "
                             f"cut ({self.why_not.get(cut, 'not supported')}); allowed cuts: "
                             f"{', '.join(self.cuts) or 'none'}")
 

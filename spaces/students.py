@@ -43,12 +43,33 @@ class StudentSpace(CategoricalSpace):
 
     def __post_init__(self) -> None:
         n, kv = self.arch.n_layers, self.arch.n_kv_heads
+        asked = {"blocks": self.blocks is not None, "mlp_ratios": self.mlp_ratios is not None,
+                 "heads": self.heads is not None}
         blocks = self.blocks or [max(1, round(f * n)) for f in DEFAULT_BLOCK_FRACTIONS]
         self.blocks = _grid(blocks, "blocks", 1, n, int)
         self.mlp_ratios = _grid(self.mlp_ratios or DEFAULT_MLP_RATIOS, "mlp-ratios", 1e-9, 1.0)
         self.heads = _grid(self.heads or range(1, kv + 1), "heads", 1, kv, int)
+        self._only_family_cuts(n, kv, asked)
         grids = {"blocks": self.blocks, "mlp_ratio": self.mlp_ratios, "heads": self.heads}
         self.choices: dict[str, list] = {PREFIX + k: v for k, v in grids.items()}
+
+    def _only_family_cuts(self, n: int, kv: int, asked: dict[str, bool]) -> None:
+        """A cut the model's family cannot take is no choice: asked for explicitly, one line;
+        by default, that dimension stays the teacher's."""
+        if self.arch.family is None:
+            return
+        from llmpareto.families import FAMILIES
+
+        fam = FAMILIES[self.arch.family]
+        for cut, grid, full, flag in (("layers", "blocks", n, "blocks"),
+                                      ("mlp_ratio", "mlp_ratios", 1.0, "mlp-ratios"),
+                                      ("heads", "heads", kv, "heads")):
+            if cut in fam.cuts:
+                continue
+            values = getattr(self, grid)
+            if asked[grid] and any(v != full for v in values):
+                fam.check_cuts({cut: min(values)}, f"--student-{flag} {min(values)}")
+            setattr(self, grid, [full])
 
     def set_block_influence(self, influence: list[float]) -> None:
         self.influence = list(influence)

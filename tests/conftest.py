@@ -61,11 +61,15 @@ class StudyWatch:
                            timeout_s: float, poll_s: float = 0.05) -> dict:
         """SIGKILL `proc` once `n` trials are complete (or it ended, or time ran out); returns
         the trials complete then, number -> (values, params)."""
+        from llmpareto.tests.faults.checks import n_complete_fast
+
         deadline = time.time() + timeout_s
-        while len(self.complete(db, study)) < n and time.time() < deadline \
-                and proc.poll() is None:
-            time.sleep(poll_s)
-        os.kill(proc.pid, signal.SIGKILL)
+        # polled with sqlite3 (milliseconds), not optuna.load_study (a tenth of a second or
+        # more): fast trials would otherwise all finish between two polls
+        while n_complete_fast(db) < n and time.time() < deadline and proc.poll() is None:
+            time.sleep(min(poll_s, 0.01))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         return {t.number: (t.values, t.params) for t in self.complete(db, study)}
 

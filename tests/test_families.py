@@ -267,3 +267,14 @@ def test_a_family_that_needs_bos_refuses_a_tokenizer_without_one(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     line = _cli_error(["search", "--model", str(folder), "--runs-dir", str(tmp_path / "runs")])
     assert "always puts a BOS token first" in line and str(folder) in line, line
+
+
+def test_the_students_space_offers_only_the_cuts_the_family_allows():
+    from llmpareto.arch import Arch
+    from llmpareto.spaces.students import StudentSpace
+
+    arch = Arch.from_config(build_config("phi3"))
+    space = StudentSpace(arch)
+    assert space.heads == [arch.n_kv_heads] and len(space.mlp_ratios) > 1
+    with pytest.raises(UserError, match="--student-heads 1: the phi3 family cannot take"):
+        StudentSpace(arch, heads=[1, 2])

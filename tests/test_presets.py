@@ -214,7 +214,7 @@ def test_refuses_a_compressed_or_non_llama_model(narrow, monkeypatch):
     finally:
         apply(narrow.model, Recipe(), narrow.cache)
     monkeypatch.setattr(narrow.model.config, "model_type", "gpt2")
-    with pytest.raises(UserError, match="llama-family"):
+    with pytest.raises(UserError, match="not a family llmpareto supports"):
         P.llama_cpp_presets(*narrow.args, presets=("Q8_0",))
 
 
