@@ -278,3 +278,15 @@ def test_the_students_space_offers_only_the_cuts_the_family_allows():
     assert space.heads == [arch.n_kv_heads] and len(space.mlp_ratios) > 1
     with pytest.raises(UserError, match="--student-heads 1: the phi3 family cannot take"):
         StudentSpace(arch, heads=[1, 2])
+
+
+@pytest.mark.parametrize("name", list(FAMILY_MODELS))
+def test_arch_from_config_numbers_is_transformers_own(name):
+    """The torch-free Arch of `llmpareto cost` equals the one read off transformers' model
+    (built on the meta device) for every family, from the config.json as saved."""
+    from llmpareto.arch import Arch
+    from llmpareto.config_arch import arch_from_config
+
+    cfg = build_config(name)
+    assert arch_from_config(json.loads(cfg.to_json_string(use_diff=True))) == \
+        Arch.from_config(cfg)
