@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 
-from llmpareto.errors import UserError
+from llmpareto.families import _BY_MODEL_TYPE, FAMILIES
 from llmpareto.formats import effective_format
 from llmpareto.recipe import Recipe
+from llmpareto.structure import check_structure, mlp_width
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
@@ -68,15 +69,11 @@ class Arch:
     def restructure(self, structure: dict | None) -> Arch:
         """The architecture a recipe's `structure` leaves: kept blocks, a narrower MLP
         (`mlp_ratio`), fewer attention groups per block (`heads`); self if none."""
-        from llmpareto.compress.restructure import check_structure, mlp_width
-
         s = {k: v for k, v in (structure or {}).items() if v is not None}
         if not s:
             return self
         check_structure(s, self.n_layers, self.n_kv_heads)
         if self.family is not None:
-            from llmpareto.families import FAMILIES
-
             FAMILIES[self.family].check_cuts(s)
         out = self
         if "layers" in s:
@@ -199,8 +196,6 @@ class Arch:
 
 def _family_and_windows(cfg) -> tuple[str | None, list[int]]:
     """The family of a config (None if no family describes it) and its blocks' KV caps."""
-    from llmpareto.families import _BY_MODEL_TYPE
-
     fam = _BY_MODEL_TYPE.get(getattr(cfg, "model_type", "") or "")
     n = cfg.num_hidden_layers
     window = getattr(cfg, "sliding_window", None)
@@ -223,10 +218,3 @@ def _narrow(t: Tensor2D, new: int, old: int, row_kind: str, row_kind2: str | Non
 def _find_layers(model):
     inner = getattr(model, "model", None)
     return getattr(inner, "layers", None)
-
-
-def check_layers(layers: list, n_layers: int) -> None:
-    if (not isinstance(layers, list) or not layers or any(not isinstance(i, int) for i in layers)
-            or sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= n_layers):
-        raise UserError(f"recipe structure 'layers' must be a non-empty, increasing list of "
-                        f"block indices in 0..{n_layers - 1}; got {layers!r}")

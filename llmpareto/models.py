@@ -209,15 +209,22 @@ def _is_sparse(directory: str) -> bool:
 
 def load_arch(spec: str, allow_pickle: bool = False):
     """Shapes of a model without its weights: a folder holding only config.json is enough,
-    so models far too large to load here (7B, 70B) can still be costed."""
-    from transformers import AutoConfig
-
+    so models far too large to load here (7B, 70B) can still be costed. A supported family's
+    config.json is read as numbers (no torch); anything else through transformers."""
     from llmpareto.arch import Arch
+    from llmpareto.config_arch import arch_from_config
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         folder, gguf = str(path.resolve()), None
         check_no_remote_code(path, spec)
+        try:  # a supported family's numbers: no torch, milliseconds for a 70B
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--model {spec}: cannot read its config.json ({exc})") from None
+        arch = arch_from_config(cfg) if isinstance(cfg, dict) else None
+        if arch is not None:
+            return arch
     else:
         source = resolve_model(spec, allow_pickle)
         folder, gguf = source.directory, source.gguf_file
@@ -225,6 +232,8 @@ def load_arch(spec: str, allow_pickle: bool = False):
             check_gguf(Path(folder) / gguf)
         else:
             check_no_remote_code(Path(folder), spec)
+    from transformers import AutoConfig  # a GGUF, or a family no config_arch describes
+
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                             **({"gguf_file": gguf} if gguf else {}))

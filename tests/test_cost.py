@@ -177,3 +177,29 @@ def test_nonzero_params_is_exact_per_module():
     r = Recipe({"model.layers.0.mlp.proj": {"format": "f16", "sparsity": 0.3},
                 "model.layers.1.mlp.proj": {"format": "f16", "pattern": "1:3"}})
     assert nonzero_params(arch, arch.sparsity_for(r)) == (63 - 19) + 21 + 63
+
+
+def test_cost_of_a_config_folder_never_imports_torch(tmp_path):
+    """DESIGN: cost evaluators need no torch. `llmpareto cost` on a config.json folder (a
+    student recipe included) runs in a fresh process that never imports torch or
+    transformers."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "tie_word_embeddings": False}))
+    (tmp_path / "recipe.json").write_text(json.dumps({
+        "version": 1, "modules": {"_default": {"format": "q4_K"}},
+        "structure": {"layers": list(range(24)), "mlp_ratio": 0.75, "heads": 4}}))
+    code = ("import sys, io, contextlib\nfrom llmpareto.cli import main\n"
+            "for extra in (['--format', 'q4_K'], ['--recipe', sys.argv[2]]):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert main(['cost', '--model', sys.argv[1], '--device', 'raspberry-pi-5',"
+            " *extra]) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(tmp_path / "recipe.json")],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
