@@ -74,7 +74,7 @@ def measure(model: str, device: str, trials: int, eval_tokens: int, formats: str
     from llmpareto.recipe import Recipe
     from llmpareto.search.runner import TrialRunner
     from llmpareto.search.session import peak_rss_bytes
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     threads = torch.get_num_threads()
     s = SearchSettings(model=model, torch_device=device, eval_tokens=eval_tokens,

@@ -36,8 +36,8 @@ def main() -> None:
     from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp
     from llmpareto.evaluators.llamacpp import gguf_speeds
     from llmpareto.export.gguf import write_gguf
-    from llmpareto.export.pick import Rebuilder
     from llmpareto.models import load_arch
+    from llmpareto.search.workbench import Workbench
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=120)
@@ -82,7 +82,7 @@ def main() -> None:
         step = max(1, len(rest) // extra)
         chosen += list(rest["trial"].iloc[::step][:extra])
     print(f"{len(front)} front points; measuring {len(chosen)} exported recipes")
-    rb = Rebuilder(run)
+    rb = Workbench.from_run(run)
     w = Workload(prompt_tokens=128, context=CONTEXT)
     rows, paths = [], []
     for trial in chosen:

@@ -24,8 +24,8 @@ def one(name: str, work: Path, trials: int) -> list[dict]:
     import llmpareto
     from llmpareto.evaluators.llamacpp import gguf_perplexity
     from llmpareto.export.gguf import write_gguf
-    from llmpareto.export.pick import Rebuilder
     from llmpareto.front import Front
+    from llmpareto.search.workbench import Workbench
     from llmpareto.tiny import build_family_model
 
     folder = build_family_model(name, work / name / "model")
@@ -35,8 +35,8 @@ def one(name: str, work: Path, trials: int) -> list[dict]:
                      progress=False)
     run = work / name / "runs" / "s"
     info = json.loads((run / "run.json").read_text())
-    front, rb = Front.load(run), Rebuilder(run)
-    windows = rb.eval_windows()
+    front, rb = Front.load(run), Workbench.from_run(run)
+    windows = rb.windows.eval
     trials_df = pd.read_csv(run / "trials.csv").set_index("trial")
     rows = []
     for trial in front.df["trial"]:

@@ -28,7 +28,7 @@ CALIB = 2048  # GPTQ needs >= 1536 (the widest input, down_proj); the same windo
 
 def _runner(quantizer: str, evals: int, calib: int, **kw):
     from llmpareto.search.runner import TrialRunner
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     t0 = time.perf_counter()
     r = TrialRunner(SearchSettings(quantizer=quantizer, calib_tokens=calib, eval_tokens=evals,

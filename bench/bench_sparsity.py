@@ -30,7 +30,7 @@ LEVELS = [round(0.1 * i, 1) for i in range(9)]
 def methods_table(out: str, calibs: list[int], evals: int) -> tuple[pd.DataFrame, dict]:
     from llmpareto.recipe import Recipe
     from llmpareto.search.runner import TrialRunner
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     rows, zeros = [], {}
     for calib in calibs:

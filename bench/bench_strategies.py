@@ -47,7 +47,7 @@ def baselines(common: dict, out: str, tag: str) -> pd.DataFrame:
     """Uniform formats and llama.cpp presets, scored once (the same recipes at any granularity)."""
     import llmpareto
     from llmpareto.search.runner import TrialRunner
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     s = {**common, "study": f"{tag}-baselines", "runs_dir": out, "strategy": "random"}
     runner = TrialRunner(SearchSettings(**s))

@@ -28,7 +28,7 @@ def blocks_table(keep: int, draws: int, evals: int) -> pd.DataFrame:
     from llmpareto.compress.restructure import keep_blocks
     from llmpareto.recipe import Recipe
     from llmpareto.search.runner import TrialRunner
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     runner = TrialRunner(SearchSettings(space="students", calib_tokens=CALIB, eval_tokens=evals,
                                         progress=False))
@@ -52,7 +52,7 @@ def blocks_table(keep: int, draws: int, evals: int) -> pd.DataFrame:
 
 def distill_table(out: str, keep: int, steps: int, evals: int) -> pd.DataFrame:
     import llmpareto
-    from llmpareto.distill_run import distill_trial
+    from llmpareto.search.distill_run import distill_trial
 
     study = f"students-distill-{time.strftime('%H%M%S')}"
     llmpareto.search(space="students", student_blocks=[30, keep], student_mlp_ratios=[1.0],

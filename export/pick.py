@@ -9,7 +9,6 @@ from __future__ import annotations
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,91 +19,13 @@ from llmpareto.front import Front
 from llmpareto.query import where
 from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
+from llmpareto.search.workbench import Built, Workbench
 
 EXPORT_FORMATS = ("gguf", "hf")
 
 
-@dataclass
-class Built:
-    """A model with a recipe applied, and what the exporters need next to it."""
-
-    model: object
-    tokenizer: object
-    cache: object
-    formats: dict[str, str | None]
-    source: object
-
-
-class Rebuilder:
-    """Loads a run's model once; `build(recipe)` applies a recipe exactly as the search did."""
-
-    def __init__(self, run_dir: Path) -> None:
-        from llmpareto.arch import Arch
-        from llmpareto.compress import VariantCache
-        from llmpareto.models import load_model, resolve_model
-        from llmpareto.placement import Placement
-
-        info = RunDir(run_dir).read_run_json()
-        self.settings = info["settings"]
-        self.source = resolve_model(self.settings["model"], self.settings.get("allow_pickle", False))
-        # on the CPU, in the dtype the search's trials ran in: variants are quantized from the
-        # same (e.g. bfloat16-rounded) weights, so the export holds the searched model's bytes
-        dtype = (info.get("placement") or {}).get("dtype", "float32")
-        self.placement = Placement("cpu", dtype)
-        self.model, self.tokenizer = load_model(self.source, self.placement)
-        # the windows as the search cut them (a run from before BOS-first windows: no BOS)
-        self.bos = ((info.get("text") or {}).get("windows") or {}).get("bos_token_id")
-        self.cache = VariantCache(self.model, Arch.from_model(self.model), dense_bytes=0)
-        self._set_quantizer()
-        if "sparsity" in str(self.settings.get("space", "")):  # prune as the search did
-            from llmpareto.compress.calibration import pruning_stats
-
-            method = self.settings.get("sparsity_method", "wanda")
-            self.cache.set_pruning(method, pruning_stats(
-                self.model, [t.fqn for t in self.cache.arch.linears], method,
-                self._windows().calib, self.settings["batch_size"]))
-
-    def build(self, recipe: Recipe) -> Built:
-        from llmpareto.compress import apply
-
-        narrows = {"mlp_ratio", "heads"} & {k for k, v in recipe.structure.items() if v is not None}
-        if narrows and not self.cache.importance:  # rank channels and groups as the search did
-            from llmpareto.compress.calibration import student_importance
-
-            apply(self.model, Recipe(), self.cache)  # on the base model
-            self.cache.set_importance(student_importance(
-                self.model, self.cache.arch, self._windows().calib, self.settings["batch_size"],
-                self.cache.input_stats))
-        formats = apply(self.model, recipe, self.cache)
-        return Built(self.model, self.tokenizer, self.cache, formats, self.source)
-
-    def _set_quantizer(self) -> None:
-        """Quantize as the search did (runs from before --quantizer were round-to-nearest)."""
-        from llmpareto.compress.quantizers import setup_quantizer
-
-        s = self.settings
-        if s.get("quantizer", "rtn") == "rtn":
-            return
-        w = self._windows()
-        setup_quantizer(self.cache, w.calib, w.sha256, quantizer=s["quantizer"],
-                        imatrix=s.get("imatrix", "on"), batch_size=s["batch_size"],
-                        window=s["window"], damp=s.get("gptq_damp", 0.01),
-                        act_order=s.get("gptq_act_order", True),
-                        disk_cache=s.get("disk_cache"))
-
-    def _windows(self):
-        from llmpareto.text import read_text, tokenize_windows
-
-        s = self.settings
-        return tokenize_windows(self.tokenizer, read_text(s["text"]), s["window"],
-                                s["calib_tokens"], s["eval_tokens"], bos=self.bos)
-
-    def eval_windows(self):
-        return self._windows().eval
-
-
 def build(run_dir: Path, recipe: Recipe) -> Built:
-    return Rebuilder(run_dir).build(recipe)
+    return Workbench.from_run(run_dir).build(recipe)
 
 
 def choose(front: Front, trial: int | None, best: str | None, expr: str | None) -> pd.Series:
@@ -169,7 +90,7 @@ def _distilled(run_dir: Path, trial: int, recipe: Recipe, built: Built) -> Built
     from safetensors.torch import load_file
 
     from llmpareto.compress import apply
-    from llmpareto.distill_run import distill_dir
+    from llmpareto.search.distill_run import distill_dir
 
     path = distill_dir(run_dir, trial) / "student.safetensors"
     if not path.is_file():

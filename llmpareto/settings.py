@@ -1,4 +1,7 @@
-"""SearchSettings: every option of a search, strict and serializable (run.json holds it).
+"""Every option of a search as data, strict and serializable (run.json holds it), with the
+checks of each value's form (types, ranges, units, names). The checks that read other parts'
+registries (quantizers, strategies, presets) are search.settings.SearchSettings', which is what
+a search runs with.
 
 CLI flags map one to one onto these fields (`--max-memory` -> `max_memory`), and so do the
 keyword arguments of `llmpareto.search(...)`.
@@ -35,7 +38,7 @@ def check_study(name: object) -> str:
 
 
 @dataclass
-class SearchSettings:
+class SettingsForm:
     model: str = "smollm2-135m"  # embedded default; or a path / cached hub id
     allow_pickle: bool = False  # pickle checkpoints can run code: opt in only
     text: list[str] | None = None  # None: CPython docs (pydoc_data.topics)
@@ -95,7 +98,7 @@ class SearchSettings:
     version: int = SETTINGS_VERSION
 
     def __post_init__(self) -> None:
-        from llmpareto.evaluators.base import metric_names
+        from llmpareto.metrics import metric_names
         from llmpareto.units import parse_bytes
 
         if isinstance(self.text, str):
@@ -134,8 +137,7 @@ class SearchSettings:
             raise UserError("--calib-tokens must be 0 or more")
         self._check_sparsity()
         self._check_students()
-        self._check_quantizer()
-        self._check_strategy()
+        self.check_parts()
         if self.study is None:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "-", self.model.rstrip("/").split("/")[-1])
             stem = re.sub(r"\.{2,}", ".", stem)[:80]  # a default name always passes check_study
@@ -190,78 +192,8 @@ class SearchSettings:
                             "activations: set --calib-tokens > 0, or use --sparsity-method "
                             "magnitude")
 
-    def _check_quantizer(self) -> None:
-        from pathlib import Path
-
-        from llmpareto.compress.quantizers import QUANTIZERS, check_quantizer
-
-        if self.quantizer not in QUANTIZERS:
-            raise UserError(f"--quantizer {self.quantizer!r}; choose one of "
-                            f"{', '.join(QUANTIZERS)}")
-        spaces = [n.strip() for n in str(self.space).split(",")]
-        if "formats" in spaces and self.formats is None and self.quantizer == "gptq":
-            from llmpareto.spaces.formats import DEFAULT_FORMATS
-
-            # the default formats GPTQ can round onto (none of the K- and i-quants)
-            q = QUANTIZERS["gptq"]()
-            self.formats = [f for f in DEFAULT_FORMATS if q.targets(f)]
-        check_quantizer(self.quantizer, self.formats if "formats" in spaces else None)
-        if self.imatrix not in ("on", "off") and not Path(self.imatrix).is_file():
-            raise UserError(f"--imatrix {self.imatrix!r}: no such file; give on, off, or a "
-                            "llama.cpp imatrix file (.dat or .gguf from llama-imatrix)")
-        uses = self.quantizer == "imatrix" and self.imatrix != "off"
-        if self.quantizer == "imatrix" and self.imatrix == "off":
-            raise UserError("--quantizer imatrix --imatrix off: the imatrix quantizer needs an "
-                            "importance matrix; use --imatrix on (or FILE), or --quantizer rtn")
-        if self.imatrix == "on" and uses and self.calib_tokens == 0:
-            raise UserError("--imatrix on computes the importance matrix on calibration text: "
-                            "set --calib-tokens > 0, or pass --imatrix FILE")
-        from llmpareto.spaces.presets import PRESETS
-
-        if isinstance(self.presets, str):
-            self.presets = [] if self.presets.strip().lower() in ("none", "") else \
-                [p.strip() for p in self.presets.split(",") if p.strip()]
-        unknown = [p for p in self.presets or [] if p not in PRESETS]
-        if unknown:
-            raise UserError(f"--presets {','.join(unknown)}: unknown llama.cpp preset; choose "
-                            f"from {','.join(PRESETS)}, or none")
-        if not 0 <= float(self.gptq_damp) < 1:
-            raise UserError(f"--gptq-damp {self.gptq_damp!r} must be in [0, 1), e.g. 0.01")
-        from llmpareto import ggml
-        from llmpareto.formats import get_format
-
-        needy = [f for f in self.formats or [] if get_format(f).gguf_type is not None
-                 and get_format(f).takes_imatrix and ggml.requires_imatrix(get_format(f).gguf_type)]
-        if needy and not uses:
-            raise UserError(f"{', '.join(needy)} cannot be made without an importance matrix "
-                            f"(llama.cpp refuses to); use --quantizer imatrix with --imatrix on "
-                            f"or FILE, or drop {', '.join(needy)} from --formats")
-
-    def _check_strategy(self) -> None:
-        from llmpareto.search.strategies import NEEDS_PROFILE, STRATEGIES, can_sweep, has_budget
-
-        if self.sampler is not None:  # the old flag: the same names, now --strategy
-            if self.strategy not in (None, self.sampler):
-                raise UserError(f"--sampler {self.sampler} and --strategy {self.strategy} "
-                                "disagree; --sampler is the old name of --strategy: give one")
-            self.strategy, self.sampler = self.sampler, None
-        self.strategy = self.strategy or DEFAULT_STRATEGY
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"--strategy {self.strategy!r}; choose one of "
-                            f"{', '.join(STRATEGIES)}")
-        if self.sweep is not None and int(self.sweep) < 0:
-            raise UserError("--sweep must be 0 or more (budgets the knapsack seeds)")
-        if int(self.sensitivity_tokens) < 2:
-            raise UserError("--sensitivity-tokens must be at least 2")
-        if self.strategy in NEEDS_PROFILE and not (has_budget(self) or can_sweep(self)):
-            raise UserError(f"--strategy {self.strategy} fills budgets, and this search has none:"
-                            " add a cost objective to sweep (--objectives perplexity,memory_bytes"
-                            ", or latency_ms, energy_mj), or set --max-memory, --max-latency-ms or"
-                            " --max-energy-mj" + (", or leave out --sweep 0" if self.sweep == 0
-                                                  else ""))
-        if self.strategy in NEEDS_PROFILE and self.calib_tokens == 0:
-            raise UserError(f"--strategy {self.strategy} ranks choices by their KL on "
-                            "calibration text: set --calib-tokens > 0, or use --strategy nsga2")
+    def check_parts(self) -> None:
+        """The checks across parts (search.settings.SearchSettings); none for the form."""
 
     def _check_students(self) -> None:
         for name, kind in (("student_blocks", int), ("student_mlp_ratios", float),
@@ -291,7 +223,7 @@ class SearchSettings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SearchSettings:
+    def from_dict(cls, data: dict[str, Any]) -> SettingsForm:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:

@@ -25,7 +25,7 @@ from llmpareto.search.session import (
     peak_rss_bytes,
     prepare_run_dir,
 )
-from llmpareto.settings import SearchSettings
+from llmpareto.search.settings import SearchSettings
 
 
 def _progress(settings: SearchSettings, done: int):

@@ -33,7 +33,7 @@ from llmpareto.search.session import (
     requeue_if_fixed,
     write_distributed_outputs,
 )
-from llmpareto.settings import SearchSettings
+from llmpareto.search.settings import SearchSettings
 
 PAYLOAD = "llmpareto"  # result key carrying everything run_one records, as JSON
 MAX_FAILURES = 3  # Tune restarts a trial whose worker died this many times

@@ -33,9 +33,9 @@ from llmpareto.search.session import (
     requeue_if_fixed,
     write_distributed_outputs,
 )
+from llmpareto.search.settings import SearchSettings
 from llmpareto.search.strategies import enqueue_seeds, make_sampler, plan
 from llmpareto.search.study import name_objectives, run_info
-from llmpareto.settings import SearchSettings
 
 SETTINGS_ATTR = "llmpareto_settings"  # study user attr: the settings every worker searches with
 PROFILE_ATTR = "llmpareto_sensitivity"  # study user attr: the sensitivity profile, measured once

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from llmpareto.errors import UserError
 from llmpareto.front import Front
 from llmpareto.rundir import RunDir
-from llmpareto.settings import SearchSettings
+from llmpareto.search.settings import SearchSettings
 
 
 def _recipe_ok(path: Path) -> bool:

@@ -11,8 +11,8 @@ import optuna
 import pandas as pd
 
 from llmpareto import atomic
-from llmpareto.evaluators.base import EXTRA_COLUMNS, METRICS
 from llmpareto.front import Front
+from llmpareto.metrics import EXTRA_COLUMNS, METRICS
 from llmpareto.rundir import RunDir
 
 BASELINE_ATTR = "baseline"  # user attr holding the label of an enqueued uniform recipe

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llmpareto.arch import Arch
 from llmpareto.budget import Budget, Workload
-from llmpareto.compress import VariantCache, apply
+from llmpareto.compress import apply
 from llmpareto.device_profiles import load_profile
 from llmpareto.errors import UserError
 from llmpareto.evaluators import (
@@ -22,12 +22,10 @@ from llmpareto.evaluators import (
     MemoryEvaluator,
     PerplexityEvaluator,
 )
-from llmpareto.models import load_model, model_bos, resolve_model
-from llmpareto.placement import device_free_bytes, resolve
 from llmpareto.recipe import Recipe
-from llmpareto.settings import SearchSettings
+from llmpareto.search.settings import SearchSettings
+from llmpareto.search.workbench import Workbench
 from llmpareto.spaces import build_space
-from llmpareto.text import read_text, tokenize_windows
 from llmpareto.units import format_bytes
 
 
@@ -53,25 +51,12 @@ def space_for(settings: SearchSettings, arch: Arch):
                        heads=settings.student_heads)
 
 
-class TrialRunner:
+class TrialRunner(Workbench):
+    """The workbench of a search, plus its space, cost and quality evaluators and budget."""
+
     def __init__(self, settings: SearchSettings) -> None:
-        self.settings = settings
-        # a device or dtype this machine lacks, or bad --text, fails before the slow load
-        self.placement = resolve(settings.torch_device, settings.torch_dtype)
-        # the dtype decides the scores: recorded resolved, so a --resume, a worker or a Ray
-        # trial scores in the same one wherever `auto` would resolve otherwise
-        settings.torch_dtype = self.placement.dtype
-        text = read_text(settings.text)
-        self.source = resolve_model(settings.model, settings.allow_pickle)
-        self.model, self.tokenizer = load_model(self.source, self.placement)
-        self.arch = Arch.from_model(self.model)
-        self.windows = tokenize_windows(self.tokenizer, text, settings.window,
-                                        settings.calib_tokens, settings.eval_tokens,
-                                        bos=model_bos(self.source, self.tokenizer, self.model))
+        super().__init__(settings)
         self.space = space_for(settings, self.arch)
-        self.cache = VariantCache(self.model, self.arch, settings.dequant_cache,
-                                  settings.variant_cache, self._device_room())
-        self._set_quantizer()
         if getattr(self.space, "prunes", False):
             self._set_pruning()
         if getattr(self.space, "restructures", False):
@@ -98,27 +83,12 @@ class TrialRunner:
         self._check_budget()
         self._seen: dict[tuple, TrialResult] = {}
 
-    def _device_room(self) -> int:
-        """GPU memory packed codes may take: what is free now, less the dense cache, the
-        working memory of a forward pass and a 10% margin (0 on the CPU)."""
-        free = device_free_bytes(self.placement)
-        if free is None:
-            return 0
-        s, vocab = self.settings, int(self.model.config.vocab_size)
-        working = (6 * s.batch_size * s.window * vocab * 4  # logits, softmax, float64 copies
-                   + 8 * s.calib_tokens * vocab)  # the base log-probs the KL objective keeps
-        return max(0, int(0.9 * free) - s.dequant_cache - working)
-
     def _set_pruning(self) -> None:
-        """Calibration statistics of the base model, once per run, for the pruning method
-        (Wanda: each input column's norm; SparseGPT: full x^T x, cols^2 float64 a module)."""
-        from llmpareto.compress.calibration import pruning_stats
+        """The pruning statistics (Workbench.set_pruning), then each group's outlier ratio for
+        OWL's non-uniform levels."""
         from llmpareto.compress.prune import outlier_ratio
 
-        method = self.settings.sparsity_method
-        self.cache.set_pruning(method, pruning_stats(
-            self.model, [t.fqn for t in self.arch.linears], method, self.windows.calib,
-            self.settings.batch_size))
+        self.set_pruning()
         sp = self._part("sparsity")
         stats = self.cache.input_stats  # OWL scores: Wanda's metric, or |W| for magnitude
 
@@ -128,16 +98,6 @@ class TrialRunner:
 
         sp.set_outliers({k: outlier_ratio([lambda f=t.fqn: score(f) for t in ts])
                          for k, ts in sp.groups.items()})
-
-    def _set_quantizer(self) -> None:
-        """The run's quantizer (--quantizer) with its calibration (compress.quantizers)."""
-        from llmpareto.compress.quantizers import setup_quantizer
-
-        s = self.settings
-        self.calibrate_s = setup_quantizer(
-            self.cache, self.windows.calib, self.windows.sha256, quantizer=s.quantizer,
-            imatrix=s.imatrix, batch_size=s.batch_size, window=s.window, damp=s.gptq_damp,
-            act_order=s.gptq_act_order, disk_cache=s.disk_cache)
 
     def preset_baselines(self) -> list[tuple[str, dict, Recipe]]:
         """llama.cpp's presets (Q2_K ... Q8_0) as (label, closest params, whole recipe): the
@@ -149,8 +109,7 @@ class TrialRunner:
 
         fspace = self._part("formats")
         wanted = PRESETS if self.settings.presets is None else tuple(self.settings.presets)
-        if fspace is None or not wanted or \
-                getattr(self.model.config, "model_type", "") != "llama":
+        if fspace is None or not wanted or self.arch.family is None:
             return []
         q = self.cache.quantizer
         imatrix = q.imatrix if q.name == "imatrix" else None
@@ -204,15 +163,12 @@ class TrialRunner:
     def _set_students(self) -> None:
         """Block Influence (which blocks a student keeps) and the input norms that decide its
         MLP channels and attention groups: on the base model, once per run."""
-        from llmpareto.compress.calibration import student_importance
         from llmpareto.compress.restructure import block_influence
 
         part = self._part("students")
         part.set_block_influence(block_influence(self.model, self.windows.calib,
                                                  self.settings.batch_size))
-        self.cache.set_importance(student_importance(
-            self.model, self.arch, self.windows.calib, self.settings.batch_size,
-            self.cache.input_stats))
+        self.set_importance()
 
     def _check_budget(self) -> None:
         """Refuse a budget no candidate in the space can meet, naming the best achievable."""

@@ -25,7 +25,7 @@ from llmpareto.search.records import (
     trials_frame,
     write_outputs,
 )
-from llmpareto.settings import SearchSettings
+from llmpareto.search.settings import SearchSettings
 from llmpareto.spaces.base import recipe_of
 
 # User attrs naming who ran a trial and where (distributed backends: node, and the torch device

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from llmpareto.errors import UserError
 from llmpareto.rundir import RunDir
-from llmpareto.settings import SearchSettings
+from llmpareto.search.settings import SearchSettings
 from llmpareto.versions import package_versions
 
 OPEN_TRIES = 5  # opening a new study.db that another process is creating at the same moment

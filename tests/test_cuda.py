@@ -38,7 +38,7 @@ def test_dequantizers_are_bit_exact_on_the_gpu():
 
 def _runner(settings: dict, device: str, dtype: str):
     from llmpareto.search.runner import TrialRunner
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     return TrialRunner(SearchSettings(**{**settings, "torch_device": device,
                                          "torch_dtype": dtype, "objectives": OBJECTIVES}))

@@ -13,8 +13,9 @@ import io
 import json
 import time
 
-from llmpareto import cli_doctor, models
-from llmpareto.cli_doctor import add_doctor_command
+from llmpareto import models
+from llmpareto.cli import doctor as cli_doctor
+from llmpareto.cli.doctor import add_doctor_command
 from llmpareto.errors import UserError
 
 DEFAULT_CHECKS = ["python", "packages", "default-model", "disk-runs", "disk-cache", "memory",

@@ -11,8 +11,9 @@ import llmpareto
 from llmpareto.cli import main
 from llmpareto.errors import UserError
 from llmpareto.export.gguf import gguf_name, unpermute_rows
-from llmpareto.export.pick import Rebuilder, pick
+from llmpareto.export.pick import pick
 from llmpareto.query import where
+from llmpareto.search.workbench import Workbench
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_gguf_export_is_bit_identical_and_runs_in_llama_cpp(run, tmp_path):
     run_dir, front = run
     trial = _mixed_trial(front)
     out = pick(run_dir, tmp_path / "x", trial=trial, formats="gguf")
-    rb = Rebuilder(run_dir)
+    rb = Workbench.from_run(run_dir)
     built = rb.build(front.recipe(trial))
     cfg = built.model.config
     reader = gguf.GGUFReader(out / "model.gguf")
@@ -57,7 +58,7 @@ def test_gguf_export_is_bit_identical_and_runs_in_llama_cpp(run, tmp_path):
         assert np.array_equal(w.view(np.uint32), p.detach().numpy().view(np.uint32)), name
     assert len(types - {"F32"}) >= 2  # really mixed precision
     searched = float(front.df.set_index("trial").loc[trial, "perplexity"])
-    measured = gguf_perplexity(str(out / "model.gguf"), rb.eval_windows())
+    measured = gguf_perplexity(str(out / "model.gguf"), rb.windows.eval)
     assert abs(measured - searched) / searched < 0.01
 
 
@@ -70,10 +71,10 @@ def test_hf_export_reloads_with_the_same_logits(run, tmp_path):
     assert not (out / "model.gguf").exists() and (out / "README.md").is_file()
     card = (out / "README.md").read_text()
     assert f"trial {trial}" in card and "llmpareto pick" in card and "perplexity" in card
-    rb = Rebuilder(run_dir)
+    rb = Workbench.from_run(run_dir)
     built = rb.build(front.recipe(trial))
     reloaded = AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True)
-    ids = torch.from_numpy(rb.eval_windows()[:2])
+    ids = torch.from_numpy(rb.windows.eval[:2])
     _same_weights_and_logits(reloaded, built.model, ids)
     assert json.loads((out / "hf" / "recipe.json").read_text())["version"] == 1
 
@@ -175,7 +176,7 @@ def test_student_with_fewer_blocks_exports_and_runs_in_llama_cpp(tiny_model_dir,
     llmpareto.search(model=str(tiny_model_dir), runs_dir=str(tmp_path), study="run", window=64,
                      eval_tokens=128, calib_tokens=0, trials=1, progress=False, context=256,
                      quantizer="rtn")
-    rb = Rebuilder(rb_dir)
+    rb = Workbench.from_run(rb_dir)
     full = rb.cache.arch
     student = Recipe({"_default": {"format": "q8_0"}}, structure={"layers": [1]})
     built = rb.build(student)
@@ -185,7 +186,7 @@ def test_student_with_fewer_blocks_exports_and_runs_in_llama_cpp(tiny_model_dir,
                                                         full.formats_for(Recipe.uniform("q8_0"))))
     assert mem["kv_cache_bytes"] == mem_full["kv_cache_bytes"] / 2
     assert mem["weights_bytes"] < mem_full["weights_bytes"]
-    windows = rb.eval_windows()
+    windows = rb.windows.eval
     ids = torch.from_numpy(windows)
     with torch.no_grad():
         logits = built.model(ids).logits

@@ -111,7 +111,8 @@ def conformance(name: str, tmp: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmpareto.export.gguf import write_gguf
-    from llmpareto.export.pick import Rebuilder, pick
+    from llmpareto.export.pick import pick
+    from llmpareto.search.workbench import Workbench
 
     folder = build_family_model(name, tmp / "model")
     tok = AutoTokenizer.from_pretrained(folder)
@@ -124,8 +125,8 @@ def conformance(name: str, tmp: Path) -> dict:
     run = tmp / "runs" / "hf"
     recorded = json.loads((run / "run.json").read_text())["text"]["windows"]
     assert recorded["bos_token_id"] == (tok.bos_token_id if adds_bos else None), recorded
-    rb = Rebuilder(run)
-    windows = rb.eval_windows()
+    rb = Workbench.from_run(run)
+    windows = rb.windows.eval
     assert bool((windows[:, 0] == tok.bos_token_id).all()) == adds_bos, windows[:, :3]
     window = windows[0]
 
@@ -166,8 +167,8 @@ def conformance(name: str, tmp: Path) -> dict:
     # the f16 GGUF as a source: search it, export; the source's metadata and untouched tensors
     src = tmp / "f16.gguf"
     llmpareto.search(model=str(src), runs_dir=str(tmp / "runs"), study="gguf", trials=3, **FAST)
-    rb2 = Rebuilder(tmp / "runs" / "gguf")
-    w2 = rb2.eval_windows()[0]
+    rb2 = Workbench.from_run(tmp / "runs" / "gguf")
+    w2 = rb2.windows.eval[0]
     assert (w2[0] == tok.bos_token_id) == adds_bos
     b2 = rb2.build(Recipe({"re:.*mlp.*": {"format": "q4_0"}}))
     again = tmp / "from-gguf.gguf"

@@ -53,7 +53,7 @@ def test_bad_forms_name_the_flag_and_the_choices(device, dtype, phrase):
 
 
 def test_settings_check_the_forms_before_anything_loads():
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     with pytest.raises(UserError, match="--torch-device"):
         SearchSettings(torch_device="tpu")
@@ -141,7 +141,7 @@ def test_one_recipe_scores_alike_in_float32_and_bfloat16(tiny_settings):
     perplexity, 1e-4 nats of KL on this tiny random model (measured: 0.015%, 9e-6 nats)."""
     from llmpareto.recipe import Recipe
     from llmpareto.search.runner import TrialRunner
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     recipe = Recipe({"_default": {"format": "q4_0"}})
     scores = {}
@@ -160,8 +160,8 @@ def test_one_recipe_scores_alike_in_float32_and_bfloat16(tiny_settings):
 
 def test_search_records_where_it_ran_and_pick_rebuilds_in_that_dtype(tiny_settings):
     import llmpareto
-    from llmpareto.export.pick import Rebuilder
     from llmpareto.rundir import RunDir
+    from llmpareto.search.workbench import Workbench
 
     llmpareto.search(**{**tiny_settings, "trials": 3, "torch_device": "cpu",
                         "torch_dtype": "bfloat16"})
@@ -169,7 +169,7 @@ def test_search_records_where_it_ran_and_pick_rebuilds_in_that_dtype(tiny_settin
     info = json.loads(run.run_json.read_text())
     assert info["placement"] == {"device": "cpu", "dtype": "bfloat16"}
     assert info["cache"]["peak_device_bytes"] is None  # no GPU memory on a CPU run
-    assert next(Rebuilder(run.path).model.parameters()).dtype == torch.bfloat16
+    assert next(Workbench.from_run(run.path).model.parameters()).dtype == torch.bfloat16
     # --resume with the default (auto) keeps the dtype the trials ran in; another is refused
     llmpareto.search(**{**tiny_settings, "trials": 4, "resume": True})
     info = json.loads(run.run_json.read_text())
@@ -181,7 +181,7 @@ def test_search_records_where_it_ran_and_pick_rebuilds_in_that_dtype(tiny_settin
 
 def test_ray_places_trials_on_the_device_ray_gave_them():
     from llmpareto.search.ray_backend import check_gpus, worker_placement
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     assert worker_placement({"gpus_per_trial": 0.5, "torch_device": "auto"})["torch_device"] \
         == "cuda"
@@ -222,7 +222,7 @@ def test_a_worker_picks_its_device_and_is_refused_one_it_lacks(tiny_settings, tm
 
 @NO_CUDA
 def test_doctor_says_where_trials_run_by_default():
-    from llmpareto.cli_doctor import _torch
+    from llmpareto.cli.doctor import _torch
 
     r = _torch(None)
     assert r["status"] == "ok" and "trials run on cpu in float32 by default" in r["detail"]

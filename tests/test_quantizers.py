@@ -14,8 +14,9 @@ from llmpareto.compress import VariantCache
 from llmpareto.compress.calibration import blockwise_stats, collect_input_stats
 from llmpareto.compress.imatrix import read_imatrix, to_modules
 from llmpareto.export.gguf import gguf_name, unpermute_rows
-from llmpareto.export.pick import Rebuilder, pick
+from llmpareto.export.pick import pick
 from llmpareto.recipe import Recipe
+from llmpareto.search.workbench import Workbench
 from llmpareto.tiny import build_tiny_model
 
 WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
@@ -48,14 +49,14 @@ def test_the_run_writes_its_importance_matrix_for_llama_quantize(imatrix_run):
     run, _ = imatrix_run
     info = json.loads((run / "run.json").read_text())
     assert info["quantizer"]["quantizer"] == "imatrix" and info["quantizer"]["disk_saved"] > 0
-    rb = Rebuilder(run)
+    rb = Workbench.from_run(run)
     ours = rb.cache.quantizer.imatrix
     back = to_modules(read_imatrix(run / "imatrix.gguf"), list(ours), WIDE["num_hidden_layers"])
     assert set(back) == set(ours) and len(ours) == len(rb.cache.arch.tensors)
     for fqn, v in ours.items():  # mean = sum x^2 / tokens, through the file's sums and counts
         np.testing.assert_allclose(back[fqn], v, rtol=1e-6)
     # the statistic is the mean squared input of each linear on the calibration windows
-    w = rb._windows().calib
+    w = rb.windows.calib
     fqn = "model.layers.1.mlp.down_proj"
     s = collect_input_stats(rb.model, w, [fqn], diag_only=True)[fqn]
     np.testing.assert_allclose(ours[fqn], (s.xtx / s.tokens).numpy(), rtol=1e-4)
@@ -69,7 +70,7 @@ def test_presets_are_baselines_with_llama_cpp_types(imatrix_run):
     trials = pd.read_csv(run / "trials.csv")
     labels = [b for b in trials["baseline"].fillna("") if b.startswith("llama.cpp")]
     assert labels == ["llama.cpp Q4_K_M imatrix", "llama.cpp Q3_K_S imatrix"]
-    rb = Rebuilder(run)
+    rb = Workbench.from_run(run)
     chosen = llama_cpp_presets(rb.model, rb.cache, rb.source, rb.tokenizer, ["Q4_K_M"],
                                imatrix=rb.cache.quantizer.imatrix)["Q4_K_M"]
     row = trials[trials["baseline"] == "llama.cpp Q4_K_M imatrix"].iloc[0]
@@ -121,12 +122,12 @@ def test_k_quant_and_gptq_exports_are_the_searched_weights_and_run_in_llama_cpp(
     trial = max(front.df["trial"], key=lambda t: len({c["format"] for c in
                                                       front.recipe(int(t)).modules.values()}))
     out = pick(tmp_path / quantizer, tmp_path / "x", trial=int(trial), formats="gguf")
-    rb = Rebuilder(tmp_path / quantizer)
+    rb = Workbench.from_run(tmp_path / quantizer)
     built = rb.build(front.recipe(int(trial)))
     types = _gguf_matches_model(out / "model.gguf", built)
     assert len(types - {"F32"}) >= 2
     searched = float(front.df.set_index("trial").loc[trial, "perplexity"])
-    measured = gguf_perplexity(str(out / "model.gguf"), rb.eval_windows())
+    measured = gguf_perplexity(str(out / "model.gguf"), rb.windows.eval)
     assert abs(measured - searched) / searched < 0.01
 
 

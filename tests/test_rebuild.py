@@ -11,6 +11,7 @@ import llmpareto
 from llmpareto import atomic
 from llmpareto.cli import main
 from llmpareto.errors import UserError
+from llmpareto.search.settings import SearchSettings
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_rebuild_writes_the_same_files_from_the_study(run, capsys):
 
 
 def test_distilled_columns_survive_a_rebuild(run, tmp_path):
-    from llmpareto.distill_run import record
+    from llmpareto.search.distill_run import record
 
     path, _ = run
     trial = int(pd.read_csv(path / "front.csv")["trial"].iloc[0])
@@ -63,7 +64,7 @@ def test_resume_of_a_run_killed_before_its_study_existed(tiny_settings, tmp_path
     s = {**tiny_settings, "study": "early", "trials": 8}
     path = tmp_path / "runs" / "early"
     path.mkdir(parents=True)
-    settings = llmpareto.settings.SearchSettings(**{**s, "progress": False})
+    settings = SearchSettings(**{**s, "progress": False})
     (path / "run.json").write_text(json.dumps({"settings": settings.to_dict(),
                                                "status": "starting"}))
     front = llmpareto.search(**{**s, "resume": True})

@@ -190,14 +190,14 @@ def test_a_student_exports_to_gguf_and_hf_and_runs_in_llama_cpp(three_way, tmp_p
     from llmpareto.evaluators.quality import window_nll
     from llmpareto.export.gguf import write_gguf
     from llmpareto.export.hf import write_hf
-    from llmpareto.export.pick import Rebuilder
+    from llmpareto.search.workbench import Workbench
 
     run, _ = three_way
-    rb = Rebuilder(run)
+    rb = Workbench.from_run(run)
     recipe = Recipe({"_default": {"format": "q8_0"}},
                     structure={"layers": [1], "mlp_ratio": 0.5, "heads": 1})
     built = rb.build(recipe)
-    windows = rb.eval_windows()
+    windows = rb.windows.eval
     nll, n = window_nll(built.model, windows, 4)
     path = write_gguf(tmp_path / "s.gguf", built.model, built.cache, built.formats, built.source,
                       built.tokenizer)

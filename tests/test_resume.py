@@ -52,7 +52,7 @@ import sys, time
 import optuna
 from llmpareto.rundir import RunDir
 from llmpareto.search.study import open_study
-from llmpareto.settings import SearchSettings
+from llmpareto.search.settings import SearchSettings
 rd = RunDir.for_study(sys.argv[1], "race")
 rd.create()
 while time.time() < float(sys.argv[2]):  # start together

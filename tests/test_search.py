@@ -140,7 +140,7 @@ def test_device_latency_objective_and_budget(tiny_settings):
 def test_a_repeated_candidate_is_scored_once(tiny_settings, monkeypatch):
     from llmpareto.evaluators import quality
     from llmpareto.search.runner import TrialRunner
-    from llmpareto.settings import SearchSettings
+    from llmpareto.search.settings import SearchSettings
 
     runner = TrialRunner(SearchSettings.from_dict(tiny_settings))
     calls = []

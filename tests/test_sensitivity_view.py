@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmpareto.cli_sensitivity import (
+from llmpareto.cli.sensitivity import (
     add_sensitivity_command,
     load_sensitivity,
     plot_sensitivity,

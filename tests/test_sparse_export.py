@@ -11,9 +11,10 @@ import torch
 import llmpareto
 from llmpareto.export.gguf import gguf_name, unpermute_rows, write_gguf
 from llmpareto.export.hf import write_hf
-from llmpareto.export.pick import Rebuilder, pick
+from llmpareto.export.pick import pick
 from llmpareto.models import load_model, resolve_model
 from llmpareto.recipe import Recipe
+from llmpareto.search.workbench import Workbench
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def _reload_matches(folder, built):
 def test_2_4_recipe_exports_gguf_zeros_and_sparse_24_bitmask(joint_run, tmp_path):
     recipe = Recipe.load(joint_run / "recipes" / "3.json")  # uniform 2:4 wanda + q8_0
     assert recipe.resolve("model.layers.0.mlp.up_proj") == {"format": "q8_0", "pattern": "2:4"}
-    built = Rebuilder(joint_run).build(recipe)
+    built = Workbench.from_run(joint_run).build(recipe)
     cfg = built.model.config
     path = write_gguf(tmp_path / "m.gguf", built.model, built.cache, built.formats, built.source,
                       built.tokenizer)
@@ -63,7 +64,7 @@ def test_2_4_recipe_exports_gguf_zeros_and_sparse_24_bitmask(joint_run, tmp_path
     assert "model.layers.0.mlp.up_proj" not in qc["sparsity_config"]["ignore"]
     _reload_matches(tmp_path / "hf", built)
     dense = tmp_path / "dense"
-    assert write_hf(dense, Rebuilder(joint_run).build(Recipe.uniform("q8_0"))) == "dense"
+    assert write_hf(dense, Workbench.from_run(joint_run).build(Recipe.uniform("q8_0"))) == "dense"
     assert (tmp_path / "hf" / "model.safetensors").stat().st_size < \
         0.8 * (dense / "model.safetensors").stat().st_size
 
@@ -78,7 +79,7 @@ def test_unstructured_recipe_is_sparse_bitmask_and_pick_card_says_so(tiny_settin
     card = (out / "README.md").read_text()
     assert "## Sparsity" in card and "dense speed" in card and "sparse-bitmask" in card
     recipe = Recipe.load(out / "recipe.json")
-    built = Rebuilder(run).build(recipe)
+    built = Workbench.from_run(run).build(recipe)
     _reload_matches(out / "hf", built)
     up = built.model.get_submodule("model.layers.0.mlp.up_proj").weight
     if recipe.sparsity_of("model.layers.0.mlp.up_proj"):

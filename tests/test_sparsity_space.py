@@ -82,16 +82,16 @@ def test_pick_rebuilds_a_pruned_trial_exactly_as_the_search_scored_it(tiny_setti
     import math
 
     from llmpareto.evaluators.quality import window_nll
-    from llmpareto.export.pick import Rebuilder
+    from llmpareto.search.workbench import Workbench
 
     front = llmpareto.search(**{**tiny_settings, "space": "sparsity", "trials": 3,
                                 "sparsity_levels": "0,0.5"})
     run = tmp_path / "runs" / "t"
     trial = 0  # the baseline: every projection at 50% Wanda
     assert Recipe.load(run / "recipes" / "0.json").sparsity_of("model.layers.1.mlp.up_proj")
-    rb = Rebuilder(run)
+    rb = Workbench.from_run(run)
     built = rb.build(Recipe.load(run / "recipes" / f"{trial}.json"))
-    nll, n = window_nll(built.model, rb.eval_windows(), tiny_settings.get("batch_size", 4))
+    nll, n = window_nll(built.model, rb.windows.eval, tiny_settings.get("batch_size", 4))
     searched = float(front.trials.set_index("trial").loc[trial, "perplexity"])
     assert math.exp(nll / n) == pytest.approx(searched, rel=1e-9)
     up = built.model.get_submodule("model.layers.1.mlp.up_proj").weight

@@ -14,8 +14,8 @@ from llmpareto.errors import UserError
 from llmpareto.search import allocate
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.sensitivity import KLScreen, measure, reference_params
+from llmpareto.search.settings import SearchSettings
 from llmpareto.search.strategies import EVOLVE_ATTR, make_sampler, plan
-from llmpareto.settings import SearchSettings
 
 
 def _runner(tiny_settings, **kw) -> TrialRunner:

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from llmpareto.errors import UserError
-from llmpareto.settings import SearchSettings
+from llmpareto.search.settings import SearchSettings
 
 _HELP = {
     "model": "smollm2-135m (embedded default), a HF directory, a .gguf file, or a cached hub id",
@@ -146,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                     help="show a progress bar")
     pw.set_defaults(func=_cmd_worker)
-    from llmpareto.cli_devices import add_device_commands
-    from llmpareto.cli_doctor import add_doctor_command
-    from llmpareto.cli_front import add_front_commands
-    from llmpareto.cli_sensitivity import add_sensitivity_command
+    from llmpareto.cli.devices import add_device_commands
+    from llmpareto.cli.doctor import add_doctor_command
+    from llmpareto.cli.front import add_front_commands
+    from llmpareto.cli.sensitivity import add_sensitivity_command
 
     add_device_commands(sub)
     add_doctor_command(sub)

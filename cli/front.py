@@ -12,29 +12,6 @@ import pandas as pd
 from llmpareto.errors import UserError
 
 
-def measure_front(run_dir: Path, df: pd.DataFrame, threads: int | None = None) -> pd.DataFrame:
-    """Export each front point to GGUF (kept under exports/) and measure it in llama.cpp."""
-    from llmpareto.evaluators.llamacpp import LlamaCppEvaluator
-    from llmpareto.export.gguf import write_gguf
-    from llmpareto.export.pick import Rebuilder
-    from llmpareto.front import Front
-
-    front = Front.load(run_dir)
-    rb = Rebuilder(run_dir)
-    # decode is timed at the run's context, as the predicted latency_ms next to it
-    ev = LlamaCppEvaluator(rb.eval_windows(), threads, context=int(rb.settings["context"]),
-                           prompt_tokens=int(rb.settings.get("prompt_tokens", 128)))
-    rows = []
-    for _, row in df.iterrows():
-        path = run_dir / "exports" / f"trial-{int(row['trial'])}.gguf"
-        if not path.is_file():
-            built = rb.build(front.recipe(int(row["trial"])))
-            path.parent.mkdir(exist_ok=True)
-            write_gguf(path, built.model, built.cache, built.formats, built.source, built.tokenizer)
-        rows.append({"trial": row["trial"], **ev.evaluate_file(str(path))})
-    return df.merge(pd.DataFrame(rows), on="trial", how="left")
-
-
 def _html(df: pd.DataFrame, png: Path, title: str) -> str:
     img = base64.b64encode(png.read_bytes()).decode()
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
@@ -64,6 +41,8 @@ def cmd_front(args: argparse.Namespace) -> int:
                             f"{', '.join(c for c in df.columns if not c.startswith('param:'))}")
         df = df.sort_values(args.sort)
     if args.measure:
+        from llmpareto.export.measure import measure_front
+
         df = measure_front(run, df, args.threads)
     shown = Front(df, front.objectives, front.trials, front.run_dir)
     if args.plot:
@@ -99,7 +78,7 @@ def cmd_pick(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from llmpareto.distill_run import distill_front, distill_trial
+    from llmpareto.search.distill_run import distill_front, distill_trial
 
     kw = {"lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len,
           "temperature": args.temperature, "alpha": args.alpha, "qat": args.qat,

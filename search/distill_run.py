@@ -28,15 +28,14 @@ def distill_dir(run_dir: Path, trial: int) -> Path:
     return Path(run_dir) / "distill" / f"trial-{trial}"
 
 
-def training_windows(tokenizer, settings: dict, seq_len: int,
-                     bos: int | None = None) -> np.ndarray:
+def training_windows(tokenizer, settings, seq_len: int, bos: int | None = None) -> np.ndarray:
     """Every window of the run's text that is not an evaluation window, cut to `seq_len`, as
     the model runs (BOS first when `bos`, as the search's windows)."""
     from llmpareto.text import make_windows, read_text, with_bos
 
-    text, desc = read_text(settings["text"])
+    text, desc = read_text(settings.text)
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    window, evals = settings["window"], settings["eval_tokens"]
+    window, evals = settings.window, settings.eval_tokens
     span = window - (bos is not None)  # text tokens a window holds
     n_eval = -(-evals // window)
     rest = (len(ids) // span - n_eval) * span
@@ -112,18 +111,18 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
     from llmpareto.compress import apply
     from llmpareto.compress.distill import distill
     from llmpareto.evaluators.quality import window_nll
-    from llmpareto.export.pick import Rebuilder
     from llmpareto.models import load_model
+    from llmpareto.search.workbench import Workbench
 
     if steps < 1:
         raise UserError(f"--steps {steps}: distil for at least 1 step")
     rd = RunDir(Path(run_dir))
-    settings = rd.read_run_json()["settings"]
     recipe = load_trial_recipe(rd, trial)
-    seq_len = seq_len or settings["window"]
-    if not 2 <= seq_len <= settings["window"]:
-        raise UserError(f"--seq-len {seq_len}: use 2..{settings['window']} (the run's --window)")
-    rb = Rebuilder(rd.path)  # a run whose model is gone fails here, naming it
+    rb = Workbench.from_run(rd.path)  # a run whose model is gone fails here, naming it
+    settings = rb.settings
+    seq_len = seq_len or settings.window
+    if not 2 <= seq_len <= settings.window:
+        raise UserError(f"--seq-len {seq_len}: use 2..{settings.window} (the run's --window)")
     built = rb.build(recipe)
     windows = training_windows(rb.tokenizer, settings, seq_len, rb.bos)
     masks, formats, names = _student_start(built)
@@ -134,7 +133,7 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
     result = distill(built.model, teacher, windows, steps, lr=lr, batch_size=batch_size,
                      temperature=temperature, alpha=alpha, keep_zero=masks,
                      qat_formats=formats if qat else None, checkpoint=out / "checkpoint.pt",
-                     checkpoint_every=checkpoint_every, progress=progress, seed=settings["seed"])
+                     checkpoint_every=checkpoint_every, progress=progress, seed=settings.seed)
     del teacher
     weights = {fqn: built.cache.weight(fqn).detach().clone().contiguous()
                for fqn in built.formats}
@@ -145,7 +144,7 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
     built.model.requires_grad_(False)
     built.cache.set_override(weights)  # the recipe's formats on the distilled weights
     apply(built.model, recipe, built.cache)
-    nll, n = window_nll(built.model, rb.eval_windows(), settings["batch_size"])
+    nll, n = window_nll(built.model, rb.windows.eval, settings.batch_size)
     values = {"distilled_perplexity": math.exp(nll / n), "distill_steps": steps}
     record(rd, trial, values)
     return {**values, "seconds": time.perf_counter() - t0, "names": len(names),
