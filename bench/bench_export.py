@@ -35,7 +35,7 @@ def main() -> None:
     from llmpareto.evaluators.host import measure_host_profile
     from llmpareto.evaluators.host_llamacpp import calibrate_llamacpp
     from llmpareto.evaluators.llamacpp import gguf_speeds
-    from llmpareto.export.gguf import write_gguf
+    from llmpareto.gguf_write import write_gguf
     from llmpareto.models import load_arch
     from llmpareto.search.workbench import Workbench
 

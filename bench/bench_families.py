@@ -23,8 +23,8 @@ def one(name: str, work: Path, trials: int) -> list[dict]:
 
     import llmpareto
     from llmpareto.evaluators.llamacpp import gguf_perplexity
-    from llmpareto.export.gguf import write_gguf
     from llmpareto.front import Front
+    from llmpareto.gguf_write import write_gguf
     from llmpareto.search.workbench import Workbench
     from llmpareto.tiny import build_family_model
 

@@ -19,7 +19,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.out and not args.refit:
         raise UserError("--out writes the re-fitted profile: add --refit token|layer")
     if args.name:
-        p = load_profile(args.name, measure_host=False)
+        p = load_profile(args.name)
         if args.refit:
             return _refit(p, args)
         d = p.to_dict()
@@ -108,7 +108,7 @@ def _gpu_profile(args: argparse.Namespace):
     if args.runtime != "llamacpp" or args.like or args.threads is not None or args.quick:
         raise UserError("--gpu calibrates llama.cpp: use it with --runtime llamacpp, without "
                         "--like, --threads or --quick")
-    return calibrate_llamacpp_gpu(load_profile(args.base, measure_host=False))
+    return calibrate_llamacpp_gpu(load_profile(args.base))
 
 
 def cmd_profile_host(args: argparse.Namespace) -> int:
@@ -147,7 +147,6 @@ def cmd_profile_host(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from llmpareto.budget import Workload
-    from llmpareto.device_profiles import load_profile
     from llmpareto.evaluators.base import Candidate
     from llmpareto.evaluators.cost import MemoryEvaluator, breakdown, op_costs, summarize
     from llmpareto.models import load_arch
@@ -157,7 +156,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
         raise UserError("give --recipe or --format, not both")
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe.uniform(args.format or "f16")
     arch = load_arch(args.model)
-    profile = load_profile(args.device)
+    from llmpareto.evaluators.host import load_device
+
+    profile = load_device(args.device)
     w = Workload(prompt_tokens=args.prompt_tokens, batch=args.batch, context=args.context)
     formats, sparsity = arch.formats_for(recipe), arch.sparsity_for(recipe)
     mem = MemoryEvaluator(arch, w, profile).evaluate(Candidate(recipe, formats))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmpareto import atomic
 from llmpareto.device_profiles.schema import DeviceProfile, profile_from_dict
 from llmpareto.errors import UserError
 
@@ -40,21 +42,20 @@ def read_toml(path: Path) -> DeviceProfile:
     return profile_from_dict(data, str(path))
 
 
-def load_profile(spec: str | Path, measure_host: bool = True) -> DeviceProfile:
-    """A shipped name, a path to a TOML file, or 'host' (measured on first use, then cached)."""
+def load_profile(spec: str | Path,
+                 measure_host: Callable[[], DeviceProfile] | None = None) -> DeviceProfile:
+    """A shipped name, a path to a TOML file, or 'host': the cached measurement of this machine,
+    made on first use by `measure_host` (evaluators.host.load_device passes the measurement;
+    without one, an uncached host is one line saying how to measure it)."""
     spec_s = str(spec)
     if spec_s == HOST:
         path = host_cache_path()
         if not path.is_file():
-            if not measure_host:
+            if measure_host is None:
                 raise UserError(f"no measured host profile at {path}; run "
                                 "`llmpareto profile-host` first")
-            from llmpareto.evaluators.host import measure_host_profile
-
             path.parent.mkdir(parents=True, exist_ok=True)
-            from llmpareto import atomic
-
-            atomic.write_text(path, dump_toml(measure_host_profile()))
+            atomic.write_text(path, dump_toml(measure_host()))
         return read_toml(path)
     path = Path(spec_s).expanduser()
     if path.suffix == ".toml" or path.is_file():

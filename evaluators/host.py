@@ -394,3 +394,11 @@ def measure_host_profile(runtime: str = "torch", quick: bool = False,
 
         profile = calibrate_llamacpp(profile, quick=quick, threads=threads, like=like)
     return profile
+
+
+def load_device(spec: str | Path) -> DeviceProfile:
+    """`--device SPEC` as a search or `cost` reads it: a profile, or `host` measured here on
+    first use (then cached)."""
+    from llmpareto.device_profiles.loader import load_profile
+
+    return load_profile(spec, measure_host=measure_host_profile)

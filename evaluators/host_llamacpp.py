@@ -39,7 +39,7 @@ def _calibration_ggufs(folder: Path, shapes) -> list[tuple[Path, object, dict]]:
     """Export each calibration model in each format; returns (path, arch, formats)."""
     from llmpareto.arch import Arch
     from llmpareto.compress import VariantCache, apply
-    from llmpareto.export.gguf import write_gguf
+    from llmpareto.gguf_write import write_gguf
     from llmpareto.models import load_model, resolve_model
     from llmpareto.recipe import Recipe
     from llmpareto.tiny import build_tiny_model

@@ -3,7 +3,6 @@ evaluated); a recipe that prunes is written in compressed-tensors' sparse format
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from llmpareto.recipe import Recipe
@@ -17,6 +16,7 @@ def write_hf(folder: Path, built) -> str:
     GGUF loader; the weights are the dequantized ones the search evaluated.
     """
     from llmpareto.export.compressed import write_compressed
+    from llmpareto.export.folder import write_folder
 
     model = built.model
     pruned = built.cache.pruned_modules()
@@ -30,27 +30,6 @@ def write_hf(folder: Path, built) -> str:
         write_folder(folder, model, built.tokenizer)
     (folder / "recipe.json").write_text(recipe.to_json())
     return kind
-
-
-def write_folder(folder: Path, model, tokenizer, transform=None,
-                 config: dict | None = None) -> None:
-    """model.safetensors (float32; a tied head left to the loader), config.json and the
-    tokenizer; `transform` may rewrite the state dict, `config` adds config.json entries."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied: the loader points it at the embedding
-    if transform is not None:
-        state = transform(state)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)  # the GGUF loader's note: these weights are plain
-    cfg["dtype"] = "float32"
-    cfg.update(config or {})
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    tokenizer.save_pretrained(folder)
 
 
 def _sparsity(sp: tuple[str, float] | None) -> dict:

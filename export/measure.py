@@ -11,8 +11,8 @@ import pandas as pd
 def measure_front(run_dir: Path, df: pd.DataFrame, threads: int | None = None) -> pd.DataFrame:
     """Export each front point to GGUF (kept under exports/) and measure it in llama.cpp."""
     from llmpareto.evaluators.llamacpp import LlamaCppEvaluator
-    from llmpareto.export.gguf import write_gguf
     from llmpareto.front import Front
+    from llmpareto.gguf_write import write_gguf
     from llmpareto.search.workbench import Workbench
 
     front = Front.load(run_dir)

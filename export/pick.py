@@ -114,7 +114,7 @@ def _sparsity_card(pruned: dict, formats: dict, hf_kind: str) -> list[str]:
                  "and in config.json `quantization_config.sparsity_config`), the layout vLLM "
                  "(<= 0.19.0; later releases dropped 2:4) and llm-compressor read. "
                  "transformers 5 alone does not decompress it: load it with llmpareto "
-                 "(`--model hf/`, or `llmpareto.export.compressed.load_compressed`)."),
+                 "(`--model hf/`, or `llmpareto.sparse_folder.load_compressed`)."),
             *(["", (f"Pruned tensors in {', '.join(quantized)} are stored dequantized (float32, "
                     "the values the search scored): compressed-tensors has no layout that holds "
                     "a GGUF block format and sparsity together.")] if quantized else [])]
@@ -125,8 +125,8 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
          force: bool = False, distilled: bool = False) -> Path:
     """Export one front point of `run_dir` into `out` (its distilled weights with
     `distilled`, from `llmpareto distill`); returns `out`."""
-    from llmpareto.export.gguf import write_gguf
     from llmpareto.export.hf import write_hf
+    from llmpareto.gguf_write import write_gguf
 
     run_dir, out = Path(run_dir), Path(out)
     kinds = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
@@ -151,7 +151,7 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
     if distilled:
         built = _distilled(run_dir, int(row["trial"]), recipe, built)
     if "gguf" in kinds:  # refuse before writing anything
-        from llmpareto.export.gguf import _check_gguf_formats
+        from llmpareto.gguf_write import _check_gguf_formats
 
         _check_gguf_formats(built.formats)
     # Write next to the target and move into place at the end, so a failure never leaves a

@@ -179,7 +179,7 @@ def load_model(source: ModelSource, placement: Placement = CPU_FLOAT32):
     try:
         tok = AutoTokenizer.from_pretrained(source.directory, **kwargs)
         if not source.gguf_file and _is_sparse(source.directory):
-            from llmpareto.export.compressed import load_compressed
+            from llmpareto.sparse_folder import load_compressed
 
             model = load_compressed(Path(source.directory), dtype)
         else:
@@ -202,7 +202,7 @@ def load_model(source: ModelSource, placement: Placement = CPU_FLOAT32):
 
 def _is_sparse(directory: str) -> bool:
     """A compressed-tensors sparse folder: transformers 5 would load it with random weights."""
-    from llmpareto.export.compressed import sparsity_format_of
+    from llmpareto.sparse_folder import sparsity_format_of
 
     return sparsity_format_of(Path(directory)) is not None
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from llmpareto.arch import Arch
 from llmpareto.budget import Budget, Workload
 from llmpareto.compress import apply
-from llmpareto.device_profiles import load_profile
 from llmpareto.errors import UserError
 from llmpareto.evaluators import (
     Candidate,
@@ -61,7 +60,9 @@ class TrialRunner(Workbench):
             self._set_pruning()
         if getattr(self.space, "restructures", False):
             self._set_students()
-        self.profile = load_profile(settings.device)
+        from llmpareto.evaluators.host import load_device
+
+        self.profile = load_device(settings.device)
         self.workload = Workload(prompt_tokens=settings.prompt_tokens, context=settings.context)
         limit = settings.max_memory
         if limit is None or limit > self.profile.memory_bytes:

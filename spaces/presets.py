@@ -173,7 +173,7 @@ def quantize_presets(model, cache, source, tokenizer, workdir: Path,
 
 def _quantize_all(model, cache, source, tokenizer, workdir: Path, presets: Sequence[str],
                   entries: Mapping[str, np.ndarray]) -> dict[str, Path]:
-    from llmpareto.export.gguf import write_gguf
+    from llmpareto.gguf_write import write_gguf
 
     workdir.mkdir(parents=True, exist_ok=True)
     src = write_gguf(workdir / "model-f32.gguf", model, cache, {}, source, tokenizer)

@@ -8,8 +8,8 @@ import pytest
 
 import llmpareto
 from llmpareto.cli import main
-from llmpareto.export.gguf import gguf_name
 from llmpareto.formats import get_format
+from llmpareto.gguf_write import gguf_name
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 import llmpareto
 from llmpareto.cli import main
 from llmpareto.errors import UserError
-from llmpareto.export.gguf import gguf_name, unpermute_rows
 from llmpareto.export.pick import pick
+from llmpareto.gguf_write import gguf_name, unpermute_rows
 from llmpareto.query import where
 from llmpareto.search.workbench import Workbench
 
@@ -168,8 +168,8 @@ def test_student_with_fewer_blocks_exports_and_runs_in_llama_cpp(tiny_model_dir,
 
     from llmpareto.evaluators import Candidate, MemoryEvaluator
     from llmpareto.evaluators.llamacpp import gguf_perplexity
-    from llmpareto.export.gguf import write_gguf
     from llmpareto.export.hf import write_hf
+    from llmpareto.gguf_write import write_gguf
     from llmpareto.recipe import Recipe
 
     rb_dir = tmp_path / "run"

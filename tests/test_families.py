@@ -110,8 +110,8 @@ def tokenizer_adds_bos(tok) -> bool:
 def conformance(name: str, tmp: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmpareto.export.gguf import write_gguf
     from llmpareto.export.pick import pick
+    from llmpareto.gguf_write import write_gguf
     from llmpareto.search.workbench import Workbench
 
     folder = build_family_model(name, tmp / "model")

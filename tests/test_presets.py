@@ -12,8 +12,8 @@ import pytest
 from llmpareto.arch import Arch
 from llmpareto.compress import VariantCache, apply
 from llmpareto.errors import UserError
-from llmpareto.export.gguf import gguf_name, permute_rows
 from llmpareto.formats import FORMATS, SIMPLE_FORMATS, effective_format, get_format
+from llmpareto.gguf_write import gguf_name, permute_rows
 from llmpareto.models import load_model, resolve_model
 from llmpareto.recipe import Recipe
 from llmpareto.spaces import presets as P

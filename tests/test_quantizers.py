@@ -13,8 +13,8 @@ import llmpareto
 from llmpareto.compress import VariantCache
 from llmpareto.compress.calibration import blockwise_stats, collect_input_stats
 from llmpareto.compress.imatrix import read_imatrix, to_modules
-from llmpareto.export.gguf import gguf_name, unpermute_rows
 from llmpareto.export.pick import pick
+from llmpareto.gguf_write import gguf_name, unpermute_rows
 from llmpareto.recipe import Recipe
 from llmpareto.search.workbench import Workbench
 from llmpareto.tiny import build_tiny_model

@@ -68,7 +68,7 @@ def test_memory_of_uniform_recipes(smollm):
 
 def test_mixed_export_runs_in_llama_cpp_with_the_search_time_perplexity(smollm, tmp_path):
     from llmpareto.evaluators.llamacpp import gguf_perplexity
-    from llmpareto.export.gguf import write_gguf
+    from llmpareto.gguf_write import write_gguf
 
     model, _, windows, cache = smollm
     recipe = Recipe({"re:.*mlp.*": {"format": "q4_0"}, "re:.*self_attn.*": {"format": "q8_0"},

@@ -188,8 +188,8 @@ def test_a_student_exports_to_gguf_and_hf_and_runs_in_llama_cpp(three_way, tmp_p
 
     from llmpareto.evaluators.llamacpp import gguf_perplexity
     from llmpareto.evaluators.quality import window_nll
-    from llmpareto.export.gguf import write_gguf
     from llmpareto.export.hf import write_hf
+    from llmpareto.gguf_write import write_gguf
     from llmpareto.search.workbench import Workbench
 
     run, _ = three_way

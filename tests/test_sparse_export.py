@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import llmpareto
-from llmpareto.export.gguf import gguf_name, unpermute_rows, write_gguf
 from llmpareto.export.hf import write_hf
 from llmpareto.export.pick import pick
+from llmpareto.gguf_write import gguf_name, unpermute_rows, write_gguf
 from llmpareto.models import load_model, resolve_model
 from llmpareto.recipe import Recipe
 from llmpareto.search.workbench import Workbench

@@ -1,5 +1,6 @@
-"""GGUF export: one file, each tensor in its recipe's format, written with the `gguf` package,
-for every family in llmpareto.families.
+"""The GGUF form of a model (what `pick` exports and llama.cpp's presets start from): one file,
+each tensor in its recipe's format, written with the `gguf` package, for every family in
+llmpareto.families.
 
 The packed bytes are the very ones the search evaluated (the prepared-variant cache), so the
 file dequantizes bit-identically to the searched model. From a GGUF source the file keeps the
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from llmpareto import atomic
 from llmpareto.errors import UserError
 from llmpareto.families import Family, family_of, gguf_name
 from llmpareto.formats import GGUF_FORMATS, get_format
+from llmpareto.text import bos_token
 
 __all__ = ["check_exportable", "gguf_name", "permute_rows", "unpermute_rows", "write_gguf"]
 
@@ -160,13 +163,9 @@ def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
     """Write `model` (its recipe already applied through `cache`) as one GGUF file (to a
     temporary name first: a killed export never leaves a GGUF that looks whole). `bos`: whether
     llama.cpp should put BOS first (a HF source; default: what the tokenizer does)."""
-    from llmpareto import atomic
-
     fam = check_exportable(model)
     _check_gguf_formats(formats)
     if bos is None and not source.gguf_file:
-        from llmpareto.text import bos_token
-
         bos = bos_token(tokenizer, needs_bos=fam.needs_bos) is not None
     with atomic.atomic_path(path) as tmp:
         if source.gguf_file:
