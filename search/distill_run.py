@@ -117,6 +117,7 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
     if steps < 1:
         raise UserError(f"--steps {steps}: distil for at least 1 step")
     rd = RunDir(Path(run_dir))
+    rd.read_run_json()  # a folder that is no run says so first
     recipe = load_trial_recipe(rd, trial)
     rb = Workbench.from_run(rd.path)  # a run whose model is gone fails here, naming it
     settings = rb.settings

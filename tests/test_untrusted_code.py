@@ -87,7 +87,8 @@ def test_study_escape_from_a_real_process(tmp_path):
 
 
 def test_a_default_study_name_is_always_valid():
-    from llmpareto.search.settings import SearchSettings, check_study
+    from llmpareto.search.settings import SearchSettings
+    from llmpareto.settings import check_study
 
     for model in ("a..b.gguf", "_x", "x" * 300, "...", "/m/"):
         check_study(SearchSettings(model=model).study)
