@@ -44,7 +44,7 @@ class SettingsForm:
     text: list[str] | None = None  # None: CPython docs (pydoc_data.topics)
     window: int = 256  # tokens per evaluation/calibration window
     calib_tokens: int = 512  # for KL to the base model
-    eval_tokens: int = 2048  # for perplexity; few enough that a trial takes seconds
+    eval_tokens: int = 1024  # for perplexity; few enough that a trial takes seconds
     space: str = "formats"
     formats: list[str] | None = None  # None: the GGUF formats, so every point exports
     granularity: str = "type"  # type: one format per projection kind; block; module
@@ -74,7 +74,7 @@ class SettingsForm:
     sensitivity: str | None = None  # a sensitivity.json to reuse; None: measured (cached in RUN)
     sensitivity_tokens: int = 128  # calibration tokens each sensitivity KL is measured on
     population: int | None = None  # NSGA-II population; None: about trials/8, 8..50
-    trials: int = 60  # completed trials wanted, baselines included
+    trials: int = 30  # completed trials wanted, baselines included (knapsack seeds cover the budgets)
     study: str | None = None  # None: <model>-<timestamp>
     runs_dir: str = "runs"
     resume: bool = False
