@@ -146,41 +146,27 @@ def cmd_profile_host(args: argparse.Namespace) -> int:
 
 
 def cmd_cost(args: argparse.Namespace) -> int:
-    from llmpareto.budget import Workload
-    from llmpareto.evaluators.base import Candidate
-    from llmpareto.evaluators.cost import MemoryEvaluator, breakdown, op_costs, summarize
-    from llmpareto.models import load_arch
-    from llmpareto.recipe import Recipe
+    from llmpareto.api import cost
 
-    if args.recipe and args.format:
-        raise UserError("give --recipe or --format, not both")
-    recipe = Recipe.load(args.recipe) if args.recipe else Recipe.uniform(args.format or "f16")
-    arch = load_arch(args.model)
-    from llmpareto.evaluators.host import load_device
-
-    profile = load_device(args.device)
-    w = Workload(prompt_tokens=args.prompt_tokens, batch=args.batch, context=args.context)
-    formats, sparsity = arch.formats_for(recipe), arch.sparsity_for(recipe)
-    mem = MemoryEvaluator(arch, w, profile).evaluate(Candidate(recipe, formats))
-    totals = summarize(op_costs(arch, formats, profile, w, sparsity), arch, profile, w)
-    totals.update(mem)
-    rows = breakdown(arch, formats, profile, w, sparsity)
+    rep = cost(model=args.model, device=args.device, recipe=args.recipe, format=args.format,
+               context=args.context, prompt_tokens=args.prompt_tokens, batch=args.batch)
     if args.json:
-        print(json.dumps({"model": args.model, "device": profile.name, "workload": vars(w),
-                          "totals": totals, "breakdown": rows}, indent=2))
+        print(json.dumps({k: rep[k] for k in ("model", "device", "workload", "totals",
+                                              "breakdown")}, indent=2))
         return 0
-    print(f"{args.model} on {profile.name} ({profile.runtime}); context {w.context}, prompt "
-          f"{w.prompt_tokens}, batch {w.batch}\n")
-    df = pd.DataFrame(rows)
+    w, totals = rep["workload"], rep["totals"]
+    print(f"{args.model} on {rep['device']} ({rep['runtime']}); context {w['context']}, prompt "
+          f"{w['prompt_tokens']}, batch {w['batch']}\n")
+    df = pd.DataFrame(rep["breakdown"])
     df["bytes"] /= 1e6
     df["flops"] /= 1e9
     df = df.rename(columns={"bytes": "MB", "flops": "GFLOP"})
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"\ndecode: {totals['latency_ms']:.3g} ms/token = {totals['decode_tokens_per_s']:.3g} "
           f"tokens/s, {totals['energy_mj']:.3g} mJ/token; prefill {totals['prefill_ms']:.4g} ms")
-    print(f"memory: {mem['memory_bytes']:.0f} bytes (weights {mem['weights_bytes']:.0f}, KV "
-          f"{mem['kv_cache_bytes']:.0f}, activations {mem['activation_bytes']:.0f}); fits "
-          f"{profile.memory_bytes} bytes: {'yes' if mem['fits_memory'] else 'NO'}")
+    print(f"memory: {totals['memory_bytes']:.0f} bytes (weights {totals['weights_bytes']:.0f}, KV "
+          f"{totals['kv_cache_bytes']:.0f}, activations {totals['activation_bytes']:.0f}); fits "
+          f"{rep['memory_limit_bytes']} bytes: {'yes' if totals['fits_memory'] else 'NO'}")
     return 0
 
 

@@ -19,9 +19,20 @@ def _html(df: pd.DataFrame, png: Path, title: str) -> str:
             f"{df.to_html(index=False, float_format=lambda v: f'{v:.4g}')}</body></html>")
 
 
+def print_front(front, show_all: bool = False, extra: list[str] | tuple[str, ...] = ()) -> None:
+    """The front as a table; without `show_all`, points under the quality floor are left out
+    and counted (the run's files keep them)."""
+    from llmpareto.front import QUALITY_FLOOR
+
+    shown, hidden, limit = (front, 0, None) if show_all else front.deployable()
+    print(shown.table(extra=extra))
+    if hidden:
+        print(f"({hidden} point(s) with perplexity above {limit:.4g}, {QUALITY_FLOOR:g}x the base "
+              f"model's, not shown: --show-all prints them; front.csv keeps every point)")
+
+
 def cmd_front(args: argparse.Namespace) -> int:
-    from llmpareto.front import Front
-    from llmpareto.query import where
+    from llmpareto.api import load_front
 
     run = Path(args.run)
     if args.storage and not args.rebuild:
@@ -29,22 +40,13 @@ def cmd_front(args: argparse.Namespace) -> int:
     if args.rebuild:
         from llmpareto.search.rebuild import rebuild
 
-        front, written = rebuild(run, args.storage)
+        _, written = rebuild(run, args.storage)
         print(f"rebuilt {run} from its study: trials.csv, front.csv, front.json"
               + (", front.png" if (run / "front.png").is_file() else "")
               + (f", {written} recipe file(s)" if written else ""))
-    front = Front.load(run)
-    df = where(front.df, args.where)
-    if args.sort:
-        if args.sort not in df.columns:
-            raise UserError(f"--sort {args.sort!r}: unknown column; columns: "
-                            f"{', '.join(c for c in df.columns if not c.startswith('param:'))}")
-        df = df.sort_values(args.sort)
-    if args.measure:
-        from llmpareto.export.measure import measure_front
-
-        df = measure_front(run, df, args.threads)
-    shown = Front(df, front.objectives, front.trials, front.run_dir)
+    shown = load_front(run, where=args.where, sort=args.sort, measure=args.measure,
+                       threads=args.threads)
+    df = shown.df
     if args.plot:
         out = Path(args.plot)
         if out.suffix not in (".png", ".html"):
@@ -61,34 +63,32 @@ def cmd_front(args: argparse.Namespace) -> int:
     elif args.format == "json":
         print(json.dumps(df.replace({float("nan"): None}).to_dict(orient="records"), indent=2))
     else:
-        measured = [c for c in df.columns if c.startswith("measured_")]
-        print(shown.table(extra=measured))
+        print_front(shown, args.show_all, extra=[c for c in df.columns
+                                                 if c.startswith("measured_")])
     return 0
 
 
 def cmd_pick(args: argparse.Namespace) -> int:
-    from llmpareto.export.pick import pick
+    from llmpareto.api import pick
 
-    if args.trial is None and args.best is None:
-        raise UserError("say which point: --trial N, or --best METRIC [--where EXPR]")
-    out = pick(args.run, args.out, trial=args.trial, best=args.best, where_expr=args.where,
-               formats=args.format, force=args.force, distilled=args.distilled)
+    out = pick(args.run, args.out, trial=args.trial, best=args.best, where=args.where,
+               format=args.format, force=args.force, distilled=args.distilled)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from llmpareto.search.distill_run import distill_front, distill_trial
+    from llmpareto.api import distill
 
-    kw = {"lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len,
-          "temperature": args.temperature, "alpha": args.alpha, "qat": args.qat,
-          "checkpoint_every": args.checkpoint_every, "progress": args.progress}
+    got = distill(args.run, args.steps, trial=args.trial, front=args.front, rounds=args.rounds,
+                  lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                  temperature=args.temperature, alpha=args.alpha, qat=args.qat,
+                  checkpoint_every=args.checkpoint_every, progress=args.progress)
     if args.front:
-        table = distill_front(args.run, args.steps, args.rounds, **kw)
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(got.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         print("recorded in trials.csv and front.csv (distilled_perplexity, distill_steps)")
         return 0
-    r = distill_trial(args.run, args.trial, args.steps, **kw)
+    r = got
     print(f"trial {args.trial}: {r['distill_steps']} steps"
           + (f" (resumed at {r['resumed_from']})" if r["resumed_from"] else "")
           + f", loss {r['first_loss']:.4g} -> {r['last_loss']:.4g}, "
@@ -109,6 +109,8 @@ def add_front_commands(sub) -> None:
     pf.add_argument("--threads", type=int, help="llama.cpp threads for --measure")
     pf.add_argument("--rebuild", action="store_true", help="first write trials.csv, front.* "
                     "and missing or damaged recipes again from study.db (the source of truth)")
+    pf.add_argument("--show-all", action="store_true", help="also print points under the "
+                    "quality floor (perplexity above 2x the base model's); the files keep them")
     pf.add_argument("--storage", help="--rebuild of a run whose study is in a shared database: "
                     "its SQLAlchemy URL")
     pf.set_defaults(func=cmd_front)

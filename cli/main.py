@@ -25,7 +25,7 @@ _HELP = {
     "sparsity_pattern": "--space ...sparsity: unstructured (levels) or N:M, e.g. 2:4",
     "sparsity_levels": "--space ...sparsity: comma-separated unstructured levels in [0, 1)",
     "granularity": "module | block | type (one format per projection kind)",
-    "quantizer": "rtn | imatrix | gptq: how each format is made (README \"Quantizers\")",
+    "quantizer": "rtn | imatrix | gptq: how each format is made (docs/formats-and-quantizers.md)",
     "imatrix": "on (from the calibration text) | off | FILE (a llama.cpp imatrix .dat/.gguf)",
     "gptq_damp": "--quantizer gptq: damping as a fraction of the mean diagonal of x^T x",
     "gptq_act_order": "--quantizer gptq: quantize columns by descending activation energy",
@@ -40,7 +40,7 @@ _HELP = {
     "max_latency_ms": "budget: predicted decode ms per token on --device",
     "max_energy_mj": "budget: predicted mJ per decoded token on --device",
     "prompt_tokens": "prompt length for prefill_ms and activation buffers",
-    "strategy": "nsga2 | tpe | random | knapsack | evolve | auto (README \"Search strategies\"; "
+    "strategy": "nsga2 | tpe | random | knapsack | evolve | auto (docs/strategies.md; "
                 "default auto)",
     "sampler": "the old name of --strategy (nsga2 | tpe | random)",
     "sweep": "--strategy knapsack/evolve: budgets seeded by the knapsack (default: by strategy)",
@@ -97,6 +97,7 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from llmpareto.api import search
+    from llmpareto.cli.front import print_front
 
     kwargs = {f.name: getattr(args, f.name) for f in fields(SearchSettings)
               if f.name != "version" and hasattr(args, f.name)}
@@ -104,16 +105,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
         kwargs.pop("objectives")
     front = search(backend=args.backend, **kwargs)
     print(f"\nPareto front ({len(front)} points, objectives: {', '.join(front.objectives)}):")
-    print(front.table())
+    print_front(front, args.show_all)
     print(f"\nrun directory: {front.run_dir}")
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from llmpareto.search.rdb import run_worker
+    from llmpareto.api import worker
 
-    done = run_worker(args.study, args.storage, args.runs_dir, progress=args.progress,
-                      torch_device=args.torch_device)
+    done = worker(args.study, args.storage, args.runs_dir, torch_device=args.torch_device,
+                  progress=args.progress)
     print(f"worker finished: {done} trials run here; run directory: "
           f"{args.runs_dir}/{args.study}")
     return 0
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--backend", default="local",
                     help="local (Optuna; SQLite, or --storage URL) | ray (Ray Tune, --address)")
     _add_settings_flags(ps)
+    ps.add_argument("--show-all", action="store_true", help="print every front point; by "
+                    "default points with perplexity above 2x the base model's (uniform f16) are "
+                    "left out of the printed front (trials.csv and front.csv keep them)")
     ps.set_defaults(func=_cmd_search)
     pw = sub.add_parser("worker", help="run trials of a study shared through --storage")
     pw.add_argument("--study", required=True, help="study name (made by search --storage)")

@@ -4,11 +4,9 @@ measured (KL increase over the reference per choice), as a table and a heat-map 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import tempfile
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -16,74 +14,10 @@ import numpy as np
 import pandas as pd
 
 from llmpareto.errors import UserError
+from llmpareto.search.sensitivity_file import FILE, read_profile
 
-FILE_NAME = "sensitivity.json"
-VERSION = 1
-REQUIRED = ("version", "model_sha256", "text_sha256", "space", "tokens", "reference",
-            "reference_kl_nats", "choices", "delta_kl_nats", "seconds", "evaluations")
-NUMBERS = ("tokens", "seconds", "evaluations")  # printed in the header: must be numbers
 ANNOTATE_ROWS = 30  # up to this many keys, each cell also shows its value
 DECADES = 9  # colour range of the heat-map; tinier deltas are noise and share the floor colour
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); it is written by the search: "
-                        "run the search again to rewrite it") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object at the top, got "
-                        f"{type(data).__name__}")
-    return data
-
-
-def _check_key(path: Path, key: str, choices: Any, deltas: Any) -> None:
-    if not isinstance(choices, list) or not choices:
-        raise UserError(f"{path}: choices[{key!r}] must be a non-empty list")
-    if any(not (isinstance(c, str) or _is_number(c)) for c in choices):
-        raise UserError(f"{path}: choices[{key!r}] must hold strings or numbers")
-    if not isinstance(deltas, list):
-        raise UserError(f"{path}: delta_kl_nats[{key!r}] must be a list, aligned with "
-                        f"choices[{key!r}]")
-    if len(deltas) != len(choices):
-        raise UserError(f"{path}: key {key!r} has {len(choices)} choices but "
-                        f"{len(deltas)} delta_kl_nats values; they must be aligned")
-    if any(d is not None and not _is_number(d) for d in deltas):
-        raise UserError(f"{path}: delta_kl_nats[{key!r}] must hold numbers or null")
-
-
-def _check(path: Path, data: dict) -> None:
-    missing = [k for k in REQUIRED if k not in data]
-    if missing:
-        raise UserError(f"{path} lacks the key(s) {', '.join(missing)}; it was not written by "
-                        "this llmpareto's search: run the search again to rewrite it")
-    if data["version"] != VERSION:
-        raise UserError(f"{path} has version {data['version']!r}; this llmpareto reads "
-                        f"version {VERSION}: use the llmpareto that wrote it")
-    for k in NUMBERS:
-        if not _is_number(data[k]):
-            raise UserError(f"{path}: {k} must be a number, got {data[k]!r}")
-    if data["reference_kl_nats"] is not None and not _is_number(data["reference_kl_nats"]):
-        raise UserError(f"{path}: reference_kl_nats must be a number or null")
-    choices, deltas = data["choices"], data["delta_kl_nats"]
-    for name, v in (("choices", choices), ("delta_kl_nats", deltas), ("reference",
-                                                                       data["reference"])):
-        if not isinstance(v, dict):
-            raise UserError(f"{path}: {name} must be an object keyed by parameter name")
-    for key in choices:
-        if key not in deltas:
-            raise UserError(f"{path}: key {key!r} is in choices but not in delta_kl_nats")
-        _check_key(path, key, choices[key], deltas[key])
-    extra = [k for k in deltas if k not in choices]
-    if extra:
-        raise UserError(f"{path}: key {extra[0]!r} is in delta_kl_nats but not in choices")
 
 
 def load_sensitivity(run_dir: str | Path, path: str | Path | None = None) -> dict:
@@ -95,16 +29,14 @@ def load_sensitivity(run_dir: str | Path, path: str | Path | None = None) -> dic
     if path is None and not run.is_dir():
         raise UserError(f"{run} is a file, not a run directory; give the directory "
                         f"(e.g. runs/<study>), or read this file with --sensitivity {run}")
-    file = run / FILE_NAME if path is None else Path(path)
+    file = run / FILE if path is None else Path(path)
     if not file.is_file():
-        where = f"{run} has no {FILE_NAME}" if path is None else f"--sensitivity {file}: no " \
+        where = f"{run} has no {FILE}" if path is None else f"--sensitivity {file}: no " \
             "such file"
         raise UserError(f"{where}: it is written by searches with --strategy knapsack, evolve "
                         "or auto; run one, or pass --sensitivity FILE to read a profile kept "
                         "elsewhere")
-    data = _read_json(file)
-    _check(file, data)
-    return data
+    return read_profile(file)
 
 
 def _label(choice: str | float) -> str:

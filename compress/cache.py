@@ -9,7 +9,7 @@ variants, up to `dense_bytes`, so a trial that reuses one swaps a tensor pointer
 dequantizing again. A variant dropped from either level is made again, identically, when asked
 for (pruning and quantizing are deterministic); `remade` counts how often that happened.
 
-On a CUDA model (README "GPUs and large models"): variants are quantized and pruned on the
+On a CUDA model (docs/gpus-and-memory.md): variants are quantized and pruned on the
 host from float32 copies of one tensor at a time; packed codes then live in GPU memory up to
 `device_bytes`, the rest in pinned host memory, and are dequantized on the GPU by the torch
 dequantizers; dense variants live on the GPU in the model's dtype.

@@ -40,6 +40,11 @@ class Quantizer:
     def targets(self, fmt: str) -> bool:
         return True
 
+    def calibrate(self, cache, calib: np.ndarray, cfg: dict) -> None:
+        """Take what this quantizer needs from the base model (`cache.model`) on the
+        calibration windows `calib`; `cfg` holds the run's quantizer settings (batch_size,
+        imatrix, damp, act_order). Round-to-nearest needs nothing."""
+
     def calibrates(self, fmt: str) -> bool:
         """Whether `fmt` comes out differently from plain rounding (worth keeping on disk)."""
         return False
@@ -61,6 +66,10 @@ class ImatrixQuantizer(Quantizer):
     calibrated = True
     imatrix: dict[str, np.ndarray] = field(default_factory=dict)  # fqn -> (cols,) float32
     source: str = "computed"  # or the imatrix file read
+
+    def calibrate(self, cache, calib: np.ndarray, cfg: dict) -> None:
+        self.imatrix = _imatrix(cache, calib, cfg["batch_size"], cfg["imatrix"])
+        self.source = cfg["imatrix"]
 
     def calibrates(self, fmt: str) -> bool:
         return get_format(fmt).takes_imatrix
@@ -95,6 +104,14 @@ class GPTQQuantizer(Quantizer):
         from llmpareto.compress.gptq import GRIDS
 
         return fmt == "f16" or fmt in GRIDS
+
+    def calibrate(self, cache, calib: np.ndarray, cfg: dict) -> None:
+        from llmpareto.compress.calibration import quantizer_stats
+        from llmpareto.compress.gptq import check_calibration_tokens
+
+        check_calibration_tokens(int(calib.size), max(t.cols for t in cache.arch.tensors))
+        self.stats = quantizer_stats(cache.model, cache.arch, calib, cfg["batch_size"], full=True)
+        self.damp, self.act_order = float(cfg["damp"]), bool(cfg["act_order"])
 
     def calibrates(self, fmt: str) -> bool:
         return fmt != "f16" and self.targets(fmt)
@@ -212,19 +229,10 @@ def setup_quantizer(cache, calib: np.ndarray, text_sha256: str, *, quantizer: st
     Returns the seconds spent."""
     import time
 
-    from llmpareto.compress.calibration import quantizer_stats
-
     t0 = time.perf_counter()
     q = QUANTIZERS[quantizer]()
-    model, arch = cache.model, cache.arch
-    if quantizer == "imatrix":
-        q.imatrix, q.source = _imatrix(cache, calib, batch_size, imatrix), imatrix
-    elif quantizer == "gptq":
-        from llmpareto.compress.gptq import check_calibration_tokens
-
-        check_calibration_tokens(int(calib.size), max(t.cols for t in arch.tensors))
-        q.stats = quantizer_stats(model, arch, calib, batch_size, full=True)
-        q.damp, q.act_order = float(damp), bool(act_order)
+    q.calibrate(cache, calib, {"batch_size": batch_size, "imatrix": imatrix, "damp": damp,
+                               "act_order": act_order})
     disk = None
     if q.calibrated and disk_cache != "off":
         disk = DiskVariants(Path(disk_cache) if disk_cache else cache_root(), {

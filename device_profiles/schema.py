@@ -86,7 +86,7 @@ class DeviceProfile:
     # Published or measured decode speeds, each marked fit or held-out, each with its source
     # (`llmpareto devices NAME` prints predicted vs measured for both kinds)
     measurements: tuple[Measurement, ...] = ()
-    # One entry per pattern in `sparse`: the kernels that use it (README "Sparsity")
+    # One entry per pattern in `sparse`: the kernels that use it (docs/sparsity.md)
     sparse_kernels: dict[str, SparseKernel] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     path: str = field(default="", compare=False)  # file it was read from, for messages

@@ -286,3 +286,29 @@ __all__ = [
     "summarize",
     "weights_bytes",
 ]
+
+
+def cost_report(model: str = "smollm2-135m", device: str = "raspberry-pi-5",
+                recipe: str | None = None, format: str | None = None, context: int = 2048,
+                prompt_tokens: int = 128, batch: int = 1) -> dict:
+    """`llmpareto cost`: one recipe (a recipe JSON path, or a uniform `format`, default f16)
+    of `model` on `device`: totals (latency_ms, energy_mj, memory_bytes, ...) and the
+    per-layer-kind breakdown. Reads configs as numbers: no torch."""
+    from llmpareto.errors import UserError
+    from llmpareto.evaluators.host import load_device
+    from llmpareto.models import load_arch
+    from llmpareto.recipe import Recipe
+
+    if recipe and format:
+        raise UserError("give --recipe or --format, not both")
+    r = Recipe.load(recipe) if recipe else Recipe.uniform(format or "f16")
+    arch = load_arch(model)
+    profile = load_device(device)
+    w = Workload(prompt_tokens=prompt_tokens, batch=batch, context=context)
+    formats, sparsity = arch.formats_for(r), arch.sparsity_for(r)
+    mem = MemoryEvaluator(arch, w, profile).evaluate(Candidate(r, formats))
+    totals = summarize(op_costs(arch, formats, profile, w, sparsity), arch, profile, w)
+    totals.update(mem)
+    return {"model": model, "device": profile.name, "runtime": profile.runtime,
+            "memory_limit_bytes": profile.memory_bytes, "workload": vars(w), "totals": totals,
+            "breakdown": breakdown(arch, formats, profile, w, sparsity)}

@@ -1,6 +1,7 @@
 """llmpareto: hardware-aware search for compressed LLMs on a Pareto front.
 
-Public API: `search(...)` (mirrors `llmpareto search`), `Recipe`, `Front`, `load_front`.
+Public API, one function per command with the flags as keywords (llmpareto/api.py):
+`search`, `load_front` (`llmpareto front`), `pick`, `distill`, `cost`, `worker`; and `Recipe`.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from llmpareto import search
 from llmpareto.errors import UserError
 from llmpareto.recipe import Recipe
 
-
-def load_front(run_dir):
-    """Load the Front of a finished run directory."""
-    from llmpareto.front import Front
-
-    return Front.load(run_dir)
+_API = ("load_front", "pick", "distill", "cost", "worker")
 
 
-__all__ = ["Recipe", "UserError", "__version__", "load_front", "search"]
+def __getattr__(name):  # the verbs load pandas and friends only when first used
+    if name in _API:
+        from llmpareto import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'llmpareto' has no attribute {name!r}")
+
+
+__all__ = ["Recipe", "UserError", "__version__", "cost", "distill", "load_front", "pick", "search",
+           "worker"]

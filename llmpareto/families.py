@@ -38,7 +38,7 @@ class Family:
     # llama.cpp runs the family with no sliding block when no window is given (Gemma 3); else
     # a student that keeps no sliding block gets a window as long as its context (Gemma 2)
     swa_optional: bool = False
-    traits: tuple[str, ...] = ()  # what else differs, for the README's table and `describe`
+    traits: tuple[str, ...] = ()  # what else differs, for docs/families.md's table and `describe`
     why_not: dict[str, str] = field(default_factory=dict)  # cut -> why this family refuses it
 
     def check_cuts(self, structure: dict, what: str = "recipe structure {cut!r}") -> None:

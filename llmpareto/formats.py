@@ -174,7 +174,7 @@ def rtn_dequantize(packed: np.ndarray, shape: tuple[int, int], group: int) -> np
 
 def _rtn_format(bits: int, group: int) -> WeightFormat:
     # Stored bytes count the bit-packed codes a deployment kernel would hold; the in-memory
-    # cache keeps one byte per code for speed (README: "prepared-variant cache").
+    # cache keeps one byte per code for speed (docs/architecture.md: the prepared-variant cache).
     block_bytes = (bits * group) // 8 + 4
     fallback = f"int{bits}_g{group // 2}" if group > 64 else "f16"
     return WeightFormat(

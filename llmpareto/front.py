@@ -14,6 +14,12 @@ from llmpareto.pareto import non_dominated
 from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
 
+# A printed front leaves out points no one would deploy: perplexity above QUALITY_FLOOR times the
+# base model's (the uniform f16/bf16/f32 baseline of the run, else the run's lowest perplexity).
+# `--show-all` prints them; trials.csv, front.csv and front.json always keep every point.
+QUALITY_FLOOR = 2.0
+BASE_LABELS = ("uniform f16", "uniform bf16", "uniform f32")
+
 TABLE_COLUMNS = ["trial", "baseline", "perplexity", "kl_nats", "memory_bytes", "weights_bytes",
                  "latency_ms", "energy_mj"]
 
@@ -74,6 +80,36 @@ class Front:
                 raise UserError(f"unknown column {best!r}; columns: {', '.join(self.df.columns)}")
             return self.df.loc[self.df[best].idxmin()]
         raise UserError("pick needs a trial number or a metric to be best in")
+
+    def reference_perplexity(self) -> float | None:
+        """The base model's perplexity as this run measured it: the uniform f16 (bf16, f32)
+        baseline's, else the lowest of any complete trial; None when no trial has one."""
+        trials = self.trials if self.trials is not None else self.df
+        if "perplexity" not in trials.columns:
+            return None
+        done = trials[trials["state"] == "COMPLETE"] if "state" in trials.columns else trials
+        ppl = pd.to_numeric(done["perplexity"], errors="coerce")
+        if "baseline" in done.columns:
+            labels = done["baseline"].fillna("").astype(str)
+            for label in BASE_LABELS:
+                got = ppl[(labels == label) & np.isfinite(ppl)]
+                if len(got):
+                    return float(got.iloc[0])
+        ppl = ppl[np.isfinite(ppl)]
+        return float(ppl.min()) if len(ppl) else None
+
+    def deployable(self, floor: float = QUALITY_FLOOR) -> tuple[Front, int, float | None]:
+        """The points whose perplexity is at most `floor` times the base model's, how many
+        were left out, and the perplexity limit used (None: no perplexity to judge by)."""
+        ref = self.reference_perplexity()
+        if ref is None:
+            return self, 0, None
+        limit = floor * ref
+        ppl = pd.to_numeric(self.df["perplexity"], errors="coerce")
+        keep = ~(ppl > limit)  # a point with no perplexity is not judged
+        shown = Front(self.df[keep].reset_index(drop=True), self.objectives, self.trials,
+                      self.run_dir)
+        return shown, int((~keep).sum()), limit
 
     def to_csv(self, path: str | Path) -> None:
         with atomic.atomic_path(path) as tmp:

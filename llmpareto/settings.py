@@ -17,7 +17,7 @@ from typing import Any
 from llmpareto.errors import UserError
 
 SETTINGS_VERSION = 1
-DEFAULT_STRATEGY = "auto"  # README "Search strategies": what the benchmark favoured
+DEFAULT_STRATEGY = "auto"  # docs/strategies.md: what the benchmark favoured
 # Options that may differ between a run and its --resume (they do not change what is searched).
 RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "dequant_cache",
              "variant_cache", "disk_cache",
@@ -48,7 +48,7 @@ class SettingsForm:
     space: str = "formats"
     formats: list[str] | None = None  # None: the GGUF formats, so every point exports
     granularity: str = "type"  # type: one format per projection kind; block; module
-    quantizer: str = "imatrix"  # rtn | imatrix | gptq (compress.quantizers; README "Quantizers")
+    quantizer: str = "imatrix"  # rtn | imatrix | gptq (compress.quantizers; docs/formats-and-quantizers.md)
     imatrix: str = "on"  # on: from the calibration windows; off; or a llama.cpp imatrix file
     gptq_damp: float = 0.01  # --quantizer gptq: damping, a fraction of mean(diag(x^T x))
     gptq_act_order: bool = True  # --quantizer gptq: columns by descending activation energy
@@ -80,7 +80,7 @@ class SettingsForm:
     resume: bool = False
     seed: int = 0
     batch_size: int = 4  # windows per forward pass
-    # Where trials run (README "GPUs and large models"); the dtype changes scores, the device not
+    # Where trials run (docs/gpus-and-memory.md); the dtype changes scores, the device not
     torch_device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     torch_dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA | float32 | bfloat16 | float16
     dequant_cache: int = 4 * 10**9  # bytes of dequantized variants kept (LRU) between trials
@@ -88,7 +88,7 @@ class SettingsForm:
     baselines: bool = True  # enqueue uniform recipes first
     country: str = "USA"  # ISO code for codecarbon's offline CO2 intensity
     progress: bool = True
-    # Distributed search (README "Distributed search"); none of these changes what is searched.
+    # Distributed search (docs/distributed.md); none of these changes what is searched.
     address: str | None = None  # --backend ray: "auto", HOST:PORT; None starts Ray here
     cpus_per_trial: float = 1.0  # Ray resources per trial (and torch threads in the worker)
     gpus_per_trial: float = 0.0  # Ray GPUs per trial (fractions share one); > 0: trials on CUDA

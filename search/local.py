@@ -7,7 +7,6 @@ again, so no completed trial is lost or repeated.
 
 from __future__ import annotations
 
-import math
 import time
 
 import optuna
@@ -17,10 +16,10 @@ from optuna.trial import TrialState
 from llmpareto.front import Front
 from llmpareto.placement import peak_device_bytes
 from llmpareto.rundir import RunDir
-from llmpareto.search.records import front_size, write_outputs
+from llmpareto.search.records import front_size, record_trial, write_outputs
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.session import (
-    emissions,
+    lifecycle,
     open_run,
     peak_rss_bytes,
     prepare_run_dir,
@@ -44,17 +43,7 @@ def run_one(study: optuna.Study, runner: TrialRunner, rd: RunDir, objectives: li
     with get_heartbeat_thread(trial._trial_id, study._storage):
         result = runner.run(recipe)
     recipe.save(rd.recipe_path(trial.number))
-    for key, value in (attrs or {}).items():
-        trial.set_user_attr(key, value)
-    for key, value in result.constraints.items():
-        trial.set_constraint(key, value)
-    for key, value in result.metrics.items():
-        trial.set_user_attr(key, value if math.isfinite(value) else None)
-    for key, value in result.seconds.items():
-        trial.set_user_attr(key, value)
-    trial.set_user_attr("feasible", result.feasible)
-    if result.reused:
-        trial.set_user_attr("reused", True)
+    record_trial(trial, result.payload(), attrs)
     study.tell(trial, [result.metrics[o] for o in objectives])
     return result.feasible
 
@@ -71,15 +60,23 @@ def run_local(settings: SearchSettings) -> Front:
     study, info, recovered = open_run(settings, runner, rd)
     info["load_s"] = load_s
     runner.write_imatrix(rd.path / "imatrix.gguf")
-    rd.write_json(rd.run_json, {**info, "status": "running"})
 
     def n_done() -> int:
         return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
+    def finish(info: dict) -> None:
+        info.update(recovered_trials=recovered, quantizer=runner.quantizer_info())
+        c = runner.cache  # over the whole run: what trials made on first use included
+        info.setdefault("cache", {}).update(
+            dense_hits=c.hits, dense_misses=c.misses, prepare_total_s=c.prepare_seconds,
+            bytes_end=c.nbytes, bytes_bound=c.packed_bytes, remade=c.remade,
+            peak_rss_end_bytes=peak_rss_bytes(), device_bytes=c.device_nbytes,
+            peak_device_bytes=peak_device_bytes(runner.placement))
+
     feasible = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                    if t.user_attrs.get("feasible"))
-    status = "finished"
-    with emissions(settings.country) as energy:
+    with lifecycle(rd, info, settings, study) as run:
+        run.at_end(finish)
         t0, rss0 = time.perf_counter(), peak_rss_bytes()
         runner.prepare(settings.progress)
         info["cache"] = {"prepare_s": time.perf_counter() - t0, "bytes": runner.cache.nbytes,
@@ -92,20 +89,6 @@ def run_local(settings: SearchSettings) -> Front:
                 write_outputs(study, rd, settings.objectives, plot=False)
                 bar.update(1)
                 bar.set_postfix(feasible=feasible, front=front_size(study) if feasible else 0)
-        except KeyboardInterrupt:
-            status = "interrupted"
         finally:
             bar.close()
-    c = runner.cache  # over the whole run: what trials made on first use included
-    info["cache"].update(dense_hits=c.hits, dense_misses=c.misses, prepare_total_s=c.prepare_seconds,
-                         bytes_end=c.nbytes, bytes_bound=c.packed_bytes, remade=c.remade,
-                         peak_rss_end_bytes=peak_rss_bytes(), device_bytes=c.device_nbytes,
-                         peak_device_bytes=peak_device_bytes(runner.placement))
-    info.update(status=status, search_energy=energy, recovered_trials=recovered,
-                completed_trials=n_done(), quantizer=runner.quantizer_info())
-    rd.write_json(rd.run_json, info)
-    front = write_outputs(study, rd, settings.objectives)
-    if status == "interrupted":
-        print(f"interrupted: {n_done()} completed trials are kept in {rd.db}; continue with "
-              f"--study {settings.study} --resume")
-    return front
+    return write_outputs(study, rd, settings.objectives)

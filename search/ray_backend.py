@@ -22,11 +22,11 @@ from llmpareto.errors import UserError
 from llmpareto.front import Front
 from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
+from llmpareto.search.records import record_trial
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.session import (
     NODE_COLUMNS,
-    emissions,
-    finite_or_none,
+    lifecycle,
     n_complete,
     open_run,
     prepare_run_dir,
@@ -35,7 +35,7 @@ from llmpareto.search.session import (
 )
 from llmpareto.search.settings import SearchSettings
 
-PAYLOAD = "llmpareto"  # result key carrying everything run_one records, as JSON
+PAYLOAD = "llmpareto"  # result key carrying TrialResult.payload() and the node, as JSON
 MAX_FAILURES = 3  # Tune restarts a trial whose worker died this many times
 ROUNDS = 3  # Tuner runs while trials are missing (a trial that failed MAX_FAILURES times)
 _RUNNERS: dict[str, TrialRunner] = {}  # per Ray worker process: one model, loaded once
@@ -97,11 +97,10 @@ def _trainable(config: dict, settings_dict: dict) -> None:
     torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
     runner, load_s = _worker_runner(worker_placement(settings_dict))
     result = runner.run(Recipe.from_json(config["recipe"]))
-    seconds = dict(result.seconds, **({"worker_load_s": load_s} if load_s else {}))
-    payload = {"metrics": {k: finite_or_none(v) for k, v in result.metrics.items()},
-               "constraints": result.constraints, "seconds": seconds,
-               "feasible": result.feasible, "reused": result.reused,
-               "node": ray.get_runtime_context().get_node_id(),
+    payload = result.payload()
+    if load_s:
+        payload["seconds"]["worker_load_s"] = load_s
+    payload = {**payload, "node": ray.get_runtime_context().get_node_id(),
                "node_ip": ray.util.get_node_ip_address(), **runner.where()}
     objectives = settings_dict["objectives"]
     tune.report({**{o: result.metrics[o] for o in objectives}, PAYLOAD: json.dumps(payload)})
@@ -118,19 +117,6 @@ class _Suggest:
         recipe = self.space.suggest(trial)
         recipe.save(self.rd.recipe_path(trial.number))
         return {"recipe": recipe.to_json(indent=None)}
-
-
-def _record(trial: Any, payload: dict) -> None:
-    """What local run_one records, so records.py writes the same columns."""
-    for key, value in payload["constraints"].items():
-        trial.set_constraint(key, value)
-    for key, value in {**payload["metrics"], **payload["seconds"]}.items():
-        trial.set_user_attr(key, value)
-    trial.set_user_attr("feasible", payload["feasible"])
-    if payload["reused"]:
-        trial.set_user_attr("reused", True)
-    for key in NODE_COLUMNS:
-        trial.set_user_attr(key, payload[key])
 
 
 # Driver-side searchers by key. Tune pickles its whole configuration when a Tuner is built
@@ -171,7 +157,8 @@ def _searcher(**kwargs: Any):
                               error: bool = False) -> None:
             ot_trial = self._ot_trials.get(trial_id)
             if ot_trial is not None and result and PAYLOAD in result:
-                _record(ot_trial, json.loads(result[PAYLOAD]))
+                payload = json.loads(result[PAYLOAD])
+                record_trial(ot_trial, payload, {k: payload[k] for k in NODE_COLUMNS})
             super().on_trial_complete(trial_id, result, error)
             if ot_trial is not None and error:  # a baseline must still run once
                 frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
@@ -316,23 +303,22 @@ def run_ray(settings: SearchSettings) -> Front:
         info.update(backend="ray", cluster={"address": settings.address,
                                             "resources": ray.cluster_resources(),
                                             "nodes": len(ray.nodes())})
-        rd.write_json(rd.run_json, {**info, "status": "running"})
-        status, errors = "finished", []
-        with emissions(settings.country) as energy:
+        errors: list[str] = []
+        with lifecycle(rd, info, settings, study) as run:
+            run.at_end(lambda info: info.update(recovered_trials=recovered,
+                                                trial_errors=errors[:5]))
             for _ in range(ROUNDS):
                 missing = settings.trials - n_complete(study)
                 if missing <= 0:
                     break
                 before = n_complete(study)
                 grid = _fit(settings, runner, rd, sampler, missing)
-                errors = [(str(e).strip().splitlines() or [repr(e)])[-1][:300]
-                          for e in grid.errors]
+                errors[:] = [(str(e).strip().splitlines() or [repr(e)])[-1][:300]
+                             for e in grid.errors]
                 if n_complete(study) == before:
-                    status = "failed"
+                    run.status = "failed"
                     break
-        info.update(status=status, search_energy=energy, recovered_trials=recovered,
-                    completed_trials=n_complete(study), trial_errors=errors[:5])
-        rd.write_json(rd.run_json, info)
+        status = run.status
         front = write_distributed_outputs(study, rd, settings.objectives, runner.space)
     finally:
         ray.shutdown()

@@ -25,9 +25,9 @@ from llmpareto.search.session import (
     WINDOWS_ATTR,
     check_same_settings,
     check_same_windows,
-    emissions,
     enqueue_baselines,
     fail_stale,
+    lifecycle,
     local_node,
     n_complete,
     requeue_if_fixed,
@@ -247,9 +247,9 @@ def _work(study, runner: TrialRunner, rd: RunDir, settings: SearchSettings, info
 
     heartbeat_from_ask(study)
 
-    rd.write_json(rd.run_json, {**info, "status": "running"})
-    attrs, here, status = {**local_node(), **runner.where()}, 0, "finished"
-    with emissions(settings.country) as energy:
+    attrs, here = {**local_node(), **runner.where()}, 0
+    with lifecycle(rd, info, settings, study, kept_in=masked(settings.storage)) as run:
+        run.at_end(lambda info: info.update(trials_here=here))
         runner.prepare(settings.progress)
         bar = tqdm(total=_target(study), initial=n_complete(study), desc="trials", unit="trial",
                    disable=not settings.progress, dynamic_ncols=True)
@@ -266,11 +266,6 @@ def _work(study, runner: TrialRunner, rd: RunDir, settings: SearchSettings, info
                 run_one(study, runner, rd, settings.objectives, attrs)
                 here += 1
                 bar.update(n_complete(study) - bar.n)
-        except KeyboardInterrupt:
-            status = "interrupted"  # our trial stays RUNNING until its heartbeat goes stale
-        finally:
+        finally:  # interrupted: our trial stays RUNNING until its heartbeat goes stale
             bar.close()
-    info.update(status=status, search_energy=energy, completed_trials=n_complete(study),
-                trials_here=here)
-    rd.write_json(rd.run_json, info)
     return write_distributed_outputs(study, rd, settings.objectives, runner.space), here

@@ -25,6 +25,21 @@ SEED_ATTR = "seed"  # user attr of an enqueued strategy proposal (a knapsack all
 AFTER_ATTR = "llmpareto_after_search"
 
 
+def record_trial(trial, payload: dict, attrs: dict | None = None) -> None:
+    """Store one scored trial (`TrialResult.payload()`, and `attrs` such as where it ran) on
+    an Optuna trial: the one function every backend records with, so trials.csv has the same
+    columns whoever ran it."""
+    for key, value in (attrs or {}).items():
+        trial.set_user_attr(key, value)
+    for key, value in payload["constraints"].items():
+        trial.set_constraint(key, value)
+    for key, value in {**payload["metrics"], **payload["seconds"]}.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("feasible", payload["feasible"])
+    if payload["reused"]:
+        trial.set_user_attr("reused", True)
+
+
 def record_after_search(study: optuna.Study, trial: int, values: dict[str, float]) -> None:
     """Store columns measured after the search (e.g. by `distill`) for `trial` in the study."""
     got = dict(study.user_attrs.get(AFTER_ATTR, {}))

@@ -14,13 +14,7 @@ from llmpareto.arch import Arch
 from llmpareto.budget import Budget, Workload
 from llmpareto.compress import apply
 from llmpareto.errors import UserError
-from llmpareto.evaluators import (
-    Candidate,
-    KLEvaluator,
-    LatencyEnergyEvaluator,
-    MemoryEvaluator,
-    PerplexityEvaluator,
-)
+from llmpareto.evaluators import Candidate, chosen, get_evaluator
 from llmpareto.recipe import Recipe
 from llmpareto.search.settings import SearchSettings
 from llmpareto.search.workbench import Workbench
@@ -39,6 +33,12 @@ class TrialResult:
     @property
     def feasible(self) -> bool:
         return all(v <= 0 for v in self.constraints.values())
+
+    def payload(self) -> dict:
+        """What `records.record_trial` stores, as JSON-able values (a Ray worker sends it)."""
+        return {"metrics": {k: v if math.isfinite(v) else None for k, v in self.metrics.items()},
+                "constraints": dict(self.constraints), "seconds": dict(self.seconds),
+                "feasible": self.feasible, "reused": self.reused}
 
 
 def space_for(settings: SearchSettings, arch: Arch):
@@ -69,20 +69,24 @@ class TrialRunner(Workbench):
             limit = self.profile.memory_bytes  # a candidate must fit the device in any case
         self.budget = Budget(settings.device, self.workload, limit, settings.max_latency_ms,
                              settings.max_energy_mj)
-        self.cost = [MemoryEvaluator(self.arch, self.workload, self.profile),
-                     LatencyEnergyEvaluator(self.arch, self.profile, self.workload)]
-        self.quality = []
-        wanted = set(settings.objectives)
-        if "perplexity" in wanted or "kl_nats" not in wanted:
-            self.quality.append(PerplexityEvaluator(self.windows.eval, settings.batch_size))
-        if "kl_nats" in wanted:
-            if len(self.windows.calib) == 0:
-                raise UserError("the kl objective needs calibration text: set --calib-tokens > 0")
-            kl = KLEvaluator(self.windows.calib, settings.batch_size)
-            kl.set_base(self.model)  # the model still holds its base weights here
-            self.quality.append(kl)
+        built = {name: self._evaluator(name) for name in chosen(settings.objectives)}
+        self.cost = [e for e in built.values() if not e.needs_model]
+        self.quality = [e for e in built.values() if e.needs_model]
         self._check_budget()
         self._seen: dict[tuple, TrialResult] = {}
+
+    def _evaluator(self, name: str):
+        """Build the registered evaluator `name` from this run's parts."""
+        cls = get_evaluator(name)
+        if name == "kl" and len(self.windows.calib) == 0:
+            raise UserError("the kl objective needs calibration text: set --calib-tokens > 0")
+        ev = {"memory": lambda: cls(self.arch, self.workload, self.profile),
+              "latency_energy": lambda: cls(self.arch, self.profile, self.workload),
+              "perplexity": lambda: cls(self.windows.eval, self.settings.batch_size),
+              "kl": lambda: cls(self.windows.calib, self.settings.batch_size)}[name]()
+        if name == "kl":
+            ev.set_base(self.model)  # the model still holds its base weights here
+        return ev
 
     def _set_pruning(self) -> None:
         """The pruning statistics (Workbench.set_pruning), then each group's outlier ratio for

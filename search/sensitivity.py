@@ -18,9 +18,7 @@ from llmpareto.errors import UserError
 from llmpareto.evaluators.quality import kl_per_token, log_probs64
 from llmpareto.placement import ids_on
 from llmpareto.recipe import Recipe
-
-VERSION = 1
-FILE = "sensitivity.json"
+from llmpareto.search.sensitivity_file import FILE, VERSION, read_profile
 
 
 def sub_windows(calib: np.ndarray, tokens: int) -> np.ndarray:
@@ -207,11 +205,7 @@ def load_or_measure(runner, run_dir: Path | None, progress: bool = False) -> dic
     given = runner.settings.sensitivity
     path = Path(given) if given else (run_dir / FILE if run_dir is not None else None)
     if path is not None and path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"--sensitivity {path}: cannot be read as JSON ({exc})") from None
-        data = check(data, runner, f"sensitivity profile {path}")
+        data = check(read_profile(path), runner, f"sensitivity profile {path}")
     elif given:
         raise UserError(f"--sensitivity {given}: no such file; give a sensitivity.json of an "
                         "earlier run, or leave the flag out to measure one")

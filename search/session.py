@@ -5,7 +5,6 @@ baselines, recovery of trials cut off by a kill, and the run directory written f
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import sys
 import warnings
@@ -72,6 +71,42 @@ def emissions(country: str):
                     out.pop(key, None)
                 out["error"] = f"codecarbon failed: {exc}"
                 _no_energy(out)
+
+
+class Run:
+    """A run while its trials go (what `lifecycle` yields): its run.json `info`, the `status`
+    it will end with, and what to add to `info` at the end."""
+
+    def __init__(self, info: dict) -> None:
+        self.info, self.status = info, "finished"
+        self._at_end: list = []
+
+    def at_end(self, fn) -> None:
+        """Call `fn(info)` when the run ends, before run.json is written (also after Ctrl-C)."""
+        self._at_end.append(fn)
+
+
+@contextmanager
+def lifecycle(rd: RunDir, info: dict, settings: SearchSettings, study: optuna.Study,
+              kept_in: str | None = None):
+    """One run's life, the same for the local, shared-RDB and Ray backends: run.json says
+    "running"; the search's own energy is measured; Ctrl-C ends it as "interrupted" with every
+    completed trial kept; at the end run.json holds the status, the energy and the completed
+    trials (the backend then writes the front from the study)."""
+    run = Run(info)
+    rd.write_json(rd.run_json, {**info, "status": "running"})
+    with emissions(settings.country) as energy:
+        try:
+            yield run
+        except KeyboardInterrupt:
+            run.status = "interrupted"
+    for fn in run._at_end:
+        fn(info)
+    info.update(status=run.status, search_energy=energy, completed_trials=n_complete(study))
+    rd.write_json(rd.run_json, info)
+    if run.status == "interrupted":
+        print(f"interrupted: {n_complete(study)} completed trials are kept in "
+              f"{kept_in or rd.db}; continue with --study {settings.study} --resume")
 
 
 def peak_rss_bytes() -> int:
@@ -243,7 +278,3 @@ def write_distributed_outputs(study: optuna.Study, rd: RunDir, objectives: list[
     front.to_csv(rd.front_csv)
     rd.write_json(rd.front_json, {"objectives": objectives, "points": front.to_records()})
     return front
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

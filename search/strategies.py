@@ -21,15 +21,13 @@ from llmpareto.search import allocate
 from llmpareto.search.records import SEED_ATTR
 from llmpareto.search.samplers import SAMPLERS
 
-STRATEGIES = ("nsga2", "tpe", "random", "knapsack", "evolve", "auto")
-NEEDS_PROFILE = ("knapsack", "evolve")
 COST_METRICS = ("memory_bytes", "weights_bytes", "latency_ms", "prefill_ms", "energy_mj")
 EVO_OFFSPRING = 8  # children screened per generation on the fewest tokens
 EVO_KEEP = 2  # ... of which this many are screened again on every calibration token
 EVO_GENERATIONS = 2  # generations tried per trial until a child beats its parent
 LOSSLESS_NATS = 1e-3  # summed KL increase (or 1% of the range) where the sweep stops
 EVOLVE_ATTR = "llmpareto:evolve_budget"  # system attr of an evolved trial: its budget
-AUTO = "knapsack"  # what `auto` runs where it can: the benchmark's favourite (README)
+AUTO = "knapsack"  # what `auto` runs where it can: the benchmark's favourite (docs/strategies.md)
 
 
 def has_budget(settings) -> bool:
@@ -301,15 +299,31 @@ class EvolveSampler(_Wrapped):
         return None if best is None else best[1]
 
 
-def make_sampler(settings, runner, planner: Planner | None, population: int):
-    """The Optuna sampler of `settings.strategy` (resolved), wrapped for budget repair."""
-    name = resolve(settings)
-    base_name = name if name in SAMPLERS else "nsga2"
-    base = SAMPLERS[base_name](settings.seed, population)
-    if planner is None:
-        return base
-    dists = distributions(runner.space)
-    if name == "evolve":
+@dataclass(frozen=True)
+class Strategy:
+    """A search strategy: an Optuna sampler (`base`), wrapped for budget repair when the run
+    has a sensitivity profile. Registered by name in REGISTRY (`--strategy NAME`)."""
+
+    name: str
+    base: str = "nsga2"  # the Optuna sampler underneath (search/samplers.py)
+    needs_profile: bool = False  # ranks candidates by the sensitivity profile
+
+    def sweep(self, left: int) -> int:
+        """Budgets the knapsack seeds when `left` trials remain after the baselines."""
+        return left
+
+    def sampler(self, settings, runner, planner: Planner, base, dists):
+        return RepairSampler(base, dists, planner) if settings.repair else base
+
+
+class Evolve(Strategy):
+    """EvoPress-style level-switch evolution from a few knapsack seeds, children screened by
+    KL on growing numbers of tokens."""
+
+    def sweep(self, left: int) -> int:
+        return max(2, min(8, left // 4))
+
+    def sampler(self, settings, runner, planner: Planner, base, dists):
         screens: list = []
 
         def lazy():  # made on first use: a resumed run with nothing left never pays for them
@@ -322,8 +336,24 @@ def make_sampler(settings, runner, planner: Planner | None, population: int):
             return screens
 
         return EvolveSampler(base, dists, planner, lazy, settings.seed,
-                             planner.budgets(max(1, sweep_size(settings, name))), settings.repair)
-    return RepairSampler(base, dists, planner) if settings.repair else base
+                             planner.budgets(max(1, sweep_size(settings, self.name))),
+                             settings.repair)
+
+
+REGISTRY: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("nsga2"), Strategy("tpe", base="tpe"), Strategy("random", base="random"),
+    Strategy("knapsack", needs_profile=True), Evolve("evolve", needs_profile=True))}
+STRATEGIES = (*REGISTRY, "auto")  # auto: resolve() picks one per run
+NEEDS_PROFILE = tuple(n for n, st in REGISTRY.items() if st.needs_profile)
+
+
+def make_sampler(settings, runner, planner: Planner | None, population: int):
+    """The Optuna sampler of `settings.strategy` (resolved), wrapped for budget repair."""
+    strategy = REGISTRY[resolve(settings)]
+    base = SAMPLERS[strategy.base](settings.seed, population)
+    if planner is None:
+        return base
+    return strategy.sampler(settings, runner, planner, base, distributions(runner.space))
 
 
 def sweep_size(settings, name: str, baselines: int = 0) -> int:
@@ -334,7 +364,7 @@ def sweep_size(settings, name: str, baselines: int = 0) -> int:
     left = settings.trials - baselines
     if left <= 0:
         return 0
-    return left if name == "knapsack" else max(2, min(8, left // 4))
+    return REGISTRY[name].sweep(left)
 
 
 def plan(settings, runner, run_dir, profile: dict | None = None,
@@ -349,7 +379,7 @@ def plan(settings, runner, run_dir, profile: dict | None = None,
         profile = check(profile, runner, "the study's sensitivity profile")
         if run_dir is not None:
             from llmpareto.rundir import RunDir
-            from llmpareto.search.sensitivity import FILE
+            from llmpareto.search.sensitivity_file import FILE
 
             RunDir(run_dir).write_json(run_dir / FILE, profile)
     else:
