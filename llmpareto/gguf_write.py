@@ -282,11 +282,14 @@ def _from_gguf(path: Path, model, cache, formats, source_path: str, fam: Family)
                 continue
         # unchanged: the source's own bytes and type (norms, a tensor the recipe leaves alone,
         # tensors the model has no parameter for)
-        writer.add_tensor(name, np.asarray(t.data), raw_shape=_raw_shape(t),
+        data = np.asarray(t.data)
+        writer.add_tensor(name, data, raw_shape=_raw_shape(t, data),
                           raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)))
     _finish(writer)
 
 
-def _raw_shape(t) -> list[int]:
-    """The shape add_tensor expects for raw bytes of tensor `t` (numpy order: outer first)."""
-    return [int(d) for d in reversed(t.shape)]
+def _raw_shape(t, data: np.ndarray) -> list[int] | None:
+    """The shape add_tensor expects for the data of source tensor `t`: for a quantized (or
+    bf16) tensor the reader gives bytes, and gguf takes their byte shape (None: the data's own)
+    and turns it into elements; for f32/f16 the element shape (numpy order: outer first)."""
+    return None if data.dtype == np.uint8 else [int(d) for d in reversed(t.shape)]

@@ -291,3 +291,35 @@ def test_arch_from_config_numbers_is_transformers_own(name):
     cfg = build_config(name)
     assert arch_from_config(json.loads(cfg.to_json_string(use_diff=True))) == \
         Arch.from_config(cfg)
+
+
+def test_a_quantized_gguf_source_keeps_the_tensors_a_recipe_leaves_alone(tmp_path):
+    """A GGUF source whose tensors are quantized (as the default model's are: Q8_0 embeddings,
+    Q4_1 linears): the export, and the F32 model llama.cpp's presets start from, write every
+    tensor the recipe leaves alone byte for byte, in its own type, and llama.cpp runs it."""
+    from llmpareto.gguf_write import write_gguf
+    from llmpareto.search.workbench import Workbench
+
+    folder = build_family_model("llama3-tied", tmp_path / "model")
+    llmpareto.search(model=str(folder), runs_dir=str(tmp_path / "runs"), study="hf", trials=2,
+                     **FAST)
+    b = Workbench.from_run(tmp_path / "runs" / "hf").build(
+        Recipe({"_default": {"format": "q8_0"}, "re:.*mlp.*": {"format": "q4_0"}}))
+    src = tmp_path / "quantized.gguf"
+    write_gguf(src, b.model, b.cache, b.formats, b.source, b.tokenizer)
+    llmpareto.search(model=str(src), runs_dir=str(tmp_path / "runs"), study="q", trials=2,
+                     **FAST)
+    rb = Workbench.from_run(tmp_path / "runs" / "q")
+    b2 = rb.build(Recipe({"re:.*mlp.*": {"format": "q8_0"}}))
+    for label, formats in (("export", b2.formats), ("presets-f32", {})):
+        out = tmp_path / f"{label}.gguf"
+        write_gguf(out, b2.model, b2.cache, formats, b2.source, b2.tokenizer)
+        r_src, r_out = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+        got = {t.name: t for t in r_out.tensors}
+        kept = [t for t in r_src.tensors if not (formats and t.name.split(".")[-2]
+                                                 .startswith("ffn_"))]
+        assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in kept)
+        for t in kept:
+            assert got[t.name].tensor_type == t.tensor_type, t.name
+            assert np.asarray(got[t.name].data).tobytes() == np.asarray(t.data).tobytes(), t.name
+    compare(tmp_path / "export.gguf", b2.model, rb.windows.eval[0], quantized=True)

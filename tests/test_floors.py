@@ -119,3 +119,37 @@ def test_a_planted_upward_import_and_a_planted_cycle_fail():
     ring["compress/prune.py"] += "\nfrom llmpareto.spaces.sparsity import PREFIX\n"
     assert any("llmpareto.compress.prune" in g and "llmpareto.spaces.sparsity" in g
                for g in cycles_across_folders(ring))
+
+
+def _calls(files: dict[str, str], attr: str) -> set[str]:
+    """Files that call something named `attr` (a function or a method)."""
+    out = set()
+    for rel, text in files.items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+                if name == attr:
+                    out.add(rel)
+    return out
+
+
+def test_one_function_records_a_trial_and_one_lifecycle_runs_a_search():
+    """Every backend records trials through search/records.record_trial and lives one run
+    lifecycle (search/session.lifecycle): no backend sets a trial's constraints or starts the
+    energy tracker itself, and each of the three uses both."""
+    files = sources()
+    assert _calls(files, "set_constraint") == {"search/records.py"}
+    assert _calls(files, "emissions") == {"search/session.py"}
+    backends = {"search/local.py", "search/rdb.py", "search/ray_backend.py"}
+    assert backends <= _calls(files, "lifecycle")
+    assert {"search/local.py", "search/ray_backend.py"} <= _calls(files, "record_trial")
+    assert "search/rdb.py" in _calls(files, "run_one")  # run_one records with record_trial
+
+
+def test_sensitivity_json_has_one_reader():
+    files = sources()
+    readers = {rel for rel, text in files.items()
+               if "sensitivity.json" in text or "FILE)" in text}
+    parsing = {rel for rel in readers if "json.loads" in files[rel]}
+    assert parsing == {"search/sensitivity_file.py"}, parsing
