@@ -159,10 +159,12 @@ def _bpe_tokenizer(writer, tokenizer, cfg, bos: bool) -> None:
 
 
 def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
-               tokenizer, bos: bool | None = None) -> Path:
+               tokenizer, bos: bool | None = None, all_f32: bool = False) -> Path:
     """Write `model` (its recipe already applied through `cache`) as one GGUF file (to a
     temporary name first: a killed export never leaves a GGUF that looks whole). `bos`: whether
-    llama.cpp should put BOS first (a HF source; default: what the tokenizer does)."""
+    llama.cpp should put BOS first (a HF source; default: what the tokenizer does). `all_f32`:
+    every weight of the model as float32, also those a GGUF source holds quantized (the file
+    llama.cpp's presets are quantized from: llama-quantize refuses to requantize)."""
     fam = check_exportable(model)
     _check_gguf_formats(formats)
     if bos is None and not source.gguf_file:
@@ -170,7 +172,7 @@ def write_gguf(path: Path, model, cache, formats: dict[str, str | None], source,
     with atomic.atomic_path(path) as tmp:
         if source.gguf_file:
             _from_gguf(tmp, model, cache, formats, str(Path(source.directory) / source.gguf_file),
-                       fam)
+                       fam, all_f32)
         else:
             _from_hf(tmp, model, cache, formats, tokenizer, fam, bool(bos))
     return Path(path)
@@ -242,7 +244,8 @@ def _finish(writer) -> None:
     writer.close()
 
 
-def _from_gguf(path: Path, model, cache, formats, source_path: str, fam: Family) -> None:
+def _from_gguf(path: Path, model, cache, formats, source_path: str, fam: Family,
+               all_f32: bool = False) -> None:
     """The source GGUF with only what the recipe changed rewritten (see the module doc)."""
     import gguf
 
@@ -276,7 +279,7 @@ def _from_gguf(path: Path, model, cache, formats, source_path: str, fam: Family)
         shape = tuple(int(d) for d in reversed(t.shape))  # gguf lists ne0 first
         if hit is not None:
             hf_name, fqn, fmt, param = hit
-            if fmt is not None or tuple(param.shape) != shape:
+            if fmt is not None or tuple(param.shape) != shape or all_f32:
                 data, qtype = _tensor_data(hf_name, fqn, fmt, param, cache, model, fam, kinds)
                 writer.add_tensor(name, data, raw_dtype=qtype)
                 continue

@@ -176,7 +176,8 @@ def _quantize_all(model, cache, source, tokenizer, workdir: Path, presets: Seque
     from llmpareto.gguf_write import write_gguf
 
     workdir.mkdir(parents=True, exist_ok=True)
-    src = write_gguf(workdir / "model-f32.gguf", model, cache, {}, source, tokenizer)
+    src = write_gguf(workdir / "model-f32.gguf", model, cache, {}, source, tokenizer,
+                     all_f32=True)
     out: dict[str, Path] = {}
     try:
         for name in presets:

@@ -295,10 +295,12 @@ def test_arch_from_config_numbers_is_transformers_own(name):
 
 def test_a_quantized_gguf_source_keeps_the_tensors_a_recipe_leaves_alone(tmp_path):
     """A GGUF source whose tensors are quantized (as the default model's are: Q8_0 embeddings,
-    Q4_1 linears): the export, and the F32 model llama.cpp's presets start from, write every
-    tensor the recipe leaves alone byte for byte, in its own type, and llama.cpp runs it."""
+    Q4_1 linears): the export writes every tensor the recipe leaves alone byte for byte, in its
+    own type, and llama.cpp runs it; llama.cpp's presets are made from a float32 file of the
+    model (llama-quantize refuses to requantize)."""
     from llmpareto.gguf_write import write_gguf
     from llmpareto.search.workbench import Workbench
+    from llmpareto.spaces.presets import quantize_presets
 
     folder = build_family_model("llama3-tied", tmp_path / "model")
     llmpareto.search(model=str(folder), runs_dir=str(tmp_path / "runs"), study="hf", trials=2,
@@ -311,15 +313,23 @@ def test_a_quantized_gguf_source_keeps_the_tensors_a_recipe_leaves_alone(tmp_pat
                      **FAST)
     rb = Workbench.from_run(tmp_path / "runs" / "q")
     b2 = rb.build(Recipe({"re:.*mlp.*": {"format": "q8_0"}}))
-    for label, formats in (("export", b2.formats), ("presets-f32", {})):
-        out = tmp_path / f"{label}.gguf"
-        write_gguf(out, b2.model, b2.cache, formats, b2.source, b2.tokenizer)
-        r_src, r_out = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
-        got = {t.name: t for t in r_out.tensors}
-        kept = [t for t in r_src.tensors if not (formats and t.name.split(".")[-2]
-                                                 .startswith("ffn_"))]
-        assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in kept)
-        for t in kept:
-            assert got[t.name].tensor_type == t.tensor_type, t.name
-            assert np.asarray(got[t.name].data).tobytes() == np.asarray(t.data).tobytes(), t.name
-    compare(tmp_path / "export.gguf", b2.model, rb.windows.eval[0], quantized=True)
+    out = tmp_path / "export.gguf"
+    write_gguf(out, b2.model, b2.cache, b2.formats, b2.source, b2.tokenizer)
+    r_src, r_out = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    got = {t.name: t for t in r_out.tensors}
+    kept = [t for t in r_src.tensors if not t.name.split(".")[-2].startswith("ffn_")]
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in kept)
+    for t in kept:
+        assert got[t.name].tensor_type == t.tensor_type, t.name
+        assert np.asarray(got[t.name].data).tobytes() == np.asarray(t.data).tobytes(), t.name
+    compare(out, b2.model, rb.windows.eval[0], quantized=True)
+
+    base = rb.build(Recipe({}))
+    f32 = tmp_path / "f32.gguf"
+    write_gguf(f32, base.model, base.cache, {}, base.source, base.tokenizer, all_f32=True)
+    assert {int(t.tensor_type) for t in gguf.GGUFReader(str(f32)).tensors} == \
+        {int(gguf.GGMLQuantizationType.F32)}
+    compare(f32, base.model, rb.windows.eval[0], quantized=False)
+    files = quantize_presets(base.model, base.cache, base.source, base.tokenizer,
+                             tmp_path / "presets", presets=("Q8_0", "Q4_K_M"))
+    assert sorted(files) == ["Q4_K_M", "Q8_0"] and all(p.is_file() for p in files.values())
