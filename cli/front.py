@@ -52,7 +52,7 @@ def cmd_front(args: argparse.Namespace) -> int:
         if out.suffix not in (".png", ".html"):
             raise UserError(f"--plot {out}: give a .png or .html file name")
         png = out if out.suffix == ".png" else out.with_suffix(".png")
-        shown.plot(png, title=f"{run.name}: Pareto front")
+        shown.plot(png, title=f"{run.name}: Pareto front", show_all=args.show_all)
         if out.suffix == ".html":
             from llmpareto import atomic
 

@@ -133,10 +133,17 @@ class Front:
                 view[c.replace("_bytes", "_MB")] = view.pop(c) / 1e6
         return view.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
-    def plot(self, path: str | Path, title: str = "") -> None:
+    def plot(self, path: str | Path, title: str = "", show_all: bool = False) -> None:
+        """Every trial, the front, the uniform baselines (squares) and llama.cpp's presets
+        (diamonds); without `show_all`, trials under the quality floor are left out."""
         from llmpareto.report import front_plot_info, plot_front
 
         trials = self.trials if self.trials is not None else self.df
         x = next((o for o in self.objectives if o.endswith("_bytes")), self.objectives[-1])
         y = next(o for o in self.objectives if o != x)
-        plot_front(front_plot_info(trials, self.df, x, y), str(path), title)
+        limit = None if show_all or y != "perplexity" else self.deployable()[2]
+        above = 0 if limit is None else int((pd.to_numeric(
+            trials.loc[trials["state"] == "COMPLETE", y], errors="coerce") > limit).sum())
+        note = (f"{above} trial(s) above {limit:.4g} ({QUALITY_FLOOR:g}x the base perplexity) "
+                "not shown" if above else "")
+        plot_front(front_plot_info(trials, self.df, x, y, limit), str(path), title, note)

@@ -91,5 +91,5 @@ def write_outputs(study: optuna.Study, rd: RunDir, objectives: list[str],
     front.to_csv(rd.front_csv)
     rd.write_json(rd.front_json, {"objectives": objectives, "points": front.to_records()})
     if plot and len(trials):
-        front.plot(rd.front_png, title=f"{rd.path.name}: Pareto front (squares: uniform baselines)")
+        front.plot(rd.front_png, title=f"{rd.path.name}: Pareto front")
     return front

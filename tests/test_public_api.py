@@ -142,3 +142,19 @@ def test_python_verbs_refuse_as_the_command_does(tmp_path):
         llmpareto.distill(tmp_path, steps=1)
     with pytest.raises(llmpareto.UserError, match="give --recipe or --format"):
         llmpareto.cost(recipe="r.json", format="q4_0")
+
+
+def test_the_plot_leaves_out_what_the_floor_hides(tmp_path):
+    from llmpareto.report import front_plot_info
+
+    front = Front.from_trials(_trials(), OBJ)
+    limit = front.deployable()[2]
+    info = front_plot_info(front.trials, front.df, "memory_bytes", "perplexity", limit)
+    assert sorted(info.front_xy[:, 1]) == [20.0, 20.1, 25.0, 39.9]
+    assert all(y <= limit for _, _, y in info.baselines)
+    every = front_plot_info(front.trials, front.df, "memory_bytes", "perplexity")
+    assert len(every.front_xy) == 6
+    for show_all in (False, True):
+        png = tmp_path / f"{show_all}.png"
+        front.plot(png, show_all=show_all)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
