@@ -1,0 +1,195 @@
+"""Block-wise reconstruction (AutoRound / SignRound, Cheng et al. 2023): each linear of a block
+is rounded onto its format's grid with a learned offset V in [-0.5, 0.5] per weight, chosen by
+signed gradient descent so that the block's output on calibration inputs matches the float
+block's, instead of each weight being rounded to its nearest grid point (RTN) or each layer's
+output being matched on its own (GPTQ).
+
+The grid is the format's own (q4_0 ... q8_0, int*_g*: `compress.gptq.GRIDS`): per group the
+scale (and minimum) the format's RTN rule derives from the base weights, the elements that
+define it forced to their codes. So the result is a fixed point of the format's quantizer: the
+GGUF export holds exactly the weights that were scored. Learned scales/clipping and the
+K-quant and i-quant grids are not covered yet.
+
+Pure tensor functions: a block (any nn.Module), its captured inputs, its weights' formats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmpareto.compress.gptq import _Groups, grid_rule
+
+BlockInput = tuple[tuple, dict]  # (args, kwargs) of one call of a block's forward
+
+
+@dataclass
+class Reconstructed:
+    """Per weight name (as in block.named_parameters()), the float32 weight on its grid; the
+    block output's mean squared error against the float block, before (RTN: V = 0) and after."""
+
+    weights: dict[str, torch.Tensor]
+    mse_rtn: float
+    mse: float
+    steps: int
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def block_inputs(layers: Sequence[nn.Module], run: Callable[[], object]) -> list[BlockInput]:
+    """The (args, kwargs) each block of `layers` is called with while `run()` runs the model
+    once, each block fed the float output of the one before (Llama-style stacks: the hidden
+    state is the first positional argument or `hidden_states`)."""
+    from llmpareto.compress.calibration import _Stop
+
+    caught: list[BlockInput] = []
+
+    def catch(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _Stop
+
+    h = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():  # not inference_mode: reconstruction differentiates through them
+            run()
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    args, kwargs = caught[0]
+    # no KV cache: each call must see only its own window (a cache would grow across calls
+    # and chain one step's graph to the next)
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    out = []
+    with torch.no_grad():
+        for layer in layers:
+            out.append((args, kwargs))
+            hidden = _output(layer(*args, **kwargs))
+            args, kwargs = ((hidden, *args[1:]), kwargs) if args else \
+                ((), {**kwargs, "hidden_states": hidden})
+    out.append((args, kwargs))  # the last block's output
+    return out
+
+
+def _is_cache(value) -> bool:
+    return any(c.__name__.endswith("Cache") for c in type(value).__mro__)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@dataclass
+class _Weight:
+    """One linear weight's grid (from the base weights) as dense (rows, cols) tensors."""
+
+    w: torch.Tensor  # float32 base weight
+    groups: _Groups
+    d: torch.Tensor  # (rows, cols) scale of each weight's group
+    m: torch.Tensor  # (rows, cols) minimum (0 for symmetric grids)
+    inv: torch.Tensor  # 1 / d, 0 where d = 0
+    forced: torch.Tensor  # (rows, cols) forced code, or groups.none
+
+    @classmethod
+    def of(cls, w: torch.Tensor, fmt: str) -> _Weight:
+        rule = grid_rule(fmt)
+        rows, cols = w.shape
+        g = rule.group
+        if cols % g:
+            raise ValueError(f"{fmt} needs rows of a multiple of {g} weights; this one has {cols}")
+        groups = _Groups(fmt, rule, rows, cols, w.device)
+        groups.set(0, w.detach().float().view(rows, cols // g, g))
+        d = groups.d.T.repeat_interleave(g, 1)
+        m = groups.m.T.repeat_interleave(g, 1)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        return cls(w.detach().float(), groups, d, m, inv, groups.forced.T.contiguous())
+
+    def quantized(self, v: torch.Tensor) -> torch.Tensor:
+        """The weight on the grid with offsets `v` (differentiable in v, straight-through)."""
+        rule = self.groups.rule
+        q = _RoundSTE.apply((self.w - self.m) * self.inv + v).clamp(rule.qmin, rule.qmax)
+        q = torch.where(self.forced != self.groups.none, self.forced.float(), q)
+        return rule.value(q, self.d, self.m)
+
+    def exact(self, v: torch.Tensor) -> torch.Tensor:
+        """The final weight, column by column through the grid's own rounding (forced codes,
+        near-constant groups' allowed codes): a fixed point of the format's quantizer."""
+        shifted = (self.w + v * self.d).double()
+        cols = [self.groups.round(shifted[:, c], c) for c in range(self.w.shape[1])]
+        return torch.stack(cols, 1).float().contiguous()
+
+
+def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
+                      formats: dict[str, str], steps: int = 200, lr: float | None = None,
+                      batch: int = 4, seed: int = 0) -> Reconstructed:
+    """Learn the rounding of `block`'s weights named in `formats` (parameter name -> grid
+    format) so the block's output on `inputs` (from `block_inputs`, float) matches the float
+    block's. `steps` signed-gradient steps over mini-batches of `batch` inputs, learning rate
+    `lr` (default 1 / steps, AutoRound's) decayed linearly; the offsets with the lowest loss
+    on all inputs are kept. `block` is left as it was."""
+    params = dict(block.named_parameters())
+    unknown = [n for n in formats if n not in params]
+    if unknown:
+        raise KeyError(f"no parameter {unknown[0]!r} in this block")
+    grids = {n: _Weight.of(params[n], fmt) for n, fmt in formats.items()}
+    lr = 1.0 / steps if lr is None else lr
+    trainable = {n: p.requires_grad for n, p in params.items()}
+    for p in params.values():  # only the offsets learn
+        p.requires_grad_(False)
+    try:
+        return _learn(block, inputs, grids, steps, lr, batch, seed)
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(trainable[n])
+
+
+def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Weight],
+           steps: int, lr: float, batch: int, seed: int) -> Reconstructed:
+    with torch.no_grad():
+        targets = [_output(block(*a, **k)).detach().float() for a, k in inputs]
+
+    def loss_on(idx: Sequence[int], ws: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for i in idx:
+            a, k = inputs[i]
+            out = _output(torch.func.functional_call(block, ws, a, k)).float()
+            total = total + torch.mean((out - targets[i]) ** 2)
+        return total / len(idx)
+
+    v = {n: torch.zeros_like(g.w, requires_grad=True) for n, g in grids.items()}
+    everything = range(len(inputs))
+    with torch.no_grad():
+        best = rtn = float(loss_on(everything, {n: g.quantized(v[n]) for n, g in grids.items()}))
+    best_v = {n: t.detach().clone() for n, t in v.items()}
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randperm(len(inputs), generator=gen)[:batch].tolist()
+        loss = loss_on(idx, {n: g.quantized(v[n]) for n, g in grids.items()})
+        for t in v.values():
+            t.grad = None
+        loss.backward()
+        rate = lr * (1 - step / steps)
+        with torch.no_grad():
+            for t in v.values():
+                t.sub_(rate * torch.sign(t.grad)).clamp_(-0.5, 0.5)
+            if (step + 1) % max(1, steps // 10) == 0 or step == steps - 1:
+                now = float(loss_on(everything, {n: g.quantized(v[n]) for n, g in grids.items()}))
+                if now < best:
+                    best, best_v = now, {n: t.detach().clone() for n, t in v.items()}
+    weights = {n: g.exact(best_v[n]) for n, g in grids.items()}
+    with torch.no_grad():
+        final = float(loss_on(everything, weights))
+    return Reconstructed(weights, rtn, final, steps)
