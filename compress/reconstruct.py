@@ -134,10 +134,12 @@ class _Weight:
 
 def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
                       formats: dict[str, str], steps: int = 200, lr: float | None = None,
-                      batch: int = 4, seed: int = 0) -> Reconstructed:
+                      batch: int = 4, seed: int = 0,
+                      targets: Sequence[torch.Tensor] | None = None) -> Reconstructed:
     """Learn the rounding of `block`'s weights named in `formats` (parameter name -> grid
-    format) so the block's output on `inputs` (from `block_inputs`, float) matches the float
-    block's. `steps` signed-gradient steps over mini-batches of `batch` inputs, learning rate
+    format) so the block's output on `inputs` (from `block_inputs`) matches `targets` (default:
+    the float block's output on the same inputs; a whole model passes the float block's output
+    on the float stream's inputs while `inputs` come from the quantized blocks before). `steps` signed-gradient steps over mini-batches of `batch` inputs, learning rate
     `lr` (default 1 / steps, AutoRound's) decayed linearly; the offsets with the lowest loss
     on all inputs are kept. `block` is left as it was."""
     params = dict(block.named_parameters())
@@ -150,16 +152,18 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
     for p in params.values():  # only the offsets learn
         p.requires_grad_(False)
     try:
-        return _learn(block, inputs, grids, steps, lr, batch, seed)
+        return _learn(block, inputs, grids, steps, lr, batch, seed, targets)
     finally:
         for n, p in params.items():
             p.requires_grad_(trainable[n])
 
 
 def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Weight],
-           steps: int, lr: float, batch: int, seed: int) -> Reconstructed:
-    with torch.no_grad():
-        targets = [_output(block(*a, **k)).detach().float() for a, k in inputs]
+           steps: int, lr: float, batch: int, seed: int,
+           targets: Sequence[torch.Tensor] | None) -> Reconstructed:
+    if targets is None:
+        with torch.no_grad():
+            targets = [_output(block(*a, **k)).detach().float() for a, k in inputs]
 
     def loss_on(idx: Sequence[int], ws: dict[str, torch.Tensor]) -> torch.Tensor:
         total = 0.0
@@ -193,3 +197,43 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
     with torch.no_grad():
         final = float(loss_on(everything, weights))
     return Reconstructed(weights, rtn, final, steps)
+
+
+def _next(block: nn.Module, inputs: Sequence[BlockInput],
+          weights: dict[str, torch.Tensor] | None = None) -> list[BlockInput]:
+    """The inputs of the next block: `block` (with `weights` swapped in) run on `inputs`."""
+    out = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            y = _output(torch.func.functional_call(block, weights or {}, args, kwargs))
+            out.append(((y, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": y}))
+    return out
+
+
+def _hidden(inp: BlockInput) -> torch.Tensor:
+    args, kwargs = inp
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockInput],
+                      formats: Sequence[dict[str, str]], steps: int = 200, batch: int = 4,
+                      seed: int = 0, progress: Callable[[int], None] | None = None
+                      ) -> tuple[list[dict[str, torch.Tensor]], list[Reconstructed]]:
+    """Every block of `layers` in turn, AutoRound's way: block i learns on the inputs the
+    already reconstructed blocks 0..i-1 give (so it corrects the error they leave) towards the
+    float block's output on the float stream. `first_inputs`: block 0's inputs, one per
+    calibration window (`block_inputs(...)[0]` of each); `formats[i]`: block i's parameter
+    name -> grid format. Returns each block's weights and reports; `layers` are unchanged."""
+    fp, q = list(first_inputs), list(first_inputs)
+    weights, reports = [], []
+    for i, block in enumerate(layers):
+        nxt_fp = _next(block, fp)
+        got = reconstruct_block(block, q, formats[i], steps=steps, batch=batch, seed=seed + i,
+                                targets=[_hidden(x).float() for x in nxt_fp])
+        q = _next(block, q, got.weights)
+        fp = nxt_fp
+        weights.append(got.weights)
+        reports.append(got)
+        if progress is not None:
+            progress(i)
+    return weights, reports

@@ -1,0 +1,178 @@
+"""Benchmark of recovery against post-training quantization (issue 26, first part) on the
+default model: uniform formats made by round-to-nearest, with an importance matrix, by GPTQ,
+and by block-wise reconstruction (compress/reconstruct.py), each scored as KL to the base model
+and perplexity on
+
+- the run's evaluation windows (CPython docs, never calibrated on), and
+- an evaluation text of another domain that nothing here trains or calibrates on (default:
+  CPython's LICENSE.txt, which ships with the interpreter; `--eval-text FILE` for another),
+
+with the seconds each method took (calibration statistics plus quantizing, or learning).
+
+Run: python -m llmpareto.bench.bench_recovery [--formats q4_0,q4_1] [--steps 200]
+     [--calib-tokens 4096] [--eval-text FILE] [--out DIR]   (--quick: to check that it runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+WINDOW = 256
+
+
+def default_eval_text() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+
+
+def _runner(quantizer: str, calib: int, evals: int):
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    return TrialRunner(SearchSettings(quantizer=quantizer, calib_tokens=calib, eval_tokens=evals,
+                                      window=WINDOW, presets="none", progress=False,
+                                      disk_cache="off"))
+
+
+def text_windows(runner, path: Path, max_tokens: int) -> np.ndarray:
+    """Windows of `path` as the model runs (BOS first when it adds one), up to max_tokens."""
+    from llmpareto.text import with_bos
+
+    ids = np.asarray(runner.tokenizer(path.read_text(encoding="utf-8"),
+                                      add_special_tokens=False)["input_ids"], dtype=np.int64)
+    span = WINDOW - (runner.bos is not None)
+    n = min(len(ids) // span, max(1, max_tokens // WINDOW))
+    return with_bos(ids[: n * span].reshape(n, span), runner.bos)
+
+
+class Scorer:
+    """KL to the base model and perplexity on each text, the base computed once."""
+
+    def __init__(self, model, texts: dict[str, np.ndarray]) -> None:
+        from llmpareto.evaluators.quality import KLEvaluator, PerplexityEvaluator
+
+        self.ppl = {k: PerplexityEvaluator(w) for k, w in texts.items()}
+        self.kl = {k: KLEvaluator(w) for k, w in texts.items()}
+        for ev in self.kl.values():
+            ev.set_base(model)
+
+    def __call__(self, model) -> dict[str, float]:
+        from llmpareto.evaluators.base import Candidate
+
+        cand = Candidate(None, {}, model)
+        out = {}
+        for k in self.ppl:
+            out[f"{k}_perplexity"] = self.ppl[k].evaluate(cand)["perplexity"]
+            out[f"{k}_kl_nats"] = self.kl[k].evaluate(cand)["kl_nats"]
+        return out
+
+
+def _swap(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
+    """Put `weights` (fqn -> weight) into `model` as new Parameters; returns the old ones."""
+    old = {}
+    for fqn, w in weights.items():
+        mod = model.get_submodule(fqn)
+        old[fqn] = mod.weight
+        mod.weight = torch.nn.Parameter(w.to(mod.weight.dtype), requires_grad=False)
+    return old
+
+
+def blockwise(runner, fmt: str, steps: int, batch: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Block-wise reconstruction of every linear of every block onto `fmt`, learned on the
+    run's calibration windows only; (fqn -> weight, seconds)."""
+    from llmpareto.compress.reconstruct import block_inputs, reconstruct_model
+
+    model = runner.model
+    layers = list(model.model.layers)
+    t0 = time.perf_counter()
+    calib = torch.as_tensor(runner.windows.calib)
+    first = [block_inputs(layers, lambda i=i: model(input_ids=calib[i:i + 1], use_cache=False))[0]
+             for i in range(len(calib))]
+    by_layer: dict[int, dict[str, str]] = {}
+    for t in runner.arch.linears:
+        if t.layer is not None:
+            by_layer.setdefault(t.layer, {})[t.fqn.split(f"layers.{t.layer}.", 1)[1] + ".weight"] \
+                = fmt
+    weights, reports = reconstruct_model(layers, first, [by_layer[i] for i in range(len(layers))],
+                                         steps=steps, batch=batch)
+    out = {}
+    for i, w in enumerate(weights):
+        prefix = runner.arch.linears[0].fqn.split("layers.")[0] + f"layers.{i}."
+        out.update({prefix + name.removesuffix(".weight"): t for name, t in w.items()})
+    ratio = float(np.mean([r.mse / r.mse_rtn for r in reports if r.mse_rtn > 0]))
+    print(f"  {fmt}: block MSE after / before (mean over blocks) {ratio:.3f}", flush=True)
+    return out, time.perf_counter() - t0
+
+
+def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
+        batch: int) -> pd.DataFrame:
+    from llmpareto.compress import apply
+    from llmpareto.recipe import Recipe
+
+    rows = []
+    scorer = None
+    for q in ("rtn", "imatrix", "gptq"):
+        t0 = time.perf_counter()
+        runner = _runner(q, calib, evals)
+        calibrate_s = runner.calibrate_s
+        if scorer is None:
+            apply(runner.model, Recipe({}), runner.cache)
+            texts = {"eval": runner.windows.eval,
+                     "eval_text": text_windows(runner, eval_text, evals)}
+            scorer = Scorer(runner.model, texts)
+            rows.append({"format": "f16 (base)", "method": "-", "seconds": 0.0,
+                         **scorer(runner.model)})
+            print(f"load {time.perf_counter() - t0:.1f} s; eval text {eval_text}: "
+                  f"{texts['eval_text'].size} tokens", flush=True)
+        for fmt in formats:
+            before = runner.cache.prepare_seconds
+            apply(runner.model, Recipe({"_default": {"format": fmt}}), runner.cache)
+            secs = calibrate_s + runner.cache.prepare_seconds - before
+            rows.append({"format": fmt, "method": f"PTQ {q}", "seconds": secs,
+                         **scorer(runner.model)})
+            print(rows[-1], flush=True)
+        if q == "rtn":
+            for fmt in formats:  # learned on the run's calibration windows only
+                apply(runner.model, Recipe({}), runner.cache)
+                weights, secs = blockwise(runner, fmt, steps, batch)
+                old = _swap(runner.model, weights)
+                rows.append({"format": fmt, "method": f"block-wise reconstruction ({steps} steps)",
+                             "seconds": secs, **scorer(runner.model)})
+                for fqn, param in old.items():  # the very Parameters the cache points at
+                    runner.model.get_submodule(fqn).weight = param
+                print(rows[-1], flush=True)
+        del runner
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--formats", default="q4_0,q4_1")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=4, help="calibration windows per step")
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument("--eval-text", type=Path, default=default_eval_text())
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.steps, a.calib_tokens, a.eval_tokens, a.formats = 4, 2048, 512, "q4_0"
+    torch.manual_seed(0)
+    df = run(a.formats.split(","), a.steps, a.calib_tokens, a.eval_tokens, a.eval_text, a.batch)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "recovery.csv", index=False)
+    (out / "recovery.json").write_text(json.dumps(df.to_dict(orient="records"), indent=1))
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+if __name__ == "__main__":
+    main()
