@@ -167,10 +167,11 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
 
     def loss_on(idx: Sequence[int], ws: dict[str, torch.Tensor]) -> torch.Tensor:
         total = 0.0
-        for i in idx:
-            a, k = inputs[i]
+        for part in _batches(inputs, idx):  # windows of one length run as one batch
+            a, k = _stacked(inputs, part)
             out = _output(torch.func.functional_call(block, ws, a, k)).float()
-            total = total + torch.mean((out - targets[i]) ** 2)
+            want = torch.cat([targets[i] for i in part])
+            total = total + torch.mean((out - want) ** 2) * len(part)
         return total / len(idx)
 
     v = {n: torch.zeros_like(g.w, requires_grad=True) for n, g in grids.items()}
@@ -197,6 +198,27 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
     with torch.no_grad():
         final = float(loss_on(everything, weights))
     return Reconstructed(weights, rtn, final, steps)
+
+
+def _batches(inputs: Sequence[BlockInput], idx: Sequence[int], most: int = 8) -> list[list[int]]:
+    """`idx` in groups of up to `most` whose hidden states have one shape (a window length)."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for i in idx:
+        runs = groups.setdefault(tuple(_hidden(inputs[i]).shape), [[]])
+        if len(runs[-1]) == most:
+            runs.append([])
+        runs[-1].append(i)
+    return [r for runs in groups.values() for r in runs]
+
+
+def _stacked(inputs: Sequence[BlockInput], part: Sequence[int]) -> BlockInput:
+    """One call for the windows `part`: their hidden states stacked on the batch axis, the
+    rest (positions, rotary tables: the same for windows of one length) of the first."""
+    args, kwargs = inputs[part[0]]
+    if len(part) == 1:
+        return args, kwargs
+    hidden = torch.cat([_hidden(inputs[i]) for i in part])
+    return ((hidden, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": hidden})
 
 
 def _next(block: nn.Module, inputs: Sequence[BlockInput],
