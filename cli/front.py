@@ -72,7 +72,8 @@ def cmd_pick(args: argparse.Namespace) -> int:
     from llmpareto.api import pick
 
     out = pick(args.run, args.out, trial=args.trial, best=args.best, where=args.where,
-               format=args.format, force=args.force, distilled=args.distilled)
+               format=args.format, force=args.force, distilled=args.distilled,
+               recovered=args.recovered)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 
@@ -124,6 +125,10 @@ def add_front_commands(sub) -> None:
     pp.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     pp.add_argument("--distilled", action="store_true",
                     help="export the weights `llmpareto distill` recovered for this trial")
+    pp.add_argument("--recovered", action=argparse.BooleanOptionalAction, default=True,
+                    help="export the weights the search's recovery (--recover-steps) learned "
+                         "for this point, when it has them (default); --no-recovered: the "
+                         "post-training ones")
     pp.set_defaults(func=cmd_pick)
     pd_ = sub.add_parser("distill", help="recover a searched candidate by distillation from the "
                          "base model (checkpointed, resumable)")

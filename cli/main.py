@@ -14,7 +14,18 @@ _HELP = {
     "allow_pickle": "allow loading pickle checkpoints (they can run code)",
     "text": "text file(s) for calibration and evaluation (default: CPython docs)",
     "window": "tokens per window", "calib_tokens": "calibration tokens (for kl_nats)",
-    "eval_tokens": "evaluation tokens (for perplexity)",
+    "eval_tokens": "evaluation tokens (for perplexity and kl_nats)",
+    "eval_text": "a text of another domain than --text, never calibrated or trained on: the "
+                 "front is measured on it after the trials (default: the shipped "
+                 "python-license; none to skip)",
+    "eval_text_tokens": "tokens of --eval-text measured",
+    "recover_steps": "recover the front after the trials with this many steps in the first "
+                     "round (0: off; docs/recovery.md)",
+    "recover_rounds": "successive-halving rounds of recovery (round r: steps * 2**r, the "
+                      "better half)",
+    "recover_tokens": "calibration tokens recovery learns on",
+    "recover_method": "auto (block-wise reconstruction for quantized points, distillation "
+                      "for students and pruned ones) | reconstruct | distill | qat",
     "space": "search space: formats, sparsity, students, or a join such as formats,sparsity "
              "or formats,sparsity,students (cut to the student, prune, then quantize)",
     "student_blocks": "--space ...students: numbers of blocks kept, e.g. 30,27,24",
@@ -85,7 +96,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, nargs="+", default=None, metavar="FILE", help=_HELP[f.name])
         elif f.name in ("window", "calib_tokens", "eval_tokens", "context", "trials", "seed",
                         "batch_size", "population", "prompt_tokens", "max_concurrent", "sweep",
-                        "sensitivity_tokens"):
+                        "sensitivity_tokens", "eval_text_tokens", "recover_steps",
+                        "recover_rounds", "recover_tokens"):
             p.add_argument(flag, type=int, default=default,
                            help=_HELP.get(f.name))
         elif f.name in ("cpus_per_trial", "gptq_damp", "gpus_per_trial"):

@@ -72,6 +72,7 @@ class VariantCache:
         self.importance: dict[str, torch.Tensor] = {}
         self._slices: dict[tuple, dict] = {}
         self.override: dict[str, torch.Tensor] = {}  # set_override: distilled weights
+        self.exact: set[str] = set()  # override tensors already on their grids (recovered)
         self.modules = {fqn: model.get_submodule(fqn) for fqn in self.shapes}
         # biases (Qwen2's q/k/v): a student keeps the entries of the rows it keeps
         self.base_bias = {fqn: m.bias.detach().clone() for fqn, m in self.modules.items()
@@ -164,12 +165,18 @@ class VariantCache:
                                            a.head_dim, self.importance) if s else {}
         return self._slices[key]
 
-    def set_override(self, weights: dict[str, torch.Tensor]) -> None:
+    def set_override(self, weights: dict[str, torch.Tensor], exact: bool = False) -> None:
         """Use these float32 weights (a distilled student's: already cut to its shape and
-        pruned) instead of the base model's for their tensors; their variants are remade."""
+        pruned; or recovered weights) instead of the base model's for their tensors; their
+        variants are remade. `exact`: the weights already lie on their formats' grids
+        (block-wise reconstruction) and are packed by the format's own round-to-nearest, which
+        must give them back bit for bit, never by the run's quantizer. An empty dict returns
+        to the base weights."""
+        touched = set(self.override) | set(weights)
         self.override = dict(weights)
-        self._drop(lambda k: k[1] in self.override, lambda k: k[0] in self.override)
-        self.current.update(dict.fromkeys(self.override, "?"))  # so apply() sets them again
+        self.exact = set(weights) if exact else set()
+        self._drop(lambda k: k[1] in touched, lambda k: k[0] in touched)
+        self.current.update(dict.fromkeys(touched, "?"))  # so apply() sets them again
 
     def source(self, fqn: str, sl: tuple | None = None) -> torch.Tensor:
         """The base weights of `fqn`, cut to a student's rows and columns when `sl` is set
@@ -239,7 +246,8 @@ class VariantCache:
             src = self.host_source(fqn, sl) if sparsity is None else \
                 self.pruned(fqn, sparsity, sl)
             t0 = time.perf_counter()
-            out = self.quantizer.quantize(fqn, fmt, src, None if sl is None else sl[2])
+            out = _on_grid(fqn, fmt, src) if fqn in self.exact else \
+                self.quantizer.quantize(fqn, fmt, src, None if sl is None else sl[2])
             if sparsity is not None and self.quantizer.name == "gptq":
                 # GPTQ's compensation reaches pruned positions: put their zeros back
                 # (approximate; SparseGPT's joint pruning + quantization is not done here)
@@ -379,3 +387,15 @@ def _numpy(value) -> np.ndarray:
 def _size(value) -> int:
     return int(value.nbytes) if isinstance(value, np.ndarray) else value.numel() * \
         value.element_size()
+
+
+def _on_grid(fqn: str, fmt: str, w: torch.Tensor) -> np.ndarray:
+    """Weights that lie on `fmt`'s grid, packed by the format's own quantizer: the packed
+    bytes hold exactly these weights (checked), so what is scored is what is exported."""
+    f = get_format(fmt)
+    arr = w.detach().to("cpu", torch.float32).numpy()
+    out = f.quantize(arr)
+    if not np.array_equal(f.dequantize(out, arr.shape), arr):
+        raise RuntimeError(f"{fqn}: recovered weights are not a fixed point of {fmt}'s "
+                           "quantizer; this is a bug in llmpareto, please report it")
+    return out

@@ -135,18 +135,22 @@ class _Weight:
 def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
                       formats: dict[str, str], steps: int = 200, lr: float | None = None,
                       batch: int = 4, seed: int = 0,
-                      targets: Sequence[torch.Tensor] | None = None) -> Reconstructed:
+                      targets: Sequence[torch.Tensor] | None = None,
+                      base: dict[str, torch.Tensor] | None = None) -> Reconstructed:
     """Learn the rounding of `block`'s weights named in `formats` (parameter name -> grid
     format) so the block's output on `inputs` (from `block_inputs`) matches `targets` (default:
     the float block's output on the same inputs; a whole model passes the float block's output
     on the float stream's inputs while `inputs` come from the quantized blocks before). `steps` signed-gradient steps over mini-batches of `batch` inputs, learning rate
     `lr` (default 1 / steps, AutoRound's) decayed linearly; the offsets with the lowest loss
-    on all inputs are kept. `block` is left as it was."""
+    on all inputs are kept. `base`: the float weights the grids are made from (default: the
+    block's own; a block holding quantized weights passes its base ones). `block` is left as
+    it was."""
     params = dict(block.named_parameters())
     unknown = [n for n in formats if n not in params]
     if unknown:
         raise KeyError(f"no parameter {unknown[0]!r} in this block")
-    grids = {n: _Weight.of(params[n], fmt) for n, fmt in formats.items()}
+    base = base or {}
+    grids = {n: _Weight.of(base.get(n, params[n]), fmt) for n, fmt in formats.items()}
     lr = 1.0 / steps if lr is None else lr
     trainable = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():  # only the offsets learn
@@ -161,6 +165,7 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
 def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Weight],
            steps: int, lr: float, batch: int, seed: int,
            targets: Sequence[torch.Tensor] | None) -> Reconstructed:
+    dtypes = {n: p.dtype for n, p in block.named_parameters()}
     if targets is None:
         with torch.no_grad():
             targets = [_output(block(*a, **k)).detach().float() for a, k in inputs]
@@ -169,6 +174,7 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
         total = 0.0
         for part in _batches(inputs, idx):  # windows of one length run as one batch
             a, k = _stacked(inputs, part)
+            ws = {n: w.to(dtypes[n]) for n, w in ws.items()}
             out = _output(torch.func.functional_call(block, ws, a, k)).float()
             want = torch.cat([targets[i] for i in part])
             total = total + torch.mean((out - want) ** 2) * len(part)
@@ -224,10 +230,12 @@ def _stacked(inputs: Sequence[BlockInput], part: Sequence[int]) -> BlockInput:
 def _next(block: nn.Module, inputs: Sequence[BlockInput],
           weights: dict[str, torch.Tensor] | None = None) -> list[BlockInput]:
     """The inputs of the next block: `block` (with `weights` swapped in) run on `inputs`."""
+    dtypes = {n: p.dtype for n, p in block.named_parameters()}
     out = []
     with torch.no_grad():
         for args, kwargs in inputs:
-            y = _output(torch.func.functional_call(block, weights or {}, args, kwargs))
+            y = _output(torch.func.functional_call(block, {
+                n: w.to(dtypes[n]) for n, w in (weights or {}).items()}, args, kwargs))
             out.append(((y, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": y}))
     return out
 
@@ -239,19 +247,27 @@ def _hidden(inp: BlockInput) -> torch.Tensor:
 
 def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockInput],
                       formats: Sequence[dict[str, str]], steps: int = 200, batch: int = 4,
-                      seed: int = 0, progress: Callable[[int], None] | None = None
+                      seed: int = 0, progress: Callable[[int], None] | None = None,
+                      base: Sequence[dict[str, torch.Tensor]] | None = None,
+                      float_inputs: Sequence[BlockInput] | None = None,
                       ) -> tuple[list[dict[str, torch.Tensor]], list[Reconstructed]]:
     """Every block of `layers` in turn, AutoRound's way: block i learns on the inputs the
     already reconstructed blocks 0..i-1 give (so it corrects the error they leave) towards the
     float block's output on the float stream. `first_inputs`: block 0's inputs, one per
     calibration window (`block_inputs(...)[0]` of each); `formats[i]`: block i's parameter
-    name -> grid format. Returns each block's weights and reports; `layers` are unchanged."""
-    fp, q = list(first_inputs), list(first_inputs)
+    name -> grid format. Returns each block's weights and reports; `layers` are unchanged.
+
+    A model whose blocks hold a candidate's quantized weights passes `base[i]` (block i's
+    float weights of every quantized tensor: the float stream runs on them and the grids are
+    made from them; the tensors not learned stay as the block holds them) and `float_inputs`
+    (block 0's inputs from the float model, when they differ: a quantized embedding)."""
+    fp, q = list(float_inputs or first_inputs), list(first_inputs)
     weights, reports = [], []
     for i, block in enumerate(layers):
-        nxt_fp = _next(block, fp)
+        b = base[i] if base is not None else None
+        nxt_fp = _next(block, fp, b)
         got = reconstruct_block(block, q, formats[i], steps=steps, batch=batch, seed=seed + i,
-                                targets=[_hidden(x).float() for x in nxt_fp])
+                                targets=[_hidden(x).float() for x in nxt_fp], base=b)
         q = _next(block, q, got.weights)
         fp = nxt_fp
         weights.append(got.weights)

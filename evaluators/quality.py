@@ -1,4 +1,5 @@
-"""Quality evaluators: perplexity on evaluation windows, KL(base || candidate) on calibration.
+"""Quality evaluators: perplexity and KL(base || candidate) on evaluation windows, which no
+quantizer calibrates and no recovery trains on.
 
 The tensor math is in plain functions (`window_nll`, `kl_per_token`); the classes only hold
 the windows, and for KL the base model's float64 log-probabilities, computed once per run.
@@ -59,6 +60,24 @@ def kl_per_token(base_logp: torch.Tensor, cand_logits: torch.Tensor) -> torch.Te
     rounding (float sums differ between CPUs), never information."""
     cand_logp = log_probs64(cand_logits)
     return (base_logp.exp() * (base_logp - cand_logp)).sum(-1).clamp_min(0.0)
+
+
+@torch.inference_mode()
+def text_scores(model: torch.nn.Module, windows: np.ndarray, base_logp: torch.Tensor,
+                batch_size: int = 4) -> dict[str, float]:
+    """Perplexity and mean KL(base || model) per token (nats) on `windows` in one pass;
+    `base_logp`: `log_probs64` of the base model's logits on the same windows."""
+    nll, n, kl_sum, kl_n = 0.0, 0, 0.0, 0
+    for i, ids in enumerate(_batches(model, windows, batch_size)):
+        logits = model(input_ids=ids, use_cache=False).logits
+        target = ids[:, 1:]
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                               target.reshape(-1), reduction="sum").item()
+        n += target.numel()
+        kl = kl_per_token(base_logp[i * batch_size: i * batch_size + len(ids)], logits)
+        kl_sum += float(kl.sum())
+        kl_n += kl.numel()
+    return {"perplexity": math.exp(nll / n), "kl_nats": kl_sum / kl_n}
 
 
 @dataclass

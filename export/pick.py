@@ -101,6 +101,20 @@ def _distilled(run_dir: Path, trial: int, recipe: Recipe, built: Built) -> Built
     return built
 
 
+def _recovered(run_dir: Path, trial: int, recipe: Recipe, built: Built) -> Built:
+    """The same candidate with the weights the search's recovery learned (bit for bit those
+    it scored: weights on their grids are packed by the format's own quantizer)."""
+    from llmpareto.search.recover import load_recovered, use_recovered
+
+    got = load_recovered(run_dir, trial)
+    if got is None:
+        raise UserError(f"trial {trial} was recovered but {run_dir}/recover/trial-{trial}"
+                        ".safetensors is gone; pass --no-recovered to export its post-training "
+                        "weights, or --resume the search to recover it again")
+    use_recovered(built, recipe, *got)
+    return built
+
+
 def _sparsity_card(pruned: dict, formats: dict, hf_kind: str) -> list[str]:
     if not pruned:
         return []
@@ -122,9 +136,10 @@ def _sparsity_card(pruned: dict, formats: dict, hf_kind: str) -> list[str]:
 
 def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: str | None = None,
          where_expr: str | None = None, formats: str | list[str] = "gguf,hf",
-         force: bool = False, distilled: bool = False) -> Path:
+         force: bool = False, distilled: bool = False, recovered: bool = True) -> Path:
     """Export one front point of `run_dir` into `out` (its distilled weights with
-    `distilled`, from `llmpareto distill`); returns `out`."""
+    `distilled`, from `llmpareto distill`; the search's recovered ones, when it has them and
+    `recovered`); returns `out`."""
     from llmpareto.export.hf import write_hf
     from llmpareto.gguf_write import write_gguf
 
@@ -150,6 +165,8 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
     built = build(run_dir, recipe)
     if distilled:
         built = _distilled(run_dir, int(row["trial"]), recipe, built)
+    elif recovered and pd.notna(row.get("recover_steps")):
+        built = _recovered(run_dir, int(row["trial"]), recipe, built)
     if "gguf" in kinds:  # refuse before writing anything
         from llmpareto.gguf_write import _check_gguf_formats
 

@@ -60,16 +60,18 @@ def load_front(run: str | Path, where: str | None = None, sort: str | None = Non
 
 def pick(run: str | Path, out: str | Path, trial: int | None = None, best: str | None = None,
          where: str | None = None, format: str = "gguf,hf", force: bool = False,
-         distilled: bool = False) -> Path:
+         distilled: bool = False, recovered: bool = True) -> Path:
     """`llmpareto pick RUN --out OUT`: export one front point (by `trial`, or the one `best` in
-    a metric among those matching `where`) as GGUF and/or HF safetensors; returns `out`."""
+    a metric among those matching `where`) as GGUF and/or HF safetensors, with the weights
+    the search's recovery learned for it when it has them (unless not `recovered`); returns
+    `out`."""
     from llmpareto.errors import UserError
     from llmpareto.export.pick import pick as pick_point
 
     if trial is None and best is None:
         raise UserError("say which point: --trial N, or --best METRIC [--where EXPR]")
     return pick_point(run, out, trial=trial, best=best, where_expr=where, formats=format,
-                      force=force, distilled=distilled)
+                      force=force, distilled=distilled, recovered=recovered)
 
 
 def distill(run: str | Path, steps: int, trial: int | None = None, front: bool = False,

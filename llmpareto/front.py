@@ -20,14 +20,39 @@ from llmpareto.rundir import RunDir
 QUALITY_FLOOR = 2.0
 BASE_LABELS = ("uniform f16", "uniform bf16", "uniform f32")
 
-TABLE_COLUMNS = ["trial", "baseline", "perplexity", "kl_nats", "memory_bytes", "weights_bytes",
-                 "latency_ms", "energy_mj"]
+TABLE_COLUMNS = ["trial", "baseline", "perplexity", "kl_nats", "eval_text_perplexity",
+                 "eval_text_kl_nats", "recover_method", "recovered_perplexity",
+                 "recovered_kl_nats", "recovered_eval_text_perplexity",
+                 "recovered_eval_text_kl_nats", "memory_bytes", "weights_bytes", "latency_ms",
+                 "energy_mj"]
 
 
-def front_mask(trials: pd.DataFrame, objectives: list[str]) -> np.ndarray:
-    """Rows of `trials` that are complete, feasible and non-dominated on `objectives`."""
+RECOVERED = "recovered_"  # prefix of the columns recovery measured (search/recover.py)
+
+
+def effective(trials: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
+    """The objectives' values a front is built from: `recovered_<objective>` where recovery
+    measured one, else the trial's own."""
+    out = trials[objectives].apply(pd.to_numeric, errors="coerce").astype(float)
+    for o in objectives:
+        if RECOVERED + o in trials.columns:
+            rec = pd.to_numeric(trials[RECOVERED + o], errors="coerce")
+            out[o] = rec.where(np.isfinite(rec), out[o])
+    return out
+
+
+def recovered_any(trials: pd.DataFrame, objectives: list[str]) -> bool:
+    return any(RECOVERED + o in trials.columns and pd.to_numeric(
+        trials[RECOVERED + o], errors="coerce").notna().any() for o in objectives)
+
+
+def front_mask(trials: pd.DataFrame, objectives: list[str], recovered: bool = True) -> np.ndarray:
+    """Rows of `trials` that are complete, feasible and non-dominated on `objectives` (after
+    recovery, where recovery measured them, unless `recovered` is False)."""
     ok = (trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)
-    vals = np.array(trials.loc[ok, objectives].to_numpy(float), dtype=float)
+    vals = (effective(trials, objectives) if recovered else
+            trials[objectives].apply(pd.to_numeric, errors="coerce"))
+    vals = np.array(vals.loc[ok].to_numpy(float), dtype=float)
     vals[~np.isfinite(vals)] = np.nan
     mask = np.zeros(len(trials), dtype=bool)
     mask[np.flatnonzero(ok.to_numpy())] = non_dominated(vals)
@@ -47,7 +72,9 @@ class Front:
         df = trials[front_mask(trials, objectives)]
         # a sampler may propose one recipe several times: show each point once
         same = [c for c in df.columns if c.startswith("param:")] + list(objectives)
-        df = df.drop_duplicates(subset=same, keep="first").sort_values(objectives[-1])
+        df = df.drop_duplicates(subset=same, keep="first")
+        df = df.iloc[np.argsort(effective(df, objectives)[objectives[-1]].to_numpy(),
+                                kind="stable")]
         return cls(df.reset_index(drop=True), list(objectives), trials, run_dir)
 
     @classmethod
@@ -146,4 +173,11 @@ class Front:
             trials.loc[trials["state"] == "COMPLETE", y], errors="coerce") > limit).sum())
         note = (f"{above} trial(s) above {limit:.4g} ({QUALITY_FLOOR:g}x the base perplexity) "
                 "not shown" if above else "")
-        plot_front(front_plot_info(trials, self.df, x, y, limit), str(path), title, note)
+        info = front_plot_info(trials, self.df, x, y, limit)
+        if recovered_any(trials, self.objectives):  # before recovery in blue, after in green
+            before = trials[front_mask(trials, self.objectives, recovered=False)]
+            after = self.df.assign(**{y: effective(self.df, [y])[y]})
+            info = info._replace(
+                front_xy=np.array(before.sort_values(x)[[x, y]], dtype=float),
+                recovered_xy=np.array(after.sort_values(x)[[x, y]], dtype=float))
+        plot_front(info, str(path), title, note)

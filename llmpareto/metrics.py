@@ -19,7 +19,7 @@ METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
         Metric("perplexity", "perplexity on the evaluation windows (lower is better)", True),
-        Metric("kl_nats", "mean KL(base || candidate) per token on calibration windows, nats", True),
+        Metric("kl_nats", "mean KL(base || candidate) per token on the evaluation windows, nats", True),
         Metric("memory_bytes", "weights + KV cache at --context, bytes", False),
         Metric("weights_bytes", "weights at their formats' exact bits per weight, bytes", False),
         Metric("kv_cache_bytes", "f16 KV cache at --context, bytes", False),

@@ -18,6 +18,7 @@ class FrontPlotInfo(NamedTuple):
     infeasible_xy: np.ndarray  # (n, 2) over budget (quality not measured: x only, y = nan)
     front_xy: np.ndarray  # (n, 2) sorted by x
     baselines: list[tuple[str, float, float]]  # (label, x, y)
+    recovered_xy: np.ndarray = np.zeros((0, 2))  # the front after recovery, sorted by x
 
 
 def front_plot_info(trials: pd.DataFrame, front: pd.DataFrame, x: str, y: str,
@@ -59,7 +60,7 @@ def plot_front(info: FrontPlotInfo, path: str, title: str = "", note: str = "") 
     scale = 1e6 if info.x_name.endswith("_bytes") else 1.0  # bytes are read as MB
     info = info._replace(
         feasible_xy=info.feasible_xy / [scale, 1], infeasible_xy=info.infeasible_xy / [scale, 1],
-        front_xy=info.front_xy / [scale, 1],
+        front_xy=info.front_xy / [scale, 1], recovered_xy=info.recovered_xy / [scale, 1],
         baselines=[(lbl, bx / scale, by) for lbl, bx, by in info.baselines])
     fig, ax = plt.subplots(figsize=(7, 4.7), dpi=120)
     if len(info.feasible_xy):
@@ -70,7 +71,10 @@ def plot_front(info: FrontPlotInfo, path: str, title: str = "", note: str = "") 
         ax.scatter(*finite.T, s=14, marker="x", c="tab:red", label="over budget")
     if len(info.front_xy):
         ax.plot(*info.front_xy.T, "-o", c="tab:blue", ms=5, drawstyle="steps-post",
-                label="Pareto front")
+                label="Pareto front" + (" before recovery" if len(info.recovered_xy) else ""))
+    if len(info.recovered_xy):
+        ax.plot(*info.recovered_xy.T, "-^", c="tab:green", ms=5, drawstyle="steps-post",
+                label="Pareto front after recovery")
     shown = [(lbl, bx, by) for lbl, bx, by in info.baselines if np.isfinite(bx) and np.isfinite(by)]
     kinds = {"uniform format": (lambda lbl: not lbl.startswith(PRESET_PREFIX), "s", "k", (4, 4)),
              "llama.cpp preset": (lambda lbl: lbl.startswith(PRESET_PREFIX), "D", "tab:orange",

@@ -22,7 +22,8 @@ DEFAULT_STRATEGY = "auto"  # docs/strategies.md: what the benchmark favoured
 RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "dequant_cache",
              "variant_cache", "disk_cache",
              "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
-             "create_only", "sensitivity", "sampler", "torch_device", "gpus_per_trial"}
+             "create_only", "sensitivity", "sampler", "torch_device", "gpus_per_trial",
+             "recover_steps", "recover_rounds"}
 # A study name is a folder under --runs-dir: nothing that could name a path elsewhere.
 _STUDY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -45,6 +46,15 @@ class SettingsForm:
     window: int = 256  # tokens per evaluation/calibration window
     calib_tokens: int = 512  # for KL to the base model
     eval_tokens: int = 1024  # for perplexity; few enough that a trial takes seconds
+    # a text of another domain the run never calibrates or trains on: the front (and what
+    # recovery makes) is measured on it after the trials; a file, the shipped default, or none
+    eval_text: str = "python-license"
+    eval_text_tokens: int = 1024
+    # recovery after the trials (docs/recovery.md): 0 = off; steps of the first round
+    recover_steps: int = 0
+    recover_rounds: int = 2  # successive halving: round r runs recover_steps * 2**r steps
+    recover_tokens: int = 4096  # calibration tokens recovery learns on (the text less eval)
+    recover_method: str = "auto"  # auto (by what a candidate changed) | a compress.recovery name
     space: str = "formats"
     formats: list[str] | None = None  # None: the GGUF formats, so every point exports
     granularity: str = "type"  # type: one format per projection kind; block; module
@@ -135,6 +145,7 @@ class SettingsForm:
             raise UserError("--max-concurrent must be at least 1")
         if self.calib_tokens < 0:
             raise UserError("--calib-tokens must be 0 or more")
+        self._check_recovery()
         self._check_sparsity()
         self._check_students()
         self.check_parts()
@@ -143,6 +154,22 @@ class SettingsForm:
             stem = re.sub(r"\.{2,}", ".", stem)[:80]  # a default name always passes check_study
             self.study = f"{stem.strip('-._') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
         check_study(self.study)
+
+    def _check_recovery(self) -> None:
+        for name, least, what in (("recover_steps", 0, "0 (no recovery) or more steps"),
+                                  ("recover_rounds", 1, "1 or more rounds"),
+                                  ("recover_tokens", 2, "2 or more calibration tokens"),
+                                  ("eval_text_tokens", 1, "1 or more tokens")):
+            value = getattr(self, name)
+            try:
+                ok = float(value) == int(value) and int(value) >= least
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise UserError(f"--{name.replace('_', '-')} {value!r}: give {what}")
+            setattr(self, name, int(value))
+        if self.eval_text in (None, "", "None"):
+            self.eval_text = "none"
 
     def _check_placement(self) -> None:
         """The forms of --torch-device/--torch-dtype; whether this machine has them is checked

@@ -15,6 +15,10 @@ import numpy as np
 from llmpareto.errors import UserError
 
 DEFAULT_TEXT = "pydoc"
+# The evaluation text of another domain (legal prose, not documentation) that a run never
+# calibrates or trains on: the history and license of Python, shipped in llmpareto/texts/.
+DEFAULT_EVAL_TEXT = "python-license"
+TEXTS = Path(__file__).parent / "texts"
 # Peak memory of tokenizing once, per byte of text: the fast tokenizer keeps ids, offsets and
 # token strings per token (measured 148-154 with a BPE on 20 and 50 MB of the CPython docs).
 TOKENIZE_BYTES_PER_BYTE = 150
@@ -90,6 +94,51 @@ def read_text(files: list[str] | None) -> tuple[str, str]:
             raise UserError(f"--text {name} is empty; give a file with some prose in it")
         parts.append(content)
     return "\n\n".join(parts), ", ".join(files)
+
+
+def eval_text_path(name: str) -> Path:
+    """The file `--eval-text name` reads: a shipped text by name, else a path."""
+    return TEXTS / f"{name}.txt" if name == DEFAULT_EVAL_TEXT else Path(name).expanduser()
+
+
+def read_eval_text(name: str, text: list[str] | None) -> tuple[str, str]:
+    """(text, description) of `--eval-text name`, refusing a missing, empty or non-UTF-8 file
+    and one with the same contents as `--text` (it would not be held out)."""
+    p = eval_text_path(name)
+    if not p.is_file():
+        raise UserError(f"--eval-text {name}: no such file; give a UTF-8 text of another domain "
+                        f"than --text, or leave it out to use the shipped {DEFAULT_EVAL_TEXT}, "
+                        "or none")
+    try:
+        content = p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"--eval-text {name}: cannot read it as UTF-8 text ({exc})") from None
+    if not content.strip():
+        raise UserError(f"--eval-text {name} is empty; give a file with some prose in it")
+    main, desc = read_text(text)
+    same = content.strip() == main.strip() or any(
+        content.strip() == Path(f).expanduser().read_text(encoding="utf-8").strip()
+        for f in (text or []) if f != DEFAULT_TEXT)
+    if same:
+        raise UserError(f"--eval-text {name} is the same text as --text ({desc}): it must be "
+                        "a text the run never calibrates or trains on; give another file")
+    return content, (DEFAULT_EVAL_TEXT + " (shipped)") if name == DEFAULT_EVAL_TEXT else name
+
+
+def eval_text_windows(tokenizer, text: tuple[str, str], window: int, tokens: int,
+                      bos: int | None = None) -> tuple[np.ndarray, str]:
+    """Windows of the evaluation text as the model runs (BOS first when it adds one), as many
+    as `tokens` asks and the text holds (at least one); and the text's sha256."""
+    content, desc = text
+    ids = np.asarray(tokenizer(content, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    span = window - (bos is not None)
+    n = min(len(ids) // span, -(-tokens // window))
+    if n < 1:
+        raise UserError(f"--eval-text {desc} has {len(ids)} tokens, fewer than one window of "
+                        f"{span}; give a longer text or a smaller --window")
+    wins = ids[np.linspace(0, len(ids) // span - 1, n).round().astype(int)[:, None] * span
+               + np.arange(span)[None, :]]
+    return with_bos(wins, bos), hashlib.sha256(content.encode()).hexdigest()
 
 
 def _check_memory(files: list[str], size: int) -> None:

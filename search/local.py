@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 from llmpareto.front import Front
 from llmpareto.placement import peak_device_bytes
 from llmpareto.rundir import RunDir
+from llmpareto.search.recover import after_search
 from llmpareto.search.records import front_size, record_trial, write_outputs
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.session import (
@@ -91,4 +92,5 @@ def run_local(settings: SearchSettings) -> Front:
                 bar.set_postfix(feasible=feasible, front=front_size(study) if feasible else 0)
         finally:
             bar.close()
+        after_search(runner, study, rd, settings, settings.progress)
     return write_outputs(study, rd, settings.objectives)

@@ -78,12 +78,10 @@ class TrialRunner(Workbench):
     def _evaluator(self, name: str):
         """Build the registered evaluator `name` from this run's parts."""
         cls = get_evaluator(name)
-        if name == "kl" and len(self.windows.calib) == 0:
-            raise UserError("the kl objective needs calibration text: set --calib-tokens > 0")
         ev = {"memory": lambda: cls(self.arch, self.workload, self.profile),
               "latency_energy": lambda: cls(self.arch, self.profile, self.workload),
               "perplexity": lambda: cls(self.windows.eval, self.settings.batch_size),
-              "kl": lambda: cls(self.windows.calib, self.settings.batch_size)}[name]()
+              "kl": lambda: cls(self.windows.eval, self.settings.batch_size)}[name]()
         if name == "kl":
             ev.set_base(self.model)  # the model still holds its base weights here
         return ev

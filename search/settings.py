@@ -17,6 +17,20 @@ class SearchSettings(SettingsForm):
     def check_parts(self) -> None:
         self._check_quantizer()
         self._check_strategy()
+        self._check_eval_text()
+
+    def _check_eval_text(self) -> None:
+        """--eval-text readable and another text than --text; --recover-method known."""
+        if self.eval_text != "none":
+            from llmpareto.text import read_eval_text
+
+            read_eval_text(self.eval_text, self.text)
+        if self.recover_method != "auto":
+            from llmpareto.search.recover import REGISTRY
+
+            if self.recover_method not in REGISTRY:
+                raise UserError(f"--recover-method {self.recover_method!r}; choose auto or one "
+                                f"of {', '.join(REGISTRY)}")
 
     def _check_quantizer(self) -> None:
         from pathlib import Path

@@ -83,7 +83,7 @@ class Workbench:
             return 0
         s, vocab = self.settings, int(self.model.config.vocab_size)
         working = (6 * s.batch_size * s.window * vocab * 4  # logits, softmax, float64 copies
-                   + 8 * s.calib_tokens * vocab)  # the base log-probs the KL objective keeps
+                   + 8 * (s.eval_tokens + s.eval_text_tokens) * vocab)  # base log-probs KL keeps
         return max(0, int(0.9 * free) - s.dequant_cache - working)
 
     def _set_quantizer(self) -> float:

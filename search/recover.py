@@ -1,0 +1,363 @@
+"""After the trials: the front measured on text the run never calibrated or trained on and,
+with `--recover-steps N`, recovered (docs/recovery.md).
+
+Stage 0, measurement. The front and the points near it (the first two non-dominated layers)
+get `kl_nats` (KL to the base model on the evaluation windows), `eval_text_perplexity` and
+`eval_text_kl_nats` (on `--eval-text`, a text of another domain). Nothing calibrates or trains
+on either text: the quantizers calibrate and recovery learns on the calibration text (the
+run's `--text` less its evaluation windows).
+
+Stage 1, recovery, successive-halving style: round 0 recovers every one of those points with
+`--recover-steps` steps, round r the better half of round r-1 (points on the recovered front
+first, then by relative KL gain) with `--recover-steps * 2**r`. Each candidate's method comes
+from the registry below by what it changed; its weights go to `recover/trial-N.safetensors`
+and its `recovered_<metric>` and `recovered_eval_text_<metric>` columns to the study (the
+source of truth, as every trial's), so a killed run resumes where it stopped and the front is
+rebuilt from the recovered metrics (`front.effective`). `pick` exports the recovered weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llmpareto.front import RECOVERED, front_mask
+from llmpareto.pareto import non_dominated
+from llmpareto.recipe import Recipe
+
+QUALITY = ("perplexity", "kl_nats")  # measured per text and per stage
+EVAL_TEXT = "eval_text_"
+ROUNDS_ATTR = "llmpareto_recover_rounds"  # study user attr: round -> its trials, once decided
+
+
+def weights_path(run_dir: Path, trial: int) -> Path:
+    return Path(run_dir) / "recover" / f"trial-{trial}.safetensors"
+
+
+# ---------------------------------------------------------------- the recovery methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """A recovery method: which candidates it handles (by what they changed) and how it
+    learns their weights. `run(bench, recipe, windows, steps, seed, progress)` returns
+    (fqn -> float32 weight, exact): `exact` weights lie on their formats' grids already."""
+
+    name: str
+    what: str
+    handles: Callable[[object, Recipe], bool]
+    run: Callable[..., tuple[dict[str, torch.Tensor], bool]]
+
+
+def _changes_structure(bench, recipe: Recipe) -> bool:
+    return bool({k: v for k, v in recipe.structure.items() if v is not None}) or any(
+        sp is not None for sp in bench.arch.sparsity_for(recipe).values())
+
+
+def _grid_tensors(bench, recipe: Recipe) -> dict[str, str]:
+    """Block tensors in a format block-wise reconstruction has a grid for: fqn -> format."""
+    from llmpareto.compress.gptq import GRIDS
+
+    formats = bench.arch.formats_for(recipe)
+    return {t.fqn: formats[t.fqn] for t in bench.arch.linears
+            if t.layer is not None and formats.get(t.fqn) in GRIDS}
+
+
+def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
+                 progress: bool) -> tuple[dict[str, torch.Tensor], bool]:
+    """Block-wise reconstruction (compress.reconstruct) of the candidate's grid tensors, each
+    block against the base block's output; the other tensors stay as the candidate has them."""
+    from tqdm.auto import tqdm
+
+    from llmpareto.arch import _find_layers
+    from llmpareto.compress import apply
+    from llmpareto.compress.reconstruct import block_inputs, reconstruct_model
+
+    model, cache = bench.model, bench.cache
+    layers = list(_find_layers(model))
+    learn = _grid_tensors(bench, recipe)
+    formats = bench.arch.formats_for(recipe)
+    by_block: list[dict[str, str]] = [{} for _ in layers]
+    base: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    name_of = {}
+    for t in bench.arch.linears:
+        if t.layer is None or formats.get(t.fqn) is None:
+            continue
+        name = t.fqn.split(f"layers.{t.layer}.", 1)[1] + ".weight"
+        param = model.get_submodule(t.fqn).weight
+        base[t.layer][name] = cache.source(t.fqn).to(param.device, torch.float32)
+        if t.fqn in learn:
+            by_block[t.layer][name] = learn[t.fqn]
+            name_of[(t.layer, name)] = t.fqn
+    ids = torch.as_tensor(windows)
+
+    def firsts() -> list:
+        dev = next(model.parameters()).device
+        return [block_inputs(layers[:1], lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
+                                                          use_cache=False))[0]
+                for i in range(len(ids))]
+
+    apply(model, Recipe(), cache)
+    float_in = firsts()
+    apply(model, recipe, cache)
+    q_in = firsts()
+    with tqdm(total=len(layers), desc="reconstructing blocks", unit="block", leave=False,
+              disable=not progress) as bar:
+        got, _ = reconstruct_model(layers, q_in, by_block, steps=steps, seed=seed,
+                                   progress=lambda i: bar.update(1), base=base,
+                                   float_inputs=float_in)
+    out = {}
+    for i, block in enumerate(got):
+        for name, w in block.items():
+            out[name_of[(i, name)]] = w.detach().to("cpu", torch.float32).contiguous()
+    return out, True
+
+
+def _distill(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
+             progress: bool, qat: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
+    """End-to-end distillation from the base model with soft targets only (the survey's loss
+    with alpha = 0), the candidate's cut and pruned float weights as the start; with `qat` the
+    recipe's formats are applied in every forward pass (straight-through)."""
+    from llmpareto.compress.distill import distill
+    from llmpareto.models import load_model
+    from llmpareto.search.distill_run import _student_start
+
+    built = bench.build(recipe)
+    masks, formats, _ = _student_start(built)
+    teacher, _ = load_model(bench.source, bench.placement)
+    try:
+        distill(built.model, teacher, windows, steps, lr=1e-4, batch_size=4, alpha=0.0,
+                keep_zero=masks, qat_formats=formats if qat else None, progress=progress,
+                seed=seed)
+    finally:
+        del teacher
+        built.model.requires_grad_(False)
+        built.cache.current.update(dict.fromkeys(built.formats, "?"))  # trained: set again
+    return {fqn: built.cache.weight(fqn).detach().to("cpu", torch.float32).clone().contiguous()
+            for fqn in built.formats}, False
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("reconstruct", "block-wise reconstruction: rounding learned per block against the "
+           "base block's output, on the format's own grid (q4_0, q4_1, q5_0, q5_1, q8_0, int*)",
+           lambda bench, r: not _changes_structure(bench, r) and bool(_grid_tensors(bench, r)),
+           _reconstruct),
+    Method("distill", "end-to-end distillation from the base model, soft targets only",
+           lambda bench, r: True, _distill),
+    Method("qat", "end-to-end distillation through the recipe's formats (straight-through)",
+           lambda bench, r: any(bench.arch.formats_for(r).values()),
+           lambda *a, **k: _distill(*a, **k, qat=True)),
+)}
+
+
+def choose_method(bench, recipe: Recipe, asked: str = "auto") -> str | None:
+    """The method for a candidate: `asked` when it handles it; with auto, distillation for a
+    student or pruned candidate, block-wise reconstruction for a quantized one; None when
+    nothing here can recover it (e.g. only K- or i-quants, whose grids are not covered yet)."""
+    if asked != "auto":
+        return asked if REGISTRY[asked].handles(bench, recipe) else None
+    if _changes_structure(bench, recipe):
+        return "distill"
+    return "reconstruct" if REGISTRY["reconstruct"].handles(bench, recipe) else None
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class Measure:
+    """KL to the base model and perplexity on the evaluation windows and the evaluation text,
+    one forward pass per text; the base model's log-probabilities computed once."""
+
+    def __init__(self, bench, eval_text: np.ndarray | None) -> None:
+        from llmpareto.compress import apply
+        from llmpareto.evaluators.quality import log_probs64, logits_of
+
+        self.bench = bench
+        self.texts = {"": bench.windows.eval}
+        if eval_text is not None:
+            self.texts[EVAL_TEXT] = eval_text
+        apply(bench.model, Recipe(), bench.cache)
+        bs = bench.settings.batch_size
+        self.base = {k: log_probs64(logits_of(bench.model, w, bs)) for k, w in self.texts.items()}
+
+    def __call__(self, prefix: str = "") -> dict[str, float]:
+        """The model as it is now, scored; columns `prefix + text + metric`."""
+        from llmpareto.evaluators.quality import text_scores
+
+        out = {}
+        for text, w in self.texts.items():
+            got = text_scores(self.bench.model, w, self.base[text], self.bench.settings.batch_size)
+            out.update({f"{prefix}{text}{m}": got[m] for m in QUALITY})
+        return out
+
+
+def eval_text_windows(bench) -> np.ndarray | None:
+    """The run's `--eval-text` windows, cut as the model runs (None with --eval-text none)."""
+    from llmpareto.text import eval_text_windows as cut
+    from llmpareto.text import read_eval_text
+
+    s = bench.settings
+    if s.eval_text == "none":
+        return None
+    return cut(bench.tokenizer, read_eval_text(s.eval_text, s.text), s.window,
+               s.eval_text_tokens, bench.bos)[0]
+
+
+def recovery_windows(bench) -> np.ndarray:
+    """Up to --recover-tokens of calibration text (the run's text less its evaluation
+    windows), evenly spread, as the model runs."""
+    from llmpareto.search.distill_run import training_windows
+
+    s = bench.settings
+    every = training_windows(bench.tokenizer, s, s.window, bench.bos)
+    n = min(len(every), max(1, -(-s.recover_tokens // s.window)))
+    return every[np.linspace(0, len(every) - 1, n).round().astype(int)]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def near_front(trials: pd.DataFrame, objectives: list[str], layers: int = 2) -> list[int]:
+    """Trials on the first `layers` non-dominated layers (the trial's own metrics), one per
+    recipe, front first."""
+    rows = trials[(trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)].copy()
+    vals = rows[objectives].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    ok = np.isfinite(vals).all(axis=1)
+    rows, vals = rows[ok], vals[ok]
+    same = [c for c in rows.columns if c.startswith("param:")] + list(objectives)
+    keep = ~rows.duplicated(subset=same).to_numpy()
+    rows, vals = rows[keep], vals[keep]
+    out: list[int] = []
+    left = np.ones(len(rows), dtype=bool)
+    for _ in range(layers):
+        if not left.any():
+            break
+        idx = np.flatnonzero(left)
+        nd = idx[non_dominated(vals[idx])]
+        out += [int(t) for t in rows["trial"].to_numpy()[nd]]
+        left[nd] = False
+    return out
+
+
+def _promoted(trials: pd.DataFrame, objectives: list[str], prev: list[int]) -> list[int]:
+    """Round r's candidates: the better half of round r-1's (points on the recovered front
+    first, then by relative gain of the first quality objective)."""
+    q = next(o for o in objectives if o in QUALITY)
+    t = trials.set_index("trial")
+    on_front = set(trials.loc[front_mask(trials, objectives), "trial"].astype(int))
+    done = [p for p in prev if RECOVERED + q in t.columns and np.isfinite(
+        pd.to_numeric(t.loc[p, RECOVERED + q], errors="coerce"))]
+
+    def rank(p: int) -> tuple:
+        before, after = float(t.loc[p, q]), float(t.loc[p, RECOVERED + q])
+        return (p not in on_front, -(1 - after / before) if before > 0 else 0.0, p)
+
+    return sorted(done, key=rank)[: max(1, math.ceil(len(prev) / 2))] if done else []
+
+
+def after_search(bench, study, rd, settings, progress: bool = True) -> None:
+    """Stage 0 (measurement) and stage 1 (recovery) for `study`'s run in `rd`; everything is
+    recorded in the study as it is measured and trials.csv/front.csv rewritten."""
+    from llmpareto.search.records import AFTER_ATTR, record_after_search, trials_frame, write_outputs
+
+    if settings.eval_text == "none" and not settings.recover_steps:
+        return
+    objectives = settings.objectives
+
+    def after() -> dict:
+        return study.user_attrs.get(AFTER_ATTR, {})
+
+    def record(trial: int, values: dict) -> None:
+        record_after_search(study, trial, values)
+        write_outputs(study, rd, objectives, plot=False)
+
+    trials = trials_frame(study, rd)
+    todo = near_front(trials, objectives)
+    wanted = ["kl_nats"] + ([f"{EVAL_TEXT}{m}" for m in QUALITY]
+                             if settings.eval_text != "none" else [])
+    measure_todo = [t for t in todo if not set(wanted) <= set(after().get(str(t), {}))]
+    rounds = settings.recover_rounds if settings.recover_steps else 0
+    if not measure_todo and not rounds:
+        return
+    from tqdm.auto import tqdm
+
+    measure = Measure(bench, eval_text_windows(bench))
+    for t in tqdm(measure_todo, desc="measuring the front", unit="point", leave=False,
+                  disable=not progress):
+        bench.build(Recipe.load(rd.recipe_path(t)))
+        record(t, {k: v for k, v in measure().items() if k in wanted})
+    if not rounds:
+        return
+    windows = recovery_windows(bench)
+    plan = {int(k): v for k, v in study.user_attrs.get(ROUNDS_ATTR, {}).items()}
+    for r in range(rounds):
+        steps = settings.recover_steps * 2 ** r
+        if r not in plan:
+            plan[r] = todo if r == 0 else _promoted(trials_frame(study, rd), objectives,
+                                                    plan[r - 1])
+            study.set_user_attr(ROUNDS_ATTR, {str(k): v for k, v in plan.items()})
+        left = [t for t in plan[r] if after().get(str(t), {}).get("recover_steps", 0) < steps
+                and after().get(str(t), {}).get("recover_method") != "none"]
+        for t in tqdm(left, desc=f"recovering, round {r + 1}/{rounds} ({steps} steps)",
+                      unit="point", disable=not progress, dynamic_ncols=True):
+            record(t, recover_one(bench, rd, t, steps, windows, measure, settings,
+                                  progress=progress))
+    write_outputs(study, rd, objectives)
+
+
+def recover_one(bench, rd, trial: int, steps: int, windows: np.ndarray, measure: Measure,
+                settings, progress: bool = False) -> dict:
+    """Recover one trial's candidate, store its weights, score it; its new columns."""
+    from safetensors.torch import save_file
+
+    from llmpareto import atomic
+
+    recipe = Recipe.load(rd.recipe_path(trial))
+    method = choose_method(bench, recipe, settings.recover_method)
+    if method is None:
+        return {"recover_method": "none"}
+    t0 = time.perf_counter()
+    weights, exact = REGISTRY[method].run(bench, recipe, windows, steps, settings.seed + trial,
+                                          progress)
+    seconds = time.perf_counter() - t0
+    path = weights_path(rd.path, trial)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(path) as tmp:
+        save_file(weights, str(tmp), metadata={"trial": str(trial), "method": method,
+                                               "steps": str(steps), "exact": json.dumps(exact)})
+    try:
+        use_recovered(bench, recipe, weights, exact)
+        scores = measure(RECOVERED)
+    finally:
+        bench.cache.set_override({})
+    return {**scores, "recover_method": method, "recover_steps": steps,
+            "recover_s": round(seconds, 3)}
+
+
+def use_recovered(bench, recipe: Recipe, weights: dict[str, torch.Tensor], exact: bool):
+    """Apply `recipe` with recovered `weights` in place of the base ones (the built model)."""
+    from llmpareto.compress import apply
+
+    bench.cache.set_override(weights, exact=exact)
+    apply(bench.model, recipe, bench.cache)
+
+
+def load_recovered(run_dir: Path, trial: int) -> tuple[dict[str, torch.Tensor], bool] | None:
+    """A trial's recovered weights and whether they lie on their grids, or None."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = weights_path(run_dir, trial)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        exact = json.loads((f.metadata() or {}).get("exact", "false"))
+    return load_file(str(path)), bool(exact)
