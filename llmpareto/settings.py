@@ -23,7 +23,7 @@ RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "de
              "variant_cache", "disk_cache",
              "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
              "create_only", "sensitivity", "sampler", "torch_device", "gpus_per_trial",
-             "recover_steps", "recover_rounds"}
+             "recover_steps", "recover_rounds", "recover_tokens", "recover_method"}
 # A study name is a folder under --runs-dir: nothing that could name a path elsewhere.
 _STUDY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 

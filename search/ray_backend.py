@@ -318,6 +318,10 @@ def run_ray(settings: SearchSettings) -> Front:
                 if n_complete(study) == before:
                     run.status = "failed"
                     break
+            if run.status != "failed":  # measurement and recovery run here, in the driver
+                from llmpareto.search.recover import after_search
+
+                after_search(runner, study, rd, settings, settings.progress)
         status = run.status
         front = write_distributed_outputs(study, rd, settings.objectives, runner.space)
     finally:

@@ -145,6 +145,12 @@ def _distill(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
             for fqn in built.formats}, False
 
 
+def _quantized(fmt: str | None) -> bool:
+    from llmpareto.formats import get_format
+
+    return fmt is not None and get_format(fmt).bits_per_weight < 16
+
+
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("reconstruct", "block-wise reconstruction: rounding learned per block against the "
            "base block's output, on the format's own grid (q4_0, q4_1, q5_0, q5_1, q8_0, int*)",
@@ -153,7 +159,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("distill", "end-to-end distillation from the base model, soft targets only",
            lambda bench, r: True, _distill),
     Method("qat", "end-to-end distillation through the recipe's formats (straight-through)",
-           lambda bench, r: any(bench.arch.formats_for(r).values()),
+           lambda bench, r: any(_quantized(f) for f in bench.arch.formats_for(r).values()),
            lambda *a, **k: _distill(*a, **k, qat=True)),
 )}
 
@@ -325,8 +331,11 @@ def recover_one(bench, rd, trial: int, steps: int, windows: np.ndarray, measure:
     if method is None:
         return {"recover_method": "none"}
     t0 = time.perf_counter()
-    weights, exact = REGISTRY[method].run(bench, recipe, windows, steps, settings.seed + trial,
-                                          progress)
+    try:
+        weights, exact = REGISTRY[method].run(bench, recipe, windows, steps,
+                                              settings.seed + trial, progress)
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(bench, trial, method) from None
     seconds = time.perf_counter() - t0
     path = weights_path(rd.path, trial)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +349,23 @@ def recover_one(bench, rd, trial: int, steps: int, windows: np.ndarray, measure:
         bench.cache.set_override({})
     return {**scores, "recover_method": method, "recover_steps": steps,
             "recover_s": round(seconds, 3)}
+
+
+def _out_of_memory(bench, trial: int, method: str):
+    from llmpareto.errors import UserError
+    from llmpareto.units import format_bytes
+
+    dev = next(bench.model.parameters()).device
+    got = ""
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        got = (f" ({format_bytes(torch.cuda.max_memory_allocated(dev))} allocated at the peak, "
+               f"{format_bytes(free)} free of {format_bytes(total)})")
+    s = bench.settings
+    return UserError(f"recovery of trial {trial} ({method}) ran out of {dev} memory{got} with "
+                     f"--recover-tokens {s.recover_tokens} and --batch-size {s.batch_size}; "
+                     "every point recovered so far is kept: --resume with a lower "
+                     "--recover-tokens, or with --torch-device cpu")
 
 
 def use_recovered(bench, recipe: Recipe, weights: dict[str, torch.Tensor], exact: bool):

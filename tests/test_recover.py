@@ -1,0 +1,279 @@
+"""Recovery inside the search (issue 26): the front measured on an evaluation text of another
+domain, recovered by the registry's methods, recorded per text and per stage, resumable after
+a kill, exported bit for bit; the evaluation text is never read by calibration or training."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import gguf
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import llmpareto
+from llmpareto.cli import main
+
+QUALITY = ["perplexity", "kl_nats"]
+STAGES = {"": QUALITY, "eval_text_": QUALITY}
+RECOVERED = [f"recovered_{t}{m}" for t in ("", "eval_text_") for m in QUALITY]
+
+
+def _settings(tiny_model_dir, tmp_path, **kw) -> dict:
+    return {"model": str(tiny_model_dir), "runs_dir": str(tmp_path / "runs"), "study": "r",
+            "window": 64, "eval_tokens": 256, "calib_tokens": 128, "trials": 8,
+            "progress": False, "context": 512, "formats": "f16,q8_0,q5_0,q4_1,q4_0",
+            "presets": "none", "recover_steps": 4, "recover_rounds": 2,
+            "recover_tokens": 512, **kw}
+
+
+@pytest.fixture(scope="module")
+def recovered_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recover")
+    llmpareto.search(**_settings(tiny_model_dir, tmp))
+    return tmp / "runs" / "r"
+
+
+def test_recovered_columns_per_text_and_stage_in_trials_and_front(recovered_run):
+    t = pd.read_csv(recovered_run / "trials.csv")
+    front = pd.read_csv(recovered_run / "front.csv")
+    for df in (t, front):
+        for col in ["perplexity", "kl_nats", "eval_text_perplexity", "eval_text_kl_nats",
+                    *RECOVERED, "recover_method", "recover_steps"]:
+            assert col in df.columns, col
+    done = t[t["recover_steps"].notna()]
+    assert len(done) >= 2
+    assert set(done["recover_method"]) == {"reconstruct"}  # formats only: reconstruction
+    for col in ["eval_text_perplexity", "eval_text_kl_nats", *RECOVERED]:
+        assert np.isfinite(done[col]).all() and (done[col] >= 0).all(), col
+    # successive halving: round 2 (8 steps) is the better half of round 1 (4 steps)
+    steps = done["recover_steps"].value_counts().to_dict()
+    assert set(steps) == {4.0, 8.0} and steps[8.0] == -(-len(done) // 2)
+    # measured on the two texts: they are different numbers
+    assert (done["eval_text_perplexity"] != done["perplexity"]).all()
+    # the front is built from the recovered metrics where they exist
+    from llmpareto.front import effective, front_mask
+
+    mask = front_mask(t, ["perplexity", "memory_bytes"])
+    assert set(front["trial"]) == set(t.loc[mask, "trial"])
+    eff = effective(t, ["perplexity", "memory_bytes"])
+    assert (eff.loc[done.index, "perplexity"] == done["recovered_perplexity"]).all()
+
+
+def test_pick_exports_the_recovered_weights_bit_for_bit(recovered_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from llmpareto.gguf_write import gguf_name, unpermute_rows
+
+    front = pd.read_csv(recovered_run / "front.csv")
+    row = front[front["recover_steps"].notna()].iloc[0]
+    trial = int(row["trial"])
+    assert main(["pick", str(recovered_run), "--trial", str(trial), "--out",
+                 str(tmp_path / "x"), "--format", "gguf"]) == 0
+    w = load_file(str(recovered_run / "recover" / f"trial-{trial}.safetensors"))
+    tensors = {x.name: x for x in gguf.GGUFReader(tmp_path / "x" / "model.gguf").tensors}
+    from llmpareto.search.workbench import Workbench
+
+    config = Workbench.from_run(recovered_run).model.config
+    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    assert w
+    for fqn, arr in w.items():
+        t = tensors[gguf_name(fqn + ".weight", config.num_hidden_layers)]
+        back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(arr.shape)
+        kind = fqn.rsplit(".", 1)[1]
+        if kind in heads:  # llama.cpp's row order for rotary heads
+            back = unpermute_rows(back, heads[kind])
+        assert np.array_equal(back, arr.numpy()), fqn
+    # and they differ from the post-training weights somewhere (recovery changed them)
+    assert main(["pick", str(recovered_run), "--trial", str(trial), "--out",
+                 str(tmp_path / "ptq"), "--format", "gguf", "--no-recovered"]) == 0
+    ptq = {x.name: np.array(x.data) for x in gguf.GGUFReader(tmp_path / "ptq" / "model.gguf").tensors}
+    assert any(not np.array_equal(ptq[n], np.array(tensors[n].data)) for n in ptq)
+
+
+def test_recovery_lowers_kl_on_the_windows_it_never_learned_on(tiny_model_dir, tmp_path):
+    """On the tiny random model, 30 steps of reconstruction lower the KL to the base on the
+    evaluation windows (never learned on) for uniform q4_0; what recovery learned on is the
+    calibration text."""
+    s = _settings(tiny_model_dir, tmp_path, formats="q4_0,f16", trials=2, recover_steps=30,
+                  recover_rounds=1, recover_tokens=1024)
+    llmpareto.search(**s)
+    t = pd.read_csv(tmp_path / "runs" / "r" / "trials.csv").set_index("baseline")
+    row = t.loc["uniform q4_0"]
+    assert row["recover_method"] == "reconstruct"
+    assert row["recovered_kl_nats"] < row["kl_nats"]
+
+
+def test_the_eval_text_is_never_read_by_calibration_or_training(tiny_model_dir, tmp_path,
+                                                               monkeypatch):
+    """Every forward pass of every model the search loads (the candidate, a teacher) is
+    watched: a batch holding a window of the evaluation text may only come from measuring
+    (`text_scores`, the base log-probs in `Measure`). The test fails if calibration (the
+    importance matrix, GPTQ, pruning statistics), a trial or recovery ever reads one; and it
+    checks that the measurement did read them, so the watch is known to work."""
+    from llmpareto import models
+    from llmpareto.search import recover, workbench
+    from llmpareto.text import eval_text_windows, read_eval_text
+
+    eval_text = tmp_path / "held-out.txt"
+    eval_text.write_text(" ".join(f"zebra{i} quartz{i % 7} ledger" for i in range(900)))
+    loaded = []
+    real = models.load_model
+
+    def watched(*a, **k):
+        model, tok = real(*a, **k)
+        loaded.append((model, tok))
+        model.get_input_embeddings().register_forward_pre_hook(spy)
+        return model, tok
+
+    seen = {"measure": 0, "elsewhere": []}
+    held: list[np.ndarray] = []
+
+    def spy(module, args):
+        if not held:
+            return
+        ids = args[0].detach().cpu().numpy()
+        rows = {r.tobytes() for r in held[0]}
+        if not any(r.tobytes() in rows for r in ids.reshape(-1, ids.shape[-1])):
+            return
+        names = {f.function for f in inspect.stack(0)}
+        if names & {"text_scores", "__init__"} and "Measure" in repr(
+                [f.frame.f_locals.get("self") for f in inspect.stack(0)]):
+            seen["measure"] += 1
+        else:
+            seen["elsewhere"].append(sorted(names)[:20])
+
+    monkeypatch.setattr(models, "load_model", watched)
+    monkeypatch.setattr(workbench, "load_model", watched)
+    orig_windows = recover.eval_text_windows
+
+    def with_held(bench):
+        w = orig_windows(bench)
+        held.append(w)
+        return w
+
+    monkeypatch.setattr(recover, "eval_text_windows", with_held)
+    # the windows the search will cut, known before it starts, so calibration is watched too
+    _, tok = real(models.resolve_model(str(tiny_model_dir)))
+    held.append(eval_text_windows(tok, read_eval_text(str(eval_text), None), 64, 256)[0])
+    held[:] = [np.concatenate(held)]
+    s = _settings(tiny_model_dir, tmp_path, eval_text=str(eval_text), eval_text_tokens=256,
+                  quantizer="gptq", calib_tokens=256, formats="q4_0,q8_0", trials=4,
+                  recover_rounds=1)
+    llmpareto.search(**s)
+    assert seen["elsewhere"] == [], seen["elsewhere"][:2]
+    assert seen["measure"] > 0  # the watch saw the measurement read them
+    t = pd.read_csv(tmp_path / "runs" / "r" / "trials.csv")
+    assert t["recovered_eval_text_kl_nats"].notna().any()
+
+
+def test_recovery_resumes_after_a_kill(tiny_model_dir, tmp_path):
+    """SIGKILL during recovery, once some points are recovered: --resume keeps what was
+    recorded (not recovered again) and recovers the rest."""
+    s = _settings(tiny_model_dir, tmp_path, recover_steps=150, recover_rounds=1, trials=8,
+                  formats="q8_0,q5_0,q4_1,q4_0")
+    argv = [sys.executable, "-m", "llmpareto.cli", "search", "--no-progress"]
+    for k, v in s.items():
+        if k != "progress":
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = tmp_path / "runs" / "r" / "study.db"
+
+    def recorded() -> dict:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                row = con.execute("select value_json from study_user_attributes where key = ?",
+                                  ("llmpareto_after_search",)).fetchone()
+        except sqlite3.Error:
+            return {}
+        return {k: v for k, v in json.loads(row[0]).items() if "recover_steps" in v} \
+            if row else {}
+
+    deadline = time.time() + 300
+    while not recorded() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the search ended before the kill: give recovery more steps"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = recorded()
+    plan = None
+    with sqlite3.connect(db) as con:
+        row = con.execute("select value_json from study_user_attributes where key = ?",
+                          ("llmpareto_recover_rounds",)).fetchone()
+        plan = json.loads(row[0])["0"]
+    assert 1 <= len(before) < len(plan), (before, plan)  # killed mid-way, for real
+    llmpareto.search(**s, resume=True)
+    t = pd.read_csv(tmp_path / "runs" / "r" / "trials.csv").set_index("trial")
+    assert t.loc[plan, "recover_steps"].notna().all()
+    for trial, values in before.items():  # kept, not recomputed
+        assert t.loc[int(trial), "recover_s"] == values["recover_s"]
+    info = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    assert info["status"] == "finished"
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--recover-steps", "-1"], "--recover-steps -1: give 0 (no recovery) or more steps"),
+    (["--eval-text", "/nonexistent/x.txt"], "--eval-text /nonexistent/x.txt: no such file"),
+    (["--eval-text", "EMPTY"], "is empty"),
+    (["--eval-text", "SAME", "--text", "SAME"], "is the same text as --text"),
+    (["--recover-method", "magic"], "--recover-method 'magic'; choose auto or one of"),
+])
+def test_bad_recovery_input_is_one_line(capsys, tmp_path, tiny_model_dir, extra, match):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "same.txt").write_text("some prose " * 2000)
+    extra = [{"EMPTY": str(tmp_path / "empty.txt"), "SAME": str(tmp_path / "same.txt")}.get(a, a)
+             for a in extra]
+    code = main(["search", "--no-progress", "--model", str(tiny_model_dir), "--runs-dir",
+                 str(tmp_path / "runs"), "--window", "64", "--eval-tokens", "256",
+                 "--calib-tokens", "128", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("llmpareto: error:"), err
+    assert match in err[0], err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_recovery_on_a_run_whose_model_is_gone(capsys, tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    s = _settings(model, tmp_path, trials=3, recover_steps=0)
+    llmpareto.search(**s)
+    shutil.rmtree(model)
+    db = tmp_path / "runs" / "r" / "study.db"
+    before = db.read_bytes()
+    capsys.readouterr()
+    argv = ["search", "--no-progress", "--resume", "--recover-steps", "2"]
+    for k, v in s.items():
+        if k not in ("progress", "recover_steps"):
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llmpareto: error:") and str(model) in err[0]
+    assert db.read_bytes() == before
+
+
+def test_methods_come_from_a_registry_chosen_by_what_a_candidate_changed(tiny_model_dir):
+    from llmpareto.recipe import Recipe
+    from llmpareto.search.recover import REGISTRY, choose_method
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    bench = TrialRunner(SearchSettings(model=str(tiny_model_dir), window=64, eval_tokens=128,
+                                       calib_tokens=128, progress=False, presets="none",
+                                       formats="q4_0,q4_K,f16", context=256))
+    assert set(REGISTRY) >= {"reconstruct", "distill", "qat"}
+    assert choose_method(bench, Recipe.uniform("q4_0")) == "reconstruct"
+    assert choose_method(bench, Recipe.uniform("f16")) is None  # nothing quantized
+    student = Recipe.uniform("q4_0")
+    student.structure = {"layers": [0], "mlp_ratio": None, "heads": None}
+    assert choose_method(bench, student) == "distill"
+    assert choose_method(bench, Recipe.uniform("q4_0"), "qat") == "qat"
+    assert choose_method(bench, Recipe.uniform("f16"), "qat") is None
