@@ -5,7 +5,7 @@ and perplexity on
 
 - the run's evaluation windows (CPython docs, never calibrated on), and
 - an evaluation text of another domain that nothing here trains or calibrates on (default:
-  CPython's LICENSE.txt, which ships with the interpreter; `--eval-text FILE` for another),
+  Python's history and license, shipped in llmpareto/texts/; `--eval-text FILE` for another),
 
 with the seconds each method took (calibration statistics plus quantizing, or learning).
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sysconfig
 import time
 from pathlib import Path
 
@@ -29,7 +28,9 @@ WINDOW = 256
 
 
 def default_eval_text() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    from llmpareto.text import DEFAULT_EVAL_TEXT, eval_text_path
+
+    return eval_text_path(DEFAULT_EVAL_TEXT)  # Python's history and license, shipped
 
 
 def _runner(quantizer: str, calib: int, evals: int):

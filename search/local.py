@@ -16,8 +16,8 @@ from optuna.trial import TrialState
 from llmpareto.front import Front
 from llmpareto.placement import peak_device_bytes
 from llmpareto.rundir import RunDir
-from llmpareto.search.recover import after_search
 from llmpareto.search.records import front_size, record_trial, write_outputs
+from llmpareto.search.recover import after_search
 from llmpareto.search.runner import TrialRunner
 from llmpareto.search.session import (
     lifecycle,

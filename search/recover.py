@@ -32,6 +32,7 @@ import torch
 from llmpareto.front import RECOVERED, front_mask
 from llmpareto.pareto import non_dominated
 from llmpareto.recipe import Recipe
+from llmpareto.report import PRESET_PREFIX
 
 QUALITY = ("perplexity", "kl_nats")  # measured per text and per stage
 EVAL_TEXT = "eval_text_"
@@ -272,7 +273,12 @@ def _promoted(trials: pd.DataFrame, objectives: list[str], prev: list[int]) -> l
 def after_search(bench, study, rd, settings, progress: bool = True) -> None:
     """Stage 0 (measurement) and stage 1 (recovery) for `study`'s run in `rd`; everything is
     recorded in the study as it is measured and trials.csv/front.csv rewritten."""
-    from llmpareto.search.records import AFTER_ATTR, record_after_search, trials_frame, write_outputs
+    from llmpareto.search.records import (
+        AFTER_ATTR,
+        record_after_search,
+        trials_frame,
+        write_outputs,
+    )
 
     if settings.eval_text == "none" and not settings.recover_steps:
         return
@@ -286,10 +292,15 @@ def after_search(bench, study, rd, settings, progress: bool = True) -> None:
         write_outputs(study, rd, objectives, plot=False)
 
     trials = trials_frame(study, rd)
-    todo = near_front(trials, objectives)
+    # recovery takes the points near the front too (it can reorder them); measuring, the
+    # front and llama.cpp's presets (what a user compares against)
+    todo = near_front(trials, objectives, layers=2 if settings.recover_steps else 1)
+    is_preset = (trials["baseline"].fillna("").astype(str).str.startswith(PRESET_PREFIX)
+                 & trials["feasible"].astype(bool) & (trials["state"] == "COMPLETE"))
+    presets = [int(t) for t in trials.loc[is_preset, "trial"]]
     wanted = ["kl_nats"] + ([f"{EVAL_TEXT}{m}" for m in QUALITY]
                              if settings.eval_text != "none" else [])
-    measure_todo = [t for t in todo if not set(wanted) <= set(after().get(str(t), {}))]
+    measure_todo = [t for t in dict.fromkeys(todo + presets) if not set(wanted) <= set(after().get(str(t), {}))]
     rounds = settings.recover_rounds if settings.recover_steps else 0
     if not measure_todo and not rounds:
         return

@@ -18,7 +18,6 @@ import gguf
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import llmpareto
 from llmpareto.cli import main

@@ -1,0 +1,87 @@
+"""Benchmark of recovery inside the search (issue 26) on the default model: `llmpareto search`
+with `--recover-steps`, then for each llama.cpp preset (imatrix) the best point of the run with
+no more memory, before and after recovery, compared on the evaluation text (another domain:
+nothing in the run calibrated or trained on it) as KL to the base model and perplexity.
+
+Run: python -m llmpareto.bench.bench_recover_front [--trials 30] [--recover-steps 16]
+     [--recover-rounds 1] [--recover-tokens 1024] [--out DIR]   (--quick: to check it runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def best_at_most(t: pd.DataFrame, memory: float, col: str) -> pd.Series | None:
+    """The run's point with memory_bytes <= memory that is lowest in `col` (None: none)."""
+    rows = t[(t["memory_bytes"] <= memory) & t[col].notna()]
+    return None if rows.empty else rows.loc[rows[col].idxmin()]
+
+
+def compare(t: pd.DataFrame) -> pd.DataFrame:
+    """Per preset: its eval-text KL and perplexity; the best point of no more memory before
+    recovery and after (recovered values where recovery ran, else the point's own)."""
+    t = t[(t["state"] == "COMPLETE") & t["feasible"].astype(bool)].copy()
+    for m in ("kl_nats", "perplexity"):
+        rec = t.get(f"recovered_eval_text_{m}", pd.Series(np.nan, index=t.index))
+        t[f"after_{m}"] = rec.where(rec.notna(), t[f"eval_text_{m}"])
+    rows = []
+    presets = t[t["baseline"].fillna("").astype(str).str.startswith("llama.cpp ")]
+    for _, p in presets.sort_values("memory_bytes").iterrows():
+        row = {"preset": p["baseline"].removeprefix("llama.cpp "), "memory_MB": p["memory_bytes"] / 1e6,
+               "preset_kl": p["eval_text_kl_nats"], "preset_ppl": p["eval_text_perplexity"]}
+        for stage, col in (("before", "eval_text_kl_nats"), ("after", "after_kl_nats")):
+            b = best_at_most(t, p["memory_bytes"], col)
+            if b is None:
+                continue
+            row.update({f"{stage}_trial": int(b["trial"]), f"{stage}_kl": b[col],
+                        f"{stage}_ppl": b["eval_text_perplexity" if stage == "before"
+                                          else "after_perplexity"],
+                        f"{stage}_kl_gain_pct": 100 * (1 - b[col] / p["eval_text_kl_nats"])})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import llmpareto
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--recover-steps", type=int, default=16)
+    ap.add_argument("--recover-rounds", type=int, default=1)
+    ap.add_argument("--recover-tokens", type=int, default=1024)
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.trials, a.recover_steps, a.recover_tokens = 12, 2, 512
+    out = Path(a.out)
+    study = f"recover-front-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    llmpareto.search(study=study, runs_dir=str(out / "runs"), trials=a.trials,
+                     recover_steps=a.recover_steps, recover_rounds=a.recover_rounds,
+                     recover_tokens=a.recover_tokens, progress=True)
+    seconds = time.perf_counter() - t0
+    run = out / "runs" / study
+    t = pd.read_csv(run / "trials.csv")
+    df = compare(t)
+    done = t[t["recover_steps"].notna()] if "recover_steps" in t else t.iloc[:0]
+    summary = {"seconds": seconds, "recovered_points": len(done),
+               "recover_s_mean": float(done["recover_s"].mean()) if len(done) else None,
+               "methods": done["recover_method"].value_counts().to_dict() if len(done) else {},
+               "run": str(run)}
+    df.to_csv(out / "recover_front.csv", index=False)
+    (out / "recover_front.json").write_text(json.dumps(
+        {"summary": summary, "presets": df.to_dict(orient="records")}, indent=1, default=str))
+    print(json.dumps(summary, indent=1, default=str))
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+if __name__ == "__main__":
+    main()
