@@ -73,6 +73,7 @@ class VariantCache:
         self._slices: dict[tuple, dict] = {}
         self.override: dict[str, torch.Tensor] = {}  # set_override: distilled weights
         self.exact: set[str] = set()  # override tensors already on their grids (recovered)
+        self.packed_override: dict[str, tuple[str, np.ndarray]] = {}  # their blocks as learned
         self.modules = {fqn: model.get_submodule(fqn) for fqn in self.shapes}
         # biases (Qwen2's q/k/v): a student keeps the entries of the rows it keeps
         self.base_bias = {fqn: m.bias.detach().clone() for fqn, m in self.modules.items()
@@ -165,16 +166,19 @@ class VariantCache:
                                            a.head_dim, self.importance) if s else {}
         return self._slices[key]
 
-    def set_override(self, weights: dict[str, torch.Tensor], exact: bool = False) -> None:
+    def set_override(self, weights: dict[str, torch.Tensor], exact: bool = False,
+                     packed: dict[str, tuple[str, np.ndarray]] | None = None) -> None:
         """Use these float32 weights (a distilled student's: already cut to its shape and
         pruned; or recovered weights) instead of the base model's for their tensors; their
         variants are remade. `exact`: the weights already lie on their formats' grids
         (block-wise reconstruction) and are packed by the format's own round-to-nearest, which
-        must give them back bit for bit, never by the run's quantizer. An empty dict returns
-        to the base weights."""
+        must give them back bit for bit, never by the run's quantizer; `packed`: tensor ->
+        (format, blocks) written as they are (K-quant codes learned onto their scales). An
+        empty dict returns to the base weights."""
         touched = set(self.override) | set(weights)
         self.override = dict(weights)
         self.exact = set(weights) if exact else set()
+        self.packed_override = dict(packed or {})
         self._drop(lambda k: k[1] in touched, lambda k: k[0] in touched)
         self.current.update(dict.fromkeys(touched, "?"))  # so apply() sets them again
 
@@ -246,8 +250,12 @@ class VariantCache:
             src = self.host_source(fqn, sl) if sparsity is None else \
                 self.pruned(fqn, sparsity, sl)
             t0 = time.perf_counter()
-            out = _on_grid(fqn, fmt, src) if fqn in self.exact else \
-                self.quantizer.quantize(fqn, fmt, src, None if sl is None else sl[2])
+            if self.packed_override.get(fqn, (None,))[0] == fmt:
+                out = self.packed_override[fqn][1]
+            elif fqn in self.exact:
+                out = _on_grid(fqn, fmt, src)
+            else:
+                out = self.quantizer.quantize(fqn, fmt, src, None if sl is None else sl[2])
             if sparsity is not None and self.quantizer.name == "gptq":
                 # GPTQ's compensation reaches pruned positions: put their zeros back
                 # (approximate; SparseGPT's joint pruning + quantization is not done here)

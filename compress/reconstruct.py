@@ -16,12 +16,13 @@ Pure tensor functions: a block (any nn.Module), its captured inputs, its weights
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from llmpareto.compress.gptq import _Groups, grid_rule
+from llmpareto.compress.kquant_codes import K_CODES, k_grid, k_pack
 
 BlockInput = tuple[tuple, dict]  # (args, kwargs) of one call of a block's forward
 
@@ -35,6 +36,7 @@ class Reconstructed:
     mse_rtn: float
     mse: float
     steps: int
+    packed: dict[str, torch.Tensor] = field(default_factory=dict)  # K-quants: their blocks
 
 
 def _output(out) -> torch.Tensor:
@@ -115,7 +117,11 @@ class _Weight:
         d = groups.d.T.repeat_interleave(g, 1)
         m = groups.m.T.repeat_interleave(g, 1)
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        return cls(w.detach().float(), groups, d, m, inv, groups.forced.T.contiguous())
+        return cls(w.detach().float().clone(), groups, d, m, inv, groups.forced.T.contiguous())
+
+    @property
+    def v0(self) -> torch.Tensor:
+        return torch.zeros_like(self.w)  # start at round-to-nearest (AutoRound's)
 
     def quantized(self, v: torch.Tensor) -> torch.Tensor:
         """The weight on the grid with offsets `v` (differentiable in v, straight-through)."""
@@ -132,25 +138,77 @@ class _Weight:
         return torch.stack(cols, 1).float().contiguous()
 
 
+@dataclass
+class _KWeight:
+    """One K-quant weight's grid: the scales and minimums llama.cpp's quantizer chose (its
+    packed blocks), codes learned onto them; starts at the quantizer's own codes."""
+
+    w: torch.Tensor  # float32 base weight
+    fmt: str
+    packed: torch.Tensor  # (rows, bytes) uint8, the post-training blocks
+    d: torch.Tensor  # (rows, cols) scale
+    m: torch.Tensor  # (rows, cols) -offset: the weight is d * q + m
+    inv: torch.Tensor
+    v0: torch.Tensor
+    out: torch.Tensor | None = None  # the blocks `exact` wrote
+
+    @classmethod
+    def of(cls, w: torch.Tensor, fmt: str, packed: torch.Tensor) -> _KWeight:
+        w = w.detach().float().clone()
+        packed = packed.to(w.device)
+        d, off, q = k_grid(fmt, packed)
+        m = -off
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+        v0 = torch.where(d == 0, torch.zeros_like(d), q.float() - (w - m) * inv).clamp(-0.5, 0.5)
+        return cls(w, fmt, packed, d, m, inv, v0)
+
+    def _codes(self, v: torch.Tensor, ste: bool) -> torch.Tensor:
+        _, lo, hi = K_CODES[self.fmt]
+        x = (self.w - self.m) * self.inv + v
+        return (_RoundSTE.apply(x) if ste else torch.round(x)).clamp(lo, hi)
+
+    def quantized(self, v: torch.Tensor) -> torch.Tensor:
+        return self.d * self._codes(v, True) + self.m
+
+    def exact(self, v: torch.Tensor) -> torch.Tensor:
+        """The final weight as llama.cpp dequantizes the blocks with the learned codes (kept in
+        `out`, to be written as they are)."""
+        from llmpareto.compress.dequant_k import K_DEQUANT
+
+        with torch.no_grad():
+            self.out = k_pack(self.fmt, self.packed, self._codes(v, False).to(torch.int32))
+        rows, cols = self.w.shape
+        return K_DEQUANT[self.fmt][1](self.out.reshape(-1, K_CODES[self.fmt][0])).reshape(
+            rows, cols).float().contiguous()
+
+
 def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
                       formats: dict[str, str], steps: int = 200, lr: float | None = None,
                       batch: int = 4, seed: int = 0,
                       targets: Sequence[torch.Tensor] | None = None,
-                      base: dict[str, torch.Tensor] | None = None) -> Reconstructed:
+                      base: dict[str, torch.Tensor] | None = None,
+                      packed: dict[str, torch.Tensor] | None = None) -> Reconstructed:
     """Learn the rounding of `block`'s weights named in `formats` (parameter name -> grid
     format) so the block's output on `inputs` (from `block_inputs`) matches `targets` (default:
     the float block's output on the same inputs; a whole model passes the float block's output
     on the float stream's inputs while `inputs` come from the quantized blocks before). `steps` signed-gradient steps over mini-batches of `batch` inputs, learning rate
     `lr` (default 1 / steps, AutoRound's) decayed linearly; the offsets with the lowest loss
     on all inputs are kept. `base`: the float weights the grids are made from (default: the
-    block's own; a block holding quantized weights passes its base ones). `block` is left as
-    it was."""
+    block's own; a block holding quantized weights passes its base ones). A K-quant weight
+    (q2_K ... q6_K) needs `packed[name]`, its post-training blocks: codes are learned onto their
+    scales, starting at their codes, and `Reconstructed.packed` holds the new blocks. `block`
+    is left as it was."""
     params = dict(block.named_parameters())
     unknown = [n for n in formats if n not in params]
     if unknown:
         raise KeyError(f"no parameter {unknown[0]!r} in this block")
     base = base or {}
-    grids = {n: _Weight.of(base.get(n, params[n]), fmt) for n, fmt in formats.items()}
+    lacking = [n for n, fmt in formats.items() if fmt in K_CODES and n not in (packed or {})]
+    if lacking:
+        raise ValueError(f"{lacking[0]}: a K-quant is learned onto the scales its quantizer "
+                         "chose: pass its post-training blocks in `packed`")
+    grids = {n: _KWeight.of(base.get(n, params[n]), fmt, (packed or {})[n]) if fmt in K_CODES
+             else _Weight.of(base.get(n, params[n]), fmt) for n, fmt in formats.items()}
     lr = 1.0 / steps if lr is None else lr
     trainable = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():  # only the offsets learn
@@ -166,6 +224,10 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
            steps: int, lr: float, batch: int, seed: int,
            targets: Sequence[torch.Tensor] | None) -> Reconstructed:
     dtypes = {n: p.dtype for n, p in block.named_parameters()}
+    # weights made under inference mode (a cache's dequantized variants) cannot take part in
+    # a graph: the ones not learned go in as ordinary copies
+    fixed = {n: p.detach().clone() for n, p in block.named_parameters()
+             if n not in grids and p.is_inference()}
     if targets is None:
         with torch.no_grad():
             targets = [_output(block(*a, **k)).detach().float() for a, k in inputs]
@@ -174,13 +236,13 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
         total = 0.0
         for part in _batches(inputs, idx):  # windows of one length run as one batch
             a, k = _stacked(inputs, part)
-            ws = {n: w.to(dtypes[n]) for n, w in ws.items()}
+            ws = {**fixed, **{n: w.to(dtypes[n]) for n, w in ws.items()}}
             out = _output(torch.func.functional_call(block, ws, a, k)).float()
             want = torch.cat([targets[i] for i in part])
             total = total + torch.mean((out - want) ** 2) * len(part)
         return total / len(idx)
 
-    v = {n: torch.zeros_like(g.w, requires_grad=True) for n, g in grids.items()}
+    v = {n: g.v0.clone().requires_grad_(True) for n, g in grids.items()}
     everything = range(len(inputs))
     with torch.no_grad():
         best = rtn = float(loss_on(everything, {n: g.quantized(v[n]) for n, g in grids.items()}))
@@ -203,7 +265,8 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
     weights = {n: g.exact(best_v[n]) for n, g in grids.items()}
     with torch.no_grad():
         final = float(loss_on(everything, weights))
-    return Reconstructed(weights, rtn, final, steps)
+    return Reconstructed(weights, rtn, final, steps,
+                         {n: g.out for n, g in grids.items() if isinstance(g, _KWeight)})
 
 
 def _batches(inputs: Sequence[BlockInput], idx: Sequence[int], most: int = 8) -> list[list[int]]:
@@ -250,6 +313,7 @@ def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockI
                       seed: int = 0, progress: Callable[[int], None] | None = None,
                       base: Sequence[dict[str, torch.Tensor]] | None = None,
                       float_inputs: Sequence[BlockInput] | None = None,
+                      packed: Sequence[dict[str, torch.Tensor]] | None = None,
                       ) -> tuple[list[dict[str, torch.Tensor]], list[Reconstructed]]:
     """Every block of `layers` in turn, AutoRound's way: block i learns on the inputs the
     already reconstructed blocks 0..i-1 give (so it corrects the error they leave) towards the
@@ -267,7 +331,8 @@ def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockI
         b = base[i] if base is not None else None
         nxt_fp = _next(block, fp, b)
         got = reconstruct_block(block, q, formats[i], steps=steps, batch=batch, seed=seed + i,
-                                targets=[_hidden(x).float() for x in nxt_fp], base=b)
+                                targets=[_hidden(x).float() for x in nxt_fp], base=b,
+                                packed=packed[i] if packed is not None else None)
         q = _next(block, q, got.weights)
         fp = nxt_fp
         weights.append(got.weights)

@@ -169,7 +169,15 @@ def run_rdb(settings: SearchSettings) -> Front:
         print(f"study {name} is ready in {masked(url)}; start workers with "
               f"`llmpareto worker --study {name} --storage URL`")
         return write_distributed_outputs(study, rd, settings.objectives, runner.space)
-    return _work(study, runner, rd, settings, info)[0]
+    front = _work(study, runner, rd, settings, info)[0]
+    if settings.eval_text != "none" or settings.recover_steps:
+        # measurement and recovery run here, in the process that made the study, once every
+        # worker's trials are in; workers (`llmpareto worker`) never do
+        from llmpareto.search.recover import after_search
+
+        after_search(runner, study, rd, settings, settings.progress)
+        front = write_distributed_outputs(study, rd, settings.objectives, runner.space)
+    return front
 
 
 def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = True,

@@ -35,6 +35,7 @@ from llmpareto.recipe import Recipe
 from llmpareto.report import PRESET_PREFIX
 
 QUALITY = ("perplexity", "kl_nats")  # measured per text and per stage
+PACKED = "packed:"  # key prefix of a K-quant's learned blocks next to its weights
 EVAL_TEXT = "eval_text_"
 ROUNDS_ATTR = "llmpareto_recover_rounds"  # study user attr: round -> its trials, once decided
 
@@ -64,12 +65,14 @@ def _changes_structure(bench, recipe: Recipe) -> bool:
 
 
 def _grid_tensors(bench, recipe: Recipe) -> dict[str, str]:
-    """Block tensors in a format block-wise reconstruction has a grid for: fqn -> format."""
+    """Block tensors in a format block-wise reconstruction learns: fqn -> format (the
+    per-group grids GPTQ rounds onto, and the K-quants onto the scales llama.cpp chose)."""
     from llmpareto.compress.gptq import GRIDS
+    from llmpareto.compress.kquant_codes import K_CODES
 
     formats = bench.arch.formats_for(recipe)
     return {t.fqn: formats[t.fqn] for t in bench.arch.linears
-            if t.layer is not None and formats.get(t.fqn) in GRIDS}
+            if t.layer is not None and (formats.get(t.fqn) in GRIDS or formats.get(t.fqn) in K_CODES)}
 
 
 def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
@@ -86,8 +89,11 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
     layers = list(_find_layers(model))
     learn = _grid_tensors(bench, recipe)
     formats = bench.arch.formats_for(recipe)
+    from llmpareto.compress.kquant_codes import K_CODES
+
     by_block: list[dict[str, str]] = [{} for _ in layers]
     base: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    packed: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     name_of = {}
     for t in bench.arch.linears:
         if t.layer is None or formats.get(t.fqn) is None:
@@ -98,6 +104,8 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
         if t.fqn in learn:
             by_block[t.layer][name] = learn[t.fqn]
             name_of[(t.layer, name)] = t.fqn
+            if learn[t.fqn] in K_CODES:  # learned onto the scales the run's quantizer chose
+                packed[t.layer][name] = torch.from_numpy(cache.get(t.fqn, learn[t.fqn]))
     ids = torch.as_tensor(windows)
 
     def firsts() -> list:
@@ -112,13 +120,16 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
     q_in = firsts()
     with tqdm(total=len(layers), desc="reconstructing blocks", unit="block", leave=False,
               disable=not progress) as bar:
-        got, _ = reconstruct_model(layers, q_in, by_block, steps=steps, seed=seed,
-                                   progress=lambda i: bar.update(1), base=base,
-                                   float_inputs=float_in)
+        got, reports = reconstruct_model(layers, q_in, by_block, steps=steps, seed=seed,
+                                         progress=lambda i: bar.update(1), base=base,
+                                         float_inputs=float_in, packed=packed)
     out = {}
     for i, block in enumerate(got):
         for name, w in block.items():
-            out[name_of[(i, name)]] = w.detach().to("cpu", torch.float32).contiguous()
+            fqn = name_of[(i, name)]
+            out[fqn] = w.detach().to("cpu", torch.float32).contiguous()
+            if name in reports[i].packed:  # the blocks themselves, to be written as they are
+                out[PACKED + fqn] = reports[i].packed[name].to("cpu").contiguous()
     return out, True
 
 
@@ -154,7 +165,8 @@ def _quantized(fmt: str | None) -> bool:
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("reconstruct", "block-wise reconstruction: rounding learned per block against the "
-           "base block's output, on the format's own grid (q4_0, q4_1, q5_0, q5_1, q8_0, int*)",
+           "base block's output, on the format's own grid (q4_0, q4_1, q5_0, q5_1, q8_0, int*; "
+           "q2_K ... q6_K onto the scales llama.cpp's quantizer chose)",
            lambda bench, r: not _changes_structure(bench, r) and bool(_grid_tensors(bench, r)),
            _reconstruct),
     Method("distill", "end-to-end distillation from the base model, soft targets only",
@@ -383,7 +395,11 @@ def use_recovered(bench, recipe: Recipe, weights: dict[str, torch.Tensor], exact
     """Apply `recipe` with recovered `weights` in place of the base ones (the built model)."""
     from llmpareto.compress import apply
 
-    bench.cache.set_override(weights, exact=exact)
+    plain = {k: v for k, v in weights.items() if not k.startswith(PACKED)}
+    packed = {k.removeprefix(PACKED): v.numpy() for k, v in weights.items() if k.startswith(PACKED)}
+    formats = bench.cache.arch.formats_for(recipe)
+    bench.cache.set_override(plain, exact=exact,
+                             packed={f: (formats[f], b) for f, b in packed.items()})
     apply(bench.model, recipe, bench.cache)
 
 

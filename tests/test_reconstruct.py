@@ -102,8 +102,63 @@ def test_reconstruction_refuses_what_it_cannot_do(tiny):
         reconstruct_block(block, inputs, {"mlp.nothing.weight": "q4_0"}, steps=1)
     from llmpareto.errors import UserError
 
-    with pytest.raises(UserError, match="q4_K"):
+    with pytest.raises(UserError, match="iq4_nl"):
+        reconstruct_block(block, inputs, {"mlp.up_proj.weight": "iq4_nl"}, steps=1)
+    with pytest.raises(ValueError, match="post-training blocks"):
         reconstruct_block(block, inputs, {"mlp.up_proj.weight": "q4_K"}, steps=1)
+
+
+@pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
+def test_k_quant_codes_read_and_written_as_llama_cpp_does(fmt):
+    """k_grid's scale * code - offset is ggml's dequantization bit for bit, and k_pack writes
+    other codes into the blocks with every scale byte kept."""
+    from llmpareto.compress.kquant_codes import K_CODES, k_grid, k_pack
+
+    f = get_format(fmt)
+    w = np.random.default_rng(1).standard_normal((6, 512)).astype(np.float32)
+    packed = torch.from_numpy(f.quantize(w))
+    scale, off, q = k_grid(fmt, packed)
+    assert torch.equal(scale * q.float() - off, torch.from_numpy(f.dequantize(packed.numpy(),
+                                                                             w.shape).copy()))
+    assert torch.equal(k_pack(fmt, packed, q), packed)
+    _, lo, hi = K_CODES[fmt]
+    other = torch.randint(lo, hi + 1, q.shape, generator=torch.Generator().manual_seed(2))
+    again = k_pack(fmt, packed, other)
+    s2, o2, q2 = k_grid(fmt, again)
+    assert torch.equal(q2, other) and torch.equal(s2, scale) and torch.equal(o2, off)
+    assert torch.equal(s2 * q2.float() - o2, torch.from_numpy(f.dequantize(again.numpy(),
+                                                                           w.shape).copy()))
+
+
+@pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K"])
+def test_k_quant_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
+    """On a block whose rows are multiples of 256: codes learned onto the scales llama.cpp's
+    quantizer chose lower the block's output error below those of the quantizer itself, on
+    inputs it never learned on, and the result is the blocks' own dequantization."""
+    from llmpareto.compress.dequant_k import K_DEQUANT
+    from llmpareto.compress.kquant_codes import k_grid
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 512)).eval()
+    # correlated features of unequal energy, as activations are (where rounding can be
+    # chosen better than to nearest)
+    mix = torch.randn(512, 512) * torch.logspace(0, -2, 512)[:, None]
+    xs = [((torch.randn(1, 64, 512) @ mix,), {}) for _ in range(40)]
+    learn, held = xs[:32], xs[32:]
+    f = get_format(fmt)
+    names = ["0.weight", "2.weight"]
+    params = dict(block.named_parameters())
+    packed = {n: torch.from_numpy(f.quantize(params[n].detach().numpy())) for n in names}
+    ptq = {n: torch.from_numpy(f.dequantize(packed[n].numpy(), tuple(params[n].shape)).copy())
+           for n in names}
+    got = reconstruct_block(block, learn, dict.fromkeys(names, fmt), steps=60, packed=packed)
+    assert _mse(block, held, got.weights) < _mse(block, held, ptq)
+    for n in names:
+        out = got.packed[n]
+        assert torch.equal(got.weights[n], K_DEQUANT[fmt][1](out.reshape(
+            -1, K_DEQUANT[fmt][0])).reshape(params[n].shape))
+        assert torch.equal(k_grid(fmt, out)[0], k_grid(fmt, packed[n])[0])  # scales kept
 
 
 def test_a_whole_model_block_by_block_beats_rtn_on_windows_it_never_saw(tiny):
