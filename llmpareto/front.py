@@ -132,7 +132,7 @@ class Front:
         if ref is None:
             return self, 0, None
         limit = floor * ref
-        ppl = pd.to_numeric(self.df["perplexity"], errors="coerce")
+        ppl = effective(self.df, ["perplexity"])["perplexity"]  # after recovery, if it ran
         keep = ~(ppl > limit)  # a point with no perplexity is not judged
         shown = Front(self.df[keep].reset_index(drop=True), self.objectives, self.trials,
                       self.run_dir)
