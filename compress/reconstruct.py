@@ -30,7 +30,9 @@ BlockInput = tuple[tuple, dict]  # (args, kwargs) of one call of a block's forwa
 @dataclass
 class Reconstructed:
     """Per weight name (as in block.named_parameters()), the float32 weight on its grid; the
-    block output's mean squared error against the float block, before (RTN: V = 0) and after."""
+    block output's mean squared error against the float block, at the start (RTN, or the
+    post-training codes given) and after, on the windows the offsets are chosen on (the
+    held-out ones when there are)."""
 
     weights: dict[str, torch.Tensor]
     mse_rtn: float
@@ -104,24 +106,36 @@ class _Weight:
     m: torch.Tensor  # (rows, cols) minimum (0 for symmetric grids)
     inv: torch.Tensor  # 1 / d, 0 where d = 0
     forced: torch.Tensor  # (rows, cols) forced code, or groups.none
+    start: torch.Tensor | None = None  # offsets of the post-training codes (None: RTN)
 
     @classmethod
-    def of(cls, w: torch.Tensor, fmt: str) -> _Weight:
+    def of(cls, w: torch.Tensor, fmt: str, start: torch.Tensor | None = None) -> _Weight:
+        """`start`: post-training weights of this format (imatrix, GPTQ); the grid is the one
+        the format's quantizer gives them (GPTQ's own scales: its weights lie on it) and
+        learning starts at their nearest codes on it instead of at RTN of `w`."""
         rule = grid_rule(fmt)
         rows, cols = w.shape
         g = rule.group
         if cols % g:
             raise ValueError(f"{fmt} needs rows of a multiple of {g} weights; this one has {cols}")
         groups = _Groups(fmt, rule, rows, cols, w.device)
-        groups.set(0, w.detach().float().view(rows, cols // g, g))
+        on = w if start is None else start.to(w.device)  # the grid: the start's own scales
+        groups.set(0, on.detach().float().view(rows, cols // g, g))
         d = groups.d.T.repeat_interleave(g, 1)
         m = groups.m.T.repeat_interleave(g, 1)
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        return cls(w.detach().float().clone(), groups, d, m, inv, groups.forced.T.contiguous())
+        w = w.detach().float().clone()
+        v0 = None
+        if start is not None:
+            x = (w - m) * inv
+            q = torch.round((start.to(w.device, torch.float32) - m) * inv)
+            v0 = torch.where(d == 0, torch.zeros_like(d), q - x)
+        return cls(w, groups, d, m, inv, groups.forced.T.contiguous(), v0)
 
     @property
     def v0(self) -> torch.Tensor:
-        return torch.zeros_like(self.w)  # start at round-to-nearest (AutoRound's)
+        # round-to-nearest (AutoRound's start), or the post-training codes
+        return torch.zeros_like(self.w) if self.start is None else self.start
 
     def quantized(self, v: torch.Tensor) -> torch.Tensor:
         """The weight on the grid with offsets `v` (differentiable in v, straight-through)."""
@@ -159,7 +173,7 @@ class _KWeight:
         d, off, q = k_grid(fmt, packed)
         m = -off
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        v0 = torch.where(d == 0, torch.zeros_like(d), q.float() - (w - m) * inv).clamp(-0.5, 0.5)
+        v0 = torch.where(d == 0, torch.zeros_like(d), q.float() - (w - m) * inv)
         return cls(w, fmt, packed, d, m, inv, v0)
 
     def _codes(self, v: torch.Tensor, ste: bool) -> torch.Tensor:
@@ -187,7 +201,9 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
                       batch: int = 4, seed: int = 0,
                       targets: Sequence[torch.Tensor] | None = None,
                       base: dict[str, torch.Tensor] | None = None,
-                      packed: dict[str, torch.Tensor] | None = None) -> Reconstructed:
+                      packed: dict[str, torch.Tensor] | None = None,
+                      start: dict[str, torch.Tensor] | None = None,
+                      holdout: int = 0) -> Reconstructed:
     """Learn the rounding of `block`'s weights named in `formats` (parameter name -> grid
     format) so the block's output on `inputs` (from `block_inputs`) matches `targets` (default:
     the float block's output on the same inputs; a whole model passes the float block's output
@@ -196,8 +212,11 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
     on all inputs are kept. `base`: the float weights the grids are made from (default: the
     block's own; a block holding quantized weights passes its base ones). A K-quant weight
     (q2_K ... q6_K) needs `packed[name]`, its post-training blocks: codes are learned onto their
-    scales, starting at their codes, and `Reconstructed.packed` holds the new blocks. `block`
-    is left as it was."""
+    scales, starting at their codes, and `Reconstructed.packed` holds the new blocks. `start`:
+    post-training weights of the other formats to start from (default RTN). `holdout`: the
+    last `holdout` inputs are never learned on; the offsets kept are those with the lowest
+    loss on them, the start included (early stopping: a block never ends worse than it started
+    on windows it did not learn). `block` is left as it was."""
     params = dict(block.named_parameters())
     unknown = [n for n in formats if n not in params]
     if unknown:
@@ -208,13 +227,14 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
         raise ValueError(f"{lacking[0]}: a K-quant is learned onto the scales its quantizer "
                          "chose: pass its post-training blocks in `packed`")
     grids = {n: _KWeight.of(base.get(n, params[n]), fmt, (packed or {})[n]) if fmt in K_CODES
-             else _Weight.of(base.get(n, params[n]), fmt) for n, fmt in formats.items()}
-    lr = 1.0 / steps if lr is None else lr
+             else _Weight.of(base.get(n, params[n]), fmt, (start or {}).get(n))
+             for n, fmt in formats.items()}
+    lr = 1.0 / max(1, steps) if lr is None else lr
     trainable = {n: p.requires_grad for n, p in params.items()}
     for p in params.values():  # only the offsets learn
         p.requires_grad_(False)
     try:
-        return _learn(block, inputs, grids, steps, lr, batch, seed, targets)
+        return _learn(block, inputs, grids, steps, lr, batch, seed, targets, holdout)
     finally:
         for n, p in params.items():
             p.requires_grad_(trainable[n])
@@ -222,7 +242,7 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
 
 def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Weight],
            steps: int, lr: float, batch: int, seed: int,
-           targets: Sequence[torch.Tensor] | None) -> Reconstructed:
+           targets: Sequence[torch.Tensor] | None, holdout: int = 0) -> Reconstructed:
     dtypes = {n: p.dtype for n, p in block.named_parameters()}
     # weights made under inference mode (a cache's dequantized variants) cannot take part in
     # a graph: the ones not learned go in as ordinary copies
@@ -242,29 +262,36 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
             total = total + torch.mean((out - want) ** 2) * len(part)
         return total / len(idx)
 
+    # each weight's offset moves within half a code of its start (AutoRound's [-0.5, 0.5]
+    # around RTN; around the post-training code when learning starts there)
     v = {n: g.v0.clone().requires_grad_(True) for n, g in grids.items()}
-    everything = range(len(inputs))
+    box = {n: (g.v0 - 0.5, g.v0 + 0.5) for n, g in grids.items()}
+    if not 0 <= holdout < len(inputs):
+        raise ValueError(f"holdout {holdout} must leave inputs to learn on ({len(inputs)})")
+    learn = list(range(len(inputs) - holdout))
+    judge = list(range(len(inputs) - holdout, len(inputs))) if holdout else learn
     with torch.no_grad():
-        best = rtn = float(loss_on(everything, {n: g.quantized(v[n]) for n, g in grids.items()}))
+        best = rtn = float(loss_on(judge, {n: g.quantized(v[n]) for n, g in grids.items()}))
     best_v = {n: t.detach().clone() for n, t in v.items()}
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        idx = torch.randperm(len(inputs), generator=gen)[:batch].tolist()
+        idx = [learn[i] for i in torch.randperm(len(learn), generator=gen)[:batch].tolist()]
         loss = loss_on(idx, {n: g.quantized(v[n]) for n, g in grids.items()})
         for t in v.values():
             t.grad = None
         loss.backward()
         rate = lr * (1 - step / steps)
         with torch.no_grad():
-            for t in v.values():
-                t.sub_(rate * torch.sign(t.grad)).clamp_(-0.5, 0.5)
+            for n, t in v.items():
+                t.sub_(rate * torch.sign(t.grad))
+                torch.maximum(torch.minimum(t, box[n][1]), box[n][0], out=t)
             if (step + 1) % max(1, steps // 10) == 0 or step == steps - 1:
-                now = float(loss_on(everything, {n: g.quantized(v[n]) for n, g in grids.items()}))
+                now = float(loss_on(judge, {n: g.quantized(v[n]) for n, g in grids.items()}))
                 if now < best:
                     best, best_v = now, {n: t.detach().clone() for n, t in v.items()}
     weights = {n: g.exact(best_v[n]) for n, g in grids.items()}
     with torch.no_grad():
-        final = float(loss_on(everything, weights))
+        final = float(loss_on(judge, weights))
     return Reconstructed(weights, rtn, final, steps,
                          {n: g.out for n, g in grids.items() if isinstance(g, _KWeight)})
 
@@ -314,6 +341,8 @@ def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockI
                       base: Sequence[dict[str, torch.Tensor]] | None = None,
                       float_inputs: Sequence[BlockInput] | None = None,
                       packed: Sequence[dict[str, torch.Tensor]] | None = None,
+                      start: Sequence[dict[str, torch.Tensor]] | None = None,
+                      holdout: int = 0,
                       ) -> tuple[list[dict[str, torch.Tensor]], list[Reconstructed]]:
     """Every block of `layers` in turn, AutoRound's way: block i learns on the inputs the
     already reconstructed blocks 0..i-1 give (so it corrects the error they leave) towards the
@@ -324,7 +353,9 @@ def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockI
     A model whose blocks hold a candidate's quantized weights passes `base[i]` (block i's
     float weights of every quantized tensor: the float stream runs on them and the grids are
     made from them; the tensors not learned stay as the block holds them) and `float_inputs`
-    (block 0's inputs from the float model, when they differ: a quantized embedding)."""
+    (block 0's inputs from the float model, when they differ: a quantized embedding), and may
+    pass `start[i]` (the post-training weights to start from). `holdout`: the last windows,
+    never learned on, choose each block's offsets (see reconstruct_block)."""
     fp, q = list(float_inputs or first_inputs), list(first_inputs)
     weights, reports = [], []
     for i, block in enumerate(layers):
@@ -332,7 +363,8 @@ def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockI
         nxt_fp = _next(block, fp, b)
         got = reconstruct_block(block, q, formats[i], steps=steps, batch=batch, seed=seed + i,
                                 targets=[_hidden(x).float() for x in nxt_fp], base=b,
-                                packed=packed[i] if packed is not None else None)
+                                packed=packed[i] if packed is not None else None,
+                                start=start[i] if start is not None else None, holdout=holdout)
         q = _next(block, q, got.weights)
         fp = nxt_fp
         weights.append(got.weights)

@@ -37,7 +37,8 @@ from llmpareto.report import PRESET_PREFIX
 QUALITY = ("perplexity", "kl_nats")  # measured per text and per stage
 PACKED = "packed:"  # key prefix of a K-quant's learned blocks next to its weights
 EVAL_TEXT = "eval_text_"
-ROUNDS_ATTR = "llmpareto_recover_rounds"  # study user attr: round -> its trials, once decided
+ROUNDS_ATTR = "llmpareto_recover_rounds"
+HOLDOUT_KL = "recover_holdout_kl_nats"  # KL on held-out calibration windows, weights in use  # study user attr: round -> its trials, once decided
 
 
 def weights_path(run_dir: Path, trial: int) -> Path:
@@ -50,8 +51,9 @@ def weights_path(run_dir: Path, trial: int) -> Path:
 @dataclass(frozen=True)
 class Method:
     """A recovery method: which candidates it handles (by what they changed) and how it
-    learns their weights. `run(bench, recipe, windows, steps, seed, progress)` returns
-    (fqn -> float32 weight, exact): `exact` weights lie on their formats' grids already."""
+    learns their weights. `run(bench, recipe, windows, steps, seed, progress, holdout)`
+    returns (fqn -> float32 weight, exact): `exact` weights lie on their formats' grids
+    already; `holdout` (calibration windows never learned on) may serve early stopping."""
 
     name: str
     what: str
@@ -76,9 +78,12 @@ def _grid_tensors(bench, recipe: Recipe) -> dict[str, str]:
 
 
 def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
-                 progress: bool) -> tuple[dict[str, torch.Tensor], bool]:
+                 progress: bool, holdout: np.ndarray | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], bool]:
     """Block-wise reconstruction (compress.reconstruct) of the candidate's grid tensors, each
-    block against the base block's output; the other tensors stay as the candidate has them."""
+    block against the base block's output, starting at the post-training codes (the run's
+    quantizer's); the other tensors stay as the candidate has them. `holdout`: calibration
+    windows never learned on that choose each block's offsets (early stopping)."""
     from tqdm.auto import tqdm
 
     from llmpareto.arch import _find_layers
@@ -94,6 +99,7 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
     by_block: list[dict[str, str]] = [{} for _ in layers]
     base: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     packed: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    start: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     name_of = {}
     for t in bench.arch.linears:
         if t.layer is None or formats.get(t.fqn) is None:
@@ -106,7 +112,11 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
             name_of[(t.layer, name)] = t.fqn
             if learn[t.fqn] in K_CODES:  # learned onto the scales the run's quantizer chose
                 packed[t.layer][name] = torch.from_numpy(cache.get(t.fqn, learn[t.fqn]))
-    ids = torch.as_tensor(windows)
+            else:  # from the codes nearest the run's quantizer's (imatrix, GPTQ), not RTN
+                start[t.layer][name] = cache.dequantized(t.fqn, learn[t.fqn]).to(
+                    param.device, torch.float32)
+    held = 0 if holdout is None else len(holdout)
+    ids = torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
 
     def firsts() -> list:
         dev = next(model.parameters()).device
@@ -122,7 +132,8 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
               disable=not progress) as bar:
         got, reports = reconstruct_model(layers, q_in, by_block, steps=steps, seed=seed,
                                          progress=lambda i: bar.update(1), base=base,
-                                         float_inputs=float_in, packed=packed)
+                                         float_inputs=float_in, packed=packed,
+                                         start=start, holdout=held)
     out = {}
     for i, block in enumerate(got):
         for name, w in block.items():
@@ -134,7 +145,8 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
 
 
 def _distill(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
-             progress: bool, qat: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
+             progress: bool, holdout: np.ndarray | None = None,
+             qat: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
     """End-to-end distillation from the base model with soft targets only (the survey's loss
     with alpha = 0), the candidate's cut and pruned float weights as the start; with `qat` the
     recipe's formats are applied in every forward pass (straight-through)."""
@@ -195,7 +207,8 @@ class Measure:
     """KL to the base model and perplexity on the evaluation windows and the evaluation text,
     one forward pass per text; the base model's log-probabilities computed once."""
 
-    def __init__(self, bench, eval_text: np.ndarray | None) -> None:
+    def __init__(self, bench, eval_text: np.ndarray | None,
+                 holdout: np.ndarray | None = None) -> None:
         from llmpareto.compress import apply
         from llmpareto.evaluators.quality import log_probs64, logits_of
 
@@ -206,6 +219,17 @@ class Measure:
         apply(bench.model, Recipe(), bench.cache)
         bs = bench.settings.batch_size
         self.base = {k: log_probs64(logits_of(bench.model, w, bs)) for k, w in self.texts.items()}
+        self.holdout = holdout
+        self.holdout_base = None if holdout is None else \
+            log_probs64(logits_of(bench.model, holdout, bs))
+
+    def holdout_kl(self) -> float:
+        """KL to the base model on the held-out calibration windows (never the evaluation
+        windows or text): what decides whether a point keeps its recovered weights."""
+        from llmpareto.evaluators.quality import text_scores
+
+        return float(text_scores(self.bench.model, self.holdout, self.holdout_base,
+                                 self.bench.settings.batch_size)["kl_nats"])
 
     def __call__(self, prefix: str = "") -> dict[str, float]:
         """The model as it is now, scored; columns `prefix + text + metric`."""
@@ -230,15 +254,28 @@ def eval_text_windows(bench) -> np.ndarray | None:
                s.eval_text_tokens, bench.bos)[0]
 
 
-def recovery_windows(bench) -> np.ndarray:
-    """Up to --recover-tokens of calibration text (the run's text less its evaluation
-    windows), evenly spread, as the model runs."""
+def recovery_windows(bench) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration text (the run's text less its evaluation windows), as the model runs: up to
+    --recover-tokens of it to learn on, evenly spread, and a quarter as many other windows
+    (at least one) held out, never learned on, to judge the result by (early stopping, and
+    whether a point keeps its recovered weights)."""
     from llmpareto.search.distill_run import training_windows
 
     s = bench.settings
     every = training_windows(bench.tokenizer, s, s.window, bench.bos)
-    n = min(len(every), max(1, -(-s.recover_tokens // s.window)))
-    return every[np.linspace(0, len(every) - 1, n).round().astype(int)]
+    if len(every) < 2:
+        from llmpareto.errors import UserError
+
+        raise UserError(f"recovery needs at least 2 windows of {s.window} tokens of calibration "
+                        f"text (the --text less its evaluation windows); it has {len(every)}: "
+                        "give a longer --text")
+    want = max(1, -(-s.recover_tokens // s.window))
+    held = max(1, -(-want // 4))
+    n = min(want, len(every) - held)
+    learn = np.linspace(0, len(every) - 1, n).round().astype(int)
+    rest = np.setdiff1d(np.arange(len(every)), learn)
+    keep = rest[np.linspace(0, len(rest) - 1, min(held, len(rest))).round().astype(int)]
+    return every[learn], every[keep]
 
 
 # ---------------------------------------------------------------- the stage
@@ -318,14 +355,14 @@ def after_search(bench, study, rd, settings, progress: bool = True) -> None:
         return
     from tqdm.auto import tqdm
 
-    measure = Measure(bench, eval_text_windows(bench))
+    learn, held = recovery_windows(bench) if rounds else (None, None)
+    measure = Measure(bench, eval_text_windows(bench), held)
     for t in tqdm(measure_todo, desc="measuring the front", unit="point", leave=False,
                   disable=not progress):
         bench.build(Recipe.load(rd.recipe_path(t)))
         record(t, {k: v for k, v in measure().items() if k in wanted})
     if not rounds:
         return
-    windows = recovery_windows(bench)
     plan = {int(k): v for k, v in study.user_attrs.get(ROUNDS_ATTR, {}).items()}
     for r in range(rounds):
         steps = settings.recover_steps * 2 ** r
@@ -337,41 +374,54 @@ def after_search(bench, study, rd, settings, progress: bool = True) -> None:
                 and after().get(str(t), {}).get("recover_method") != "none"]
         for t in tqdm(left, desc=f"recovering, round {r + 1}/{rounds} ({steps} steps)",
                       unit="point", disable=not progress, dynamic_ncols=True):
-            record(t, recover_one(bench, rd, t, steps, windows, measure, settings,
-                                  progress=progress))
+            record(t, recover_one(bench, rd, t, steps, learn, measure, settings,
+                                  progress=progress, before=after().get(str(t), {})))
     write_outputs(study, rd, objectives)
 
 
 def recover_one(bench, rd, trial: int, steps: int, windows: np.ndarray, measure: Measure,
-                settings, progress: bool = False) -> dict:
-    """Recover one trial's candidate, store its weights, score it; its new columns."""
+                settings, progress: bool = False, before: dict | None = None) -> dict:
+    """Recover one trial's candidate; it keeps the recovered weights only when they are closer
+    to the base model (KL) on the held-out calibration windows than what it has now (its
+    post-training weights, or an earlier round's). Kept: weights stored, scored. Its new
+    columns: `recover_method`, `recover_steps` (the steps tried), `recover_s`,
+    `recover_holdout_kl_nats` (of the weights it now has), `recover_used` and, when it has
+    recovered weights, the `recovered_*` scores."""
     from safetensors.torch import save_file
 
     from llmpareto import atomic
 
+    before = before or {}
     recipe = Recipe.load(rd.recipe_path(trial))
     method = choose_method(bench, recipe, settings.recover_method)
     if method is None:
         return {"recover_method": "none"}
+    now_kl = before.get(HOLDOUT_KL)
+    if now_kl is None:  # the post-training point, as scored
+        bench.build(recipe)
+        now_kl = measure.holdout_kl()
     t0 = time.perf_counter()
     try:
         weights, exact = REGISTRY[method].run(bench, recipe, windows, steps,
-                                              settings.seed + trial, progress)
+                                              settings.seed + trial, progress, measure.holdout)
     except torch.OutOfMemoryError:
         raise _out_of_memory(bench, trial, method) from None
     seconds = time.perf_counter() - t0
+    out = {"recover_method": method, "recover_steps": steps, "recover_s": round(seconds, 3)}
+    try:
+        use_recovered(bench, recipe, weights, exact)
+        got_kl = measure.holdout_kl()
+        if not got_kl < now_kl:  # no gain on windows it never learned on: keep what it has
+            return {**out, HOLDOUT_KL: now_kl, "recover_used": bool(before.get("recover_used"))}
+        scores = measure(RECOVERED)
+    finally:
+        bench.cache.set_override({})
     path = weights_path(rd.path, trial)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(path) as tmp:
         save_file(weights, str(tmp), metadata={"trial": str(trial), "method": method,
                                                "steps": str(steps), "exact": json.dumps(exact)})
-    try:
-        use_recovered(bench, recipe, weights, exact)
-        scores = measure(RECOVERED)
-    finally:
-        bench.cache.set_override({})
-    return {**scores, "recover_method": method, "recover_steps": steps,
-            "recover_s": round(seconds, 3)}
+    return {**scores, **out, HOLDOUT_KL: got_kl, "recover_used": True}
 
 
 def _out_of_memory(bench, trial: int, method: str):

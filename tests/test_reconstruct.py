@@ -196,3 +196,34 @@ def test_a_whole_model_block_by_block_beats_rtn_on_windows_it_never_saw(tiny):
 
     print({"rtn": err(rtn), "reconstructed": err(ours)})
     assert err(ours) < 0.9 * err(rtn)
+
+
+def test_starting_at_gptq_codes_and_early_stopping_on_held_out_windows(tiny):
+    """`start` puts the offsets at the post-training codes (GPTQ's lie on the grid: its loss
+    is the start's exactly), and with `holdout` the kept offsets are judged on windows never
+    learned on: never worse there than the start, and a learning rate that wrecks the
+    learning (a step of 0.5 a code, undecayed) leaves the start."""
+    model, inputs = tiny
+    block = model.model.layers[0]
+    train, held = inputs[:24], inputs[24:32]
+    fmts = {f"{n}.weight": "q4_0" for n in LINEARS}
+    gptq = _gptq(block, train, "q4_0")
+    # zero steps: the start itself, on the grid, is GPTQ's weights bit for bit
+    got = reconstruct_block(block, train + held, fmts, steps=0, start=gptq, holdout=len(held))
+    for n, w in got.weights.items():
+        assert torch.equal(w, gptq[n].float()), n
+    assert got.mse_rtn == pytest.approx(_mse(block, held, gptq), rel=1e-4)
+    # learning from GPTQ's codes, judged on the held-out windows
+    got = reconstruct_block(block, train + held, fmts, steps=100, start=gptq,
+                            holdout=len(held))
+    assert got.mse <= got.mse_rtn
+    assert _mse(block, held, got.weights) == pytest.approx(got.mse, rel=1e-4)
+    # the held-out windows are never learned on: changing them changes nothing but the
+    # judgement, and a learning that only gets worse keeps the start
+    bad = reconstruct_block(block, train + held, fmts, steps=20, lr=100.0, start=gptq,
+                            holdout=len(held))
+    assert bad.mse == pytest.approx(bad.mse_rtn, rel=1e-6)
+    for n, w in bad.weights.items():
+        assert torch.equal(w, gptq[n].float()), n
+    with pytest.raises(ValueError, match="holdout"):
+        reconstruct_block(block, held, fmts, steps=1, holdout=len(held))

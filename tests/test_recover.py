@@ -38,7 +38,8 @@ def _settings(tiny_model_dir, tmp_path, **kw) -> dict:
 @pytest.fixture(scope="module")
 def recovered_run(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("recover")
-    llmpareto.search(**_settings(tiny_model_dir, tmp))
+    # enough steps and windows that some point gains on held-out windows (tiny random model)
+    llmpareto.search(**_settings(tiny_model_dir, tmp, recover_steps=15, recover_tokens=1024))
     return tmp / "runs" / "r"
 
 
@@ -49,14 +50,20 @@ def test_recovered_columns_per_text_and_stage_in_trials_and_front(recovered_run)
         for col in ["perplexity", "kl_nats", "eval_text_perplexity", "eval_text_kl_nats",
                     *RECOVERED, "recover_method", "recover_steps"]:
             assert col in df.columns, col
-    done = t[t["recover_steps"].notna()]
-    assert len(done) >= 2
-    assert set(done["recover_method"]) == {"reconstruct"}  # formats only: reconstruction
+    tried = t[t["recover_steps"].notna()]
+    assert len(tried) >= 2
+    assert set(tried["recover_method"]) == {"reconstruct"}  # formats only: reconstruction
+    assert np.isfinite(tried["recover_holdout_kl_nats"]).all()
+    done = tried[tried["recover_used"].astype(bool)]  # closer to the base on held-out windows
+    assert len(done) >= 1
     for col in ["eval_text_perplexity", "eval_text_kl_nats", *RECOVERED]:
         assert np.isfinite(done[col]).all() and (done[col] >= 0).all(), col
-    # successive halving: round 2 (8 steps) is the better half of round 1 (4 steps)
-    steps = done["recover_steps"].value_counts().to_dict()
-    assert set(steps) == {4.0, 8.0} and steps[8.0] == -(-len(done) // 2)
+    # successive halving: round 2 (30 steps) is the better half of round 1's points that
+    # gained (15 steps)
+    steps = tried["recover_steps"].value_counts().to_dict()
+    assert set(steps) == {15.0, 30.0}
+    gained = tried[(tried["recover_steps"] == 30) | tried["recover_used"].astype(bool)]
+    assert steps[30.0] == -(-len(gained) // 2)
     # measured on the two texts: they are different numbers
     assert (done["eval_text_perplexity"] != done["perplexity"]).all()
     # the front is built from the recovered metrics where they exist
@@ -74,7 +81,7 @@ def test_pick_exports_the_recovered_weights_bit_for_bit(recovered_run, tmp_path)
     from llmpareto.gguf_write import gguf_name, unpermute_rows
 
     front = pd.read_csv(recovered_run / "front.csv")
-    row = front[front["recover_steps"].notna()].iloc[0]
+    row = front[front["recover_used"].fillna(False).astype(bool)].iloc[0]
     trial = int(row["trial"])
     assert main(["pick", str(recovered_run), "--trial", str(trial), "--out",
                  str(tmp_path / "x"), "--format", "gguf"]) == 0
@@ -276,3 +283,41 @@ def test_methods_come_from_a_registry_chosen_by_what_a_candidate_changed(tiny_mo
     assert choose_method(bench, student) == "distill"
     assert choose_method(bench, Recipe.uniform("q4_0"), "qat") == "qat"
     assert choose_method(bench, Recipe.uniform("f16"), "qat") is None
+
+
+def test_a_point_keeps_its_post_training_weights_when_recovery_does_not_help(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """Whatever a method returns, a point keeps it only when it is closer to the base model
+    on held-out calibration windows: a method that wrecks the weights leaves the point as
+    post-training made it (no weights file, no recovered columns, pick exports the trial)."""
+    import torch
+
+    from llmpareto.search import recover
+
+    def wreck(bench, recipe, windows, steps, seed, progress, holdout=None):
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for fqn in bench.arch.formats_for(recipe):
+            w = bench.cache.source(fqn).float()
+            out[fqn] = w + torch.randn(w.shape, generator=gen) * w.std()
+        return out, False
+
+    real = recover.REGISTRY["reconstruct"]
+    monkeypatch.setitem(recover.REGISTRY, "reconstruct",
+                        recover.Method("reconstruct", "wrecks", real.handles, wreck))
+    s = _settings(tiny_model_dir, tmp_path, formats="q4_0,f16", trials=2, recover_steps=2,
+                  recover_rounds=2)
+    llmpareto.search(**s)
+    run = tmp_path / "runs" / "r"
+    t = pd.read_csv(run / "trials.csv").set_index("baseline")
+    row = t.loc["uniform q4_0"]
+    assert row["recover_method"] == "reconstruct" and row["recover_steps"] == 2
+    assert not bool(row["recover_used"]) and np.isfinite(row["recover_holdout_kl_nats"])
+    assert all(pd.isna(row.get(c, np.nan)) for c in RECOVERED)
+    assert not (run / "recover" / f"trial-{int(row['trial'])}.safetensors").exists()
+    from llmpareto.front import effective
+
+    tt = pd.read_csv(run / "trials.csv")
+    eff = effective(tt, ["perplexity", "memory_bytes"])
+    i = tt.index[tt["baseline"] == "uniform q4_0"][0]
+    assert eff.loc[i, "perplexity"] == tt.loc[i, "perplexity"]
