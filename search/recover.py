@@ -8,8 +8,8 @@ on either text: the quantizers calibrate and recovery learns on the calibration 
 run's `--text` less its evaluation windows).
 
 Stage 1, recovery, successive-halving style: round 0 recovers every one of those points with
-`--recover-steps` steps, round r the better half of round r-1 (points on the recovered front
-first, then by relative KL gain) with `--recover-steps * 2**r`. Each candidate's method comes
+`--recover-steps` steps, round r the better half of round r-1's points that gained (points on
+the recovered front first, then by relative KL gain) with `--recover-steps * 2**r`. Each candidate's method comes
 from the registry below by what it changed; its weights go to `recover/trial-N.safetensors`
 and its `recovered_<metric>` and `recovered_eval_text_<metric>` columns to the study (the
 source of truth, as every trial's), so a killed run resumes where it stopped and the front is
