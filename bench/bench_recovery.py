@@ -1,7 +1,9 @@
 """Benchmark of recovery against post-training quantization (issue 26, first part) on the
 default model: uniform formats made by round-to-nearest, with an importance matrix, by GPTQ,
-and by block-wise reconstruction (compress/reconstruct.py), each scored as KL to the base model
-and perplexity on
+and recovered: block-wise reconstruction from round-to-nearest (compress/reconstruct.py, AutoRound's
+start) and the search's recovery methods (search/recover.py: REGISTRY; reconstruction from the
+importance matrix's codes with held-out early stopping, end-to-end distillation, QAT) from the
+importance-matrix point, each scored as KL to the base model and perplexity on
 
 - the run's evaluation windows (CPython docs, never calibrated on), and
 - an evaluation text of another domain that nothing here trains or calibrates on (default:
@@ -10,6 +12,7 @@ and perplexity on
 with the seconds each method took (calibration statistics plus quantizing, or learning).
 
 Run: python -m llmpareto.bench.bench_recovery [--formats q4_0,q4_1] [--steps 200]
+     [--methods reconstruct-rtn,reconstruct,distill,qat] [--distill-steps 10]
      [--calib-tokens 4096] [--eval-text FILE] [--out DIR]   (--quick: to check that it runs)
 """
 
@@ -112,8 +115,31 @@ def blockwise(runner, fmt: str, steps: int, batch: int) -> tuple[dict[str, torch
     return out, time.perf_counter() - t0
 
 
+def registered(runner, method: str, fmt: str, steps: int, scorer) -> dict:
+    """One of the search's recovery methods on the uniform `fmt` point of `runner`'s quantizer,
+    learned on the calibration text (a quarter as many windows held out), scored."""
+    from llmpareto.recipe import Recipe
+    from llmpareto.search.recover import REGISTRY, recovery_windows, use_recovered
+
+    runner.settings.recover_tokens = runner.settings.calib_tokens
+    learn, held = recovery_windows(runner)
+    recipe = Recipe({"_default": {"format": fmt}})
+    t0 = time.perf_counter()
+    weights, exact = REGISTRY[method].run(runner, recipe, learn, steps, 0, False, held)
+    secs = time.perf_counter() - t0
+    try:
+        use_recovered(runner, recipe, weights, exact)
+        scores = scorer(runner.model)
+    finally:
+        runner.cache.set_override({})
+    return {"format": fmt, "method": f"recovery {method} ({steps} steps, from PTQ "
+            f"{runner.settings.quantizer})", "seconds": secs, "s_per_step": secs / max(1, steps),
+            **scores}
+
+
 def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
-        batch: int) -> pd.DataFrame:
+        batch: int, methods: tuple[str, ...] = ("reconstruct-rtn", "reconstruct"),
+        distill_steps: int = 10) -> pd.DataFrame:
     from llmpareto.compress import apply
     from llmpareto.recipe import Recipe
 
@@ -139,7 +165,13 @@ def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
             rows.append({"format": fmt, "method": f"PTQ {q}", "seconds": secs,
                          **scorer(runner.model)})
             print(rows[-1], flush=True)
-        if q == "rtn":
+        if q == "imatrix":  # the search's methods, from the importance-matrix point
+            for m in (m for m in methods if m != "reconstruct-rtn"):
+                for fmt in formats:
+                    rows.append(registered(runner, m, fmt, steps if m == "reconstruct"
+                                           else distill_steps, scorer))
+                    print(rows[-1], flush=True)
+        if q == "rtn" and "reconstruct-rtn" in methods:
             for fmt in formats:  # learned on the run's calibration windows only
                 apply(runner.model, Recipe({}), runner.cache)
                 weights, secs = blockwise(runner, fmt, steps, batch)
@@ -158,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--formats", default="q4_0,q4_1")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=4, help="calibration windows per step")
+    ap.add_argument("--methods", default="reconstruct-rtn,reconstruct",
+                    help="reconstruct-rtn (from RTN, no hold-out) and the search's recovery "
+                         "methods: reconstruct, distill, qat")
+    ap.add_argument("--distill-steps", type=int, default=10, help="steps of distill and qat")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--eval-text", type=Path, default=default_eval_text())
@@ -166,8 +202,16 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.calib_tokens, a.eval_tokens, a.formats = 4, 2048, 512, "q4_0"
+        a.distill_steps = 1
+    from llmpareto.search.recover import REGISTRY
+
+    methods = tuple(a.methods.split(","))
+    bad = [m for m in methods if m != "reconstruct-rtn" and m not in REGISTRY]
+    if bad:
+        ap.error(f"--methods: unknown {bad[0]!r}; known: reconstruct-rtn, {', '.join(REGISTRY)}")
     torch.manual_seed(0)
-    df = run(a.formats.split(","), a.steps, a.calib_tokens, a.eval_tokens, a.eval_text, a.batch)
+    df = run(a.formats.split(","), a.steps, a.calib_tokens, a.eval_tokens, a.eval_text, a.batch,
+             methods, a.distill_steps)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "recovery.csv", index=False)

@@ -1,4 +1,5 @@
-"""The codes of llama.cpp's K-quants apart from their scales: read a packed tensor's per-weight
+"""The codes of llama.cpp's K-quants (and of its legacy 32-weight blocks, q4_0 ... q8_0) apart
+from their scales: read a packed tensor's per-weight
 scale, offset and code (`k_grid`), and write other codes into the same blocks, every scale
 byte kept (`k_pack`). Block-wise reconstruction learns the rounding onto the scales llama.cpp's
 quantizer chose and stores the result in the format itself, so the file holds exactly the
@@ -19,10 +20,48 @@ from llmpareto.compress.dequant_k import _half, _k4_scales, _nibble_pairs, _q3_s
 # format -> (block bytes, lowest code, highest code)
 K_CODES = {"q2_K": (84, 0, 3), "q3_K": (110, -4, 3), "q4_K": (144, 0, 15),
            "q5_K": (176, 0, 31), "q6_K": (210, -32, 31)}
+# llama.cpp's legacy blocks of 32 (block_q4_0 ... block_q8_0): the same reading and writing,
+# the scale (and minimum) an f16 per block; codes as ggml's dequantize_row_* uses them
+LEGACY_CODES = {"q4_0": (18, -8, 7), "q4_1": (20, 0, 15), "q5_0": (22, -16, 15),
+                "q5_1": (24, 0, 31), "q8_0": (34, -128, 127)}
+CODES = {**K_CODES, **LEGACY_CODES}
 
 
 def _blocks(fmt: str, packed: torch.Tensor) -> torch.Tensor:
-    return packed.reshape(-1, K_CODES[fmt][0])
+    return packed.reshape(-1, CODES[fmt][0])
+
+
+def _legacy_grid(fmt: str, b: torch.Tensor):
+    """(scale, offset, code) per weight of legacy blocks `b` (n, bytes), each (n, 32)."""
+    n = b.shape[0]
+    d = _half(b[:, 0:2]).expand(n, 32)
+    if fmt == "q8_0":
+        return d, torch.zeros_like(d), b[:, 2:34].contiguous().view(torch.int8).to(torch.int32)
+    has_min = fmt in ("q4_1", "q5_1")
+    off = -_half(b[:, 2:4]).expand(n, 32) if has_min else torch.zeros_like(d)
+    qs = b[:, -16:].to(torch.int32)
+    q = torch.cat([qs & 0xF, qs >> 4], 1)  # element j: low nibble of byte j; j + 16: high
+    if fmt in ("q5_0", "q5_1"):
+        h = 2 + 2 * has_min
+        qh = b[:, h:h + 4].to(torch.int64)
+        bits = (qh[:, 0] | qh[:, 1] << 8 | qh[:, 2] << 16 | qh[:, 3] << 24)[:, None]
+        q = q | (((bits >> torch.arange(32, device=b.device)) & 1).to(torch.int32) << 4)
+    return d, off, q + CODES[fmt][1] * (not has_min)
+
+
+def _legacy_pack(fmt: str, out: torch.Tensor, q: torch.Tensor) -> None:
+    """Write codes `q` (n, 32) into legacy blocks `out` (n, bytes) in place."""
+    if fmt == "q8_0":
+        out[:, 2:34] = q.to(torch.int8).view(torch.uint8)
+        return
+    has_min = fmt in ("q4_1", "q5_1")
+    u = q - CODES[fmt][1] * (not has_min)
+    out[:, -16:] = ((u[:, :16] & 0xF) | ((u[:, 16:] & 0xF) << 4)).to(torch.uint8)
+    if fmt in ("q5_0", "q5_1"):
+        h = 2 + 2 * has_min
+        bits = (((u >> 4) & 1).to(torch.int64) << torch.arange(32, device=u.device)).sum(1)
+        out[:, h:h + 4] = torch.stack([(bits >> (8 * i)) & 0xFF for i in range(4)], 1).to(
+            torch.uint8)
 
 
 def _expand(x: torch.Tensor, per: int) -> torch.Tensor:
@@ -36,7 +75,9 @@ def k_grid(fmt: str, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     rows = packed.shape[0]
     b = _blocks(fmt, packed)
     n = b.shape[0]
-    if fmt in ("q4_K", "q5_K"):
+    if fmt in LEGACY_CODES:
+        scale, off, q = _legacy_grid(fmt, b)
+    elif fmt in ("q4_K", "q5_K"):
         q = _nibble_pairs(b[:, 16:144] if fmt == "q4_K" else b[:, 48:176]).to(torch.int32)
         if fmt == "q5_K":
             qh = b[:, 16:48].reshape(n, 1, 32)
@@ -83,11 +124,14 @@ def _pairs(q: torch.Tensor, n: int, bits: int, parts: int) -> torch.Tensor:
 def k_pack(fmt: str, packed: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """`packed` with its codes replaced by `codes` ((rows, cols) integers in the format's
     range); every scale and minimum byte unchanged."""
-    _, lo, hi = K_CODES[fmt]
+    _, lo, hi = CODES[fmt]
     if int(codes.min()) < lo or int(codes.max()) > hi:
         raise ValueError(f"{fmt} codes must be in {lo}..{hi}")
     out = _blocks(fmt, packed.clone())
     n = out.shape[0]
+    if fmt in LEGACY_CODES:
+        _legacy_pack(fmt, out, codes.reshape(n, 32).to(torch.int32))
+        return out.reshape(packed.shape)
     q = codes.reshape(n, 256).to(torch.int32)
     if fmt in ("q4_K", "q5_K"):
         nib = _pairs(q & 0xF, n, 4, 2)  # sub-blocks 2c and 2c + 1 share chunk c

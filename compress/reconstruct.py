@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from llmpareto.compress.gptq import _Groups, grid_rule
-from llmpareto.compress.kquant_codes import K_CODES, k_grid, k_pack
+from llmpareto.compress.kquant_codes import CODES, K_CODES, k_grid, k_pack
 
 BlockInput = tuple[tuple, dict]  # (args, kwargs) of one call of a block's forward
 
@@ -177,7 +178,7 @@ class _KWeight:
         return cls(w, fmt, packed, d, m, inv, v0)
 
     def _codes(self, v: torch.Tensor, ste: bool) -> torch.Tensor:
-        _, lo, hi = K_CODES[self.fmt]
+        _, lo, hi = CODES[self.fmt]
         x = (self.w - self.m) * self.inv + v
         return (_RoundSTE.apply(x) if ste else torch.round(x)).clamp(lo, hi)
 
@@ -188,10 +189,14 @@ class _KWeight:
         """The final weight as llama.cpp dequantizes the blocks with the learned codes (kept in
         `out`, to be written as they are)."""
         from llmpareto.compress.dequant_k import K_DEQUANT
+        from llmpareto.formats import get_format
 
         with torch.no_grad():
             self.out = k_pack(self.fmt, self.packed, self._codes(v, False).to(torch.int32))
         rows, cols = self.w.shape
+        if self.fmt not in K_CODES:  # a legacy block: the format's own dequantizer
+            got = get_format(self.fmt).dequantize(self.out.cpu().numpy(), (rows, cols))
+            return torch.from_numpy(np.ascontiguousarray(got)).to(self.w.device).float()
         return K_DEQUANT[self.fmt][1](self.out.reshape(-1, K_CODES[self.fmt][0])).reshape(
             rows, cols).float().contiguous()
 
@@ -226,7 +231,8 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
     if lacking:
         raise ValueError(f"{lacking[0]}: a K-quant is learned onto the scales its quantizer "
                          "chose: pass its post-training blocks in `packed`")
-    grids = {n: _KWeight.of(base.get(n, params[n]), fmt, (packed or {})[n]) if fmt in K_CODES
+    grids = {n: _KWeight.of(base.get(n, params[n]), fmt, (packed or {})[n])
+             if fmt in CODES and n in (packed or {})
              else _Weight.of(base.get(n, params[n]), fmt, (start or {}).get(n))
              for n, fmt in formats.items()}
     lr = 1.0 / max(1, steps) if lr is None else lr

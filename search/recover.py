@@ -94,7 +94,7 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
     layers = list(_find_layers(model))
     learn = _grid_tensors(bench, recipe)
     formats = bench.arch.formats_for(recipe)
-    from llmpareto.compress.kquant_codes import K_CODES
+    from llmpareto.compress.kquant_codes import CODES
 
     by_block: list[dict[str, str]] = [{} for _ in layers]
     base: list[dict[str, torch.Tensor]] = [{} for _ in layers]
@@ -110,9 +110,10 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
         if t.fqn in learn:
             by_block[t.layer][name] = learn[t.fqn]
             name_of[(t.layer, name)] = t.fqn
-            if learn[t.fqn] in K_CODES:  # learned onto the scales the run's quantizer chose
+            if learn[t.fqn] in CODES:  # learned onto the scales the run's quantizer chose,
+                # from its codes (K-quants and llama.cpp's legacy blocks: q4_0 ... q8_0)
                 packed[t.layer][name] = torch.from_numpy(cache.get(t.fqn, learn[t.fqn]))
-            else:  # from the codes nearest the run's quantizer's (imatrix, GPTQ), not RTN
+            else:  # int*: from the codes nearest the run's quantizer's, not RTN
                 start[t.layer][name] = cache.dequantized(t.fqn, learn[t.fqn]).to(
                     param.device, torch.float32)
     held = 0 if holdout is None else len(holdout)

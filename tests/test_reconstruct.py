@@ -108,11 +108,13 @@ def test_reconstruction_refuses_what_it_cannot_do(tiny):
         reconstruct_block(block, inputs, {"mlp.up_proj.weight": "q4_K"}, steps=1)
 
 
-@pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K"])
+@pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K",
+                                 "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
 def test_k_quant_codes_read_and_written_as_llama_cpp_does(fmt):
     """k_grid's scale * code - offset is ggml's dequantization bit for bit, and k_pack writes
-    other codes into the blocks with every scale byte kept."""
-    from llmpareto.compress.kquant_codes import K_CODES, k_grid, k_pack
+    other codes into the blocks with every scale byte kept (K-quants and the legacy blocks)."""
+    from llmpareto.compress.kquant_codes import CODES as K_CODES
+    from llmpareto.compress.kquant_codes import k_grid, k_pack
 
     f = get_format(fmt)
     w = np.random.default_rng(1).standard_normal((6, 512)).astype(np.float32)
@@ -130,7 +132,7 @@ def test_k_quant_codes_read_and_written_as_llama_cpp_does(fmt):
                                                                            w.shape).copy()))
 
 
-@pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K"])
+@pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K", "q4_0", "q5_1"])
 def test_k_quant_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
     """On a block whose rows are multiples of 256: codes learned onto the scales llama.cpp's
     quantizer chose lower the block's output error below those of the quantizer itself, on
@@ -156,8 +158,10 @@ def test_k_quant_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
     assert _mse(block, held, got.weights) < _mse(block, held, ptq)
     for n in names:
         out = got.packed[n]
-        assert torch.equal(got.weights[n], K_DEQUANT[fmt][1](out.reshape(
-            -1, K_DEQUANT[fmt][0])).reshape(params[n].shape))
+        own = torch.from_numpy(f.dequantize(out.numpy(), tuple(params[n].shape)).copy()) \
+            if fmt not in K_DEQUANT else K_DEQUANT[fmt][1](out.reshape(
+                -1, K_DEQUANT[fmt][0])).reshape(params[n].shape)
+        assert torch.equal(got.weights[n], own)
         assert torch.equal(k_grid(fmt, out)[0], k_grid(fmt, packed[n])[0])  # scales kept
 
 
