@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.quick:
         a.trials, a.recover_steps, a.recover_tokens = 12, 2, 512
+        a.formats = a.formats or "f16,q8_0,q4_0,q4_K"  # leaves trials for the presets
     out = Path(a.out)
     study = f"recover-front-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
