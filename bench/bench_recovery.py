@@ -1,7 +1,7 @@
 """Benchmark of recovery against post-training quantization (issue 26, first part) on the
 default model: uniform formats made by round-to-nearest, with an importance matrix, by GPTQ,
 and recovered: block-wise reconstruction from round-to-nearest (compress/reconstruct.py, AutoRound's
-start) and the search's recovery methods (search/recover.py: REGISTRY; reconstruction from the
+start) and the search's recovery methods (search/recover_methods.py: REGISTRY; reconstruction from the
 importance matrix's codes with held-out early stopping, end-to-end distillation, QAT) from the
 importance-matrix point, each scored as KL to the base model and perplexity on
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.steps, a.calib_tokens, a.eval_tokens, a.formats = 4, 2048, 512, "q4_0"
         a.distill_steps = 1
-    from llmpareto.search.recover import REGISTRY
+    from llmpareto.search.recover_methods import REGISTRY
 
     methods = tuple(a.methods.split(","))
     bad = [m for m in methods if m != "reconstruct-rtn" and m not in REGISTRY]

@@ -26,7 +26,7 @@ class SearchSettings(SettingsForm):
 
             read_eval_text(self.eval_text, self.text)
         if self.recover_method != "auto":
-            from llmpareto.search.recover import REGISTRY
+            from llmpareto.search.recover_methods import REGISTRY
 
             if self.recover_method not in REGISTRY:
                 raise UserError(f"--recover-method {self.recover_method!r}; choose auto or one "

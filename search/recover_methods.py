@@ -1,0 +1,170 @@
+"""Recovery methods (docs/recovery.md): a registry of how a candidate's weights are learned
+back towards the base model, chosen per candidate by what it changed. Each method's
+`run(bench, recipe, windows, steps, seed, progress, holdout)` returns (fqn -> float32 weight,
+exact); search/recover.py runs them after the trials and decides what a point keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmpareto.recipe import Recipe
+
+PACKED = "packed:"  # key prefix of a K-quant's learned blocks next to its weights
+
+
+@dataclass(frozen=True)
+class Method:
+    """A recovery method: which candidates it handles (by what they changed) and how it
+    learns their weights. `run(bench, recipe, windows, steps, seed, progress, holdout)`
+    returns (fqn -> float32 weight, exact): `exact` weights lie on their formats' grids
+    already; `holdout` (calibration windows never learned on) may serve early stopping."""
+
+    name: str
+    what: str
+    handles: Callable[[object, Recipe], bool]
+    run: Callable[..., tuple[dict[str, torch.Tensor], bool]]
+
+
+def _changes_structure(bench, recipe: Recipe) -> bool:
+    return bool({k: v for k, v in recipe.structure.items() if v is not None}) or any(
+        sp is not None for sp in bench.arch.sparsity_for(recipe).values())
+
+
+def _grid_tensors(bench, recipe: Recipe) -> dict[str, str]:
+    """Block tensors in a format block-wise reconstruction learns: fqn -> format (the
+    per-group grids GPTQ rounds onto, and the K-quants onto the scales llama.cpp chose)."""
+    from llmpareto.compress.gptq import GRIDS
+    from llmpareto.compress.kquant_codes import K_CODES
+
+    formats = bench.arch.formats_for(recipe)
+    return {t.fqn: formats[t.fqn] for t in bench.arch.linears
+            if t.layer is not None and (formats.get(t.fqn) in GRIDS or formats.get(t.fqn) in K_CODES)}
+
+
+def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
+                 progress: bool, holdout: np.ndarray | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Block-wise reconstruction (compress.reconstruct) of the candidate's grid tensors, each
+    block against the base block's output, starting at the post-training codes (the run's
+    quantizer's); the other tensors stay as the candidate has them. `holdout`: calibration
+    windows never learned on that choose each block's offsets (early stopping)."""
+    from tqdm.auto import tqdm
+
+    from llmpareto.arch import _find_layers
+    from llmpareto.compress import apply
+    from llmpareto.compress.reconstruct import block_inputs, reconstruct_model
+
+    model, cache = bench.model, bench.cache
+    layers = list(_find_layers(model))
+    learn = _grid_tensors(bench, recipe)
+    formats = bench.arch.formats_for(recipe)
+    from llmpareto.compress.kquant_codes import CODES
+
+    by_block: list[dict[str, str]] = [{} for _ in layers]
+    base: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    packed: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    start: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    name_of = {}
+    for t in bench.arch.linears:
+        if t.layer is None or formats.get(t.fqn) is None:
+            continue
+        name = t.fqn.split(f"layers.{t.layer}.", 1)[1] + ".weight"
+        param = model.get_submodule(t.fqn).weight
+        base[t.layer][name] = cache.source(t.fqn).to(param.device, torch.float32)
+        if t.fqn in learn:
+            by_block[t.layer][name] = learn[t.fqn]
+            name_of[(t.layer, name)] = t.fqn
+            if learn[t.fqn] in CODES:  # learned onto the scales the run's quantizer chose,
+                # from its codes (K-quants and llama.cpp's legacy blocks: q4_0 ... q8_0)
+                packed[t.layer][name] = torch.from_numpy(cache.get(t.fqn, learn[t.fqn]))
+            else:  # int*: from the codes nearest the run's quantizer's, not RTN
+                start[t.layer][name] = cache.dequantized(t.fqn, learn[t.fqn]).to(
+                    param.device, torch.float32)
+    held = 0 if holdout is None else len(holdout)
+    ids = torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
+
+    def firsts() -> list:
+        dev = next(model.parameters()).device
+        return [block_inputs(layers[:1], lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
+                                                          use_cache=False))[0]
+                for i in range(len(ids))]
+
+    apply(model, Recipe(), cache)
+    float_in = firsts()
+    apply(model, recipe, cache)
+    q_in = firsts()
+    with tqdm(total=len(layers), desc="reconstructing blocks", unit="block", leave=False,
+              disable=not progress) as bar:
+        got, reports = reconstruct_model(layers, q_in, by_block, steps=steps, seed=seed,
+                                         progress=lambda i: bar.update(1), base=base,
+                                         float_inputs=float_in, packed=packed,
+                                         start=start, holdout=held)
+    out = {}
+    for i, block in enumerate(got):
+        for name, w in block.items():
+            fqn = name_of[(i, name)]
+            out[fqn] = w.detach().to("cpu", torch.float32).contiguous()
+            if name in reports[i].packed:  # the blocks themselves, to be written as they are
+                out[PACKED + fqn] = reports[i].packed[name].to("cpu").contiguous()
+    return out, True
+
+
+def _distill(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
+             progress: bool, holdout: np.ndarray | None = None,
+             qat: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
+    """End-to-end distillation from the base model with soft targets only (the survey's loss
+    with alpha = 0), the candidate's cut and pruned float weights as the start; with `qat` the
+    recipe's formats are applied in every forward pass (straight-through)."""
+    from llmpareto.compress.distill import distill
+    from llmpareto.models import load_model
+    from llmpareto.search.distill_run import _student_start
+
+    built = bench.build(recipe)
+    masks, formats, _ = _student_start(built)
+    teacher, _ = load_model(bench.source, bench.placement)
+    try:
+        distill(built.model, teacher, windows, steps, lr=1e-4, batch_size=4, alpha=0.0,
+                keep_zero=masks, qat_formats=formats if qat else None, progress=progress,
+                seed=seed)
+    finally:
+        del teacher
+        built.model.requires_grad_(False)
+        built.cache.current.update(dict.fromkeys(built.formats, "?"))  # trained: set again
+    return {fqn: built.cache.weight(fqn).detach().to("cpu", torch.float32).clone().contiguous()
+            for fqn in built.formats}, False
+
+
+def _quantized(fmt: str | None) -> bool:
+    from llmpareto.formats import get_format
+
+    return fmt is not None and get_format(fmt).bits_per_weight < 16
+
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("reconstruct", "block-wise reconstruction: rounding learned per block against the "
+           "base block's output, on the format's own grid (q4_0, q4_1, q5_0, q5_1, q8_0, int*; "
+           "q2_K ... q6_K onto the scales llama.cpp's quantizer chose)",
+           lambda bench, r: not _changes_structure(bench, r) and bool(_grid_tensors(bench, r)),
+           _reconstruct),
+    Method("distill", "end-to-end distillation from the base model, soft targets only",
+           lambda bench, r: True, _distill),
+    Method("qat", "end-to-end distillation through the recipe's formats (straight-through)",
+           lambda bench, r: any(_quantized(f) for f in bench.arch.formats_for(r).values()),
+           lambda *a, **k: _distill(*a, **k, qat=True)),
+)}
+
+
+def choose_method(bench, recipe: Recipe, asked: str = "auto") -> str | None:
+    """The method for a candidate: `asked` when it handles it; with auto, distillation for a
+    student or pruned candidate, block-wise reconstruction for a quantized one; None when
+    nothing here can recover it (e.g. only K- or i-quants, whose grids are not covered yet)."""
+    if asked != "auto":
+        return asked if REGISTRY[asked].handles(bench, recipe) else None
+    if _changes_structure(bench, recipe):
+        return "distill"
+    return "reconstruct" if REGISTRY["reconstruct"].handles(bench, recipe) else None
