@@ -31,6 +31,9 @@ _HELP = {
     "student_blocks": "--space ...students: numbers of blocks kept, e.g. 30,27,24",
     "student_mlp_ratios": "--space ...students: MLP widths kept, e.g. 1,0.75,0.5",
     "student_heads": "--space ...students: KV heads kept per block (whole groups), e.g. 3,2",
+    "student_granularity": "--space ...students: model (one MLP width and KV-group count for "
+                           "every block) | block (one per kept block: llama.cpp runs each "
+                           "block at its own size, docs/students-and-distillation.md)",
     "formats": "comma-separated weight formats to choose from",
     "sparsity_method": "--space ...sparsity: magnitude | wanda | sparsegpt",
     "sparsity_pattern": "--space ...sparsity: unstructured (levels) or N:M, e.g. 2:4",

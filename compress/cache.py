@@ -155,9 +155,12 @@ class VariantCache:
     def slices(self, structure: dict | None) -> dict[str, tuple]:
         """fqn -> (key, rows, cols) of every tensor `structure` narrows (memoized)."""
         from llmpareto.compress.restructure import slices_for
+        from llmpareto.structure import is_per_block
 
         s = {k: v for k, v in (structure or {}).items() if k in ("mlp_ratio", "heads")}
-        key = tuple(sorted(s.items()))
+        if is_per_block(structure) and (structure or {}).get("layers") is not None:
+            s["layers"] = structure["layers"]  # a per-block list follows the kept blocks
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in s.items()))
         if key not in self._slices:
             a = self.arch
             kinds = {t.fqn: t.kind for t in a.linears}

@@ -5,10 +5,12 @@ model's calibration text, as index tensors; slicing a weight by them is a pure f
 - depth, `structure.layers`: the kept block indices (a student space keeps the blocks of
   highest Block Influence, 1 - cos(block input, block output), ShortGPT's measure);
 - MLP width, `structure.mlp_ratio` in (0, 1]: one intermediate width for every block (every
-  runtime takes it), a multiple of MLP_ALIGN; each block keeps its channels of largest input
-  norm into down_proj (activation importance, as Minitron);
-- attention, `structure.heads`: KV heads kept per block, each with all its query heads (whole
-  grouped-query groups); each block keeps the groups of largest o_proj input norm.
+  runtime takes it) or one per kept block (llama.cpp's `deci` architecture runs it), a
+  multiple of MLP_ALIGN; each block keeps its channels of largest input norm into down_proj
+  (activation importance, as Minitron);
+- attention, `structure.heads`: KV heads kept, for every block or per kept block, each with
+  all its query heads (whole grouped-query groups); each block keeps the groups of largest
+  o_proj input norm.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from llmpareto.errors import UserError
 from llmpareto.placement import ids_on
-from llmpareto.structure import MLP_ALIGN, check_structure, mlp_width
+from llmpareto.structure import MLP_ALIGN, check_structure, mlp_width, per_block
 
 
 def top_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,13 +88,17 @@ def slices_for(structure: dict, shapes: dict[str, tuple[int, int]], kinds: dict[
                layers: dict[str, int], n_kv_heads: int, head_dim: int,
                importance: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """fqn -> (key, rows, cols) for every block projection a structure narrows; `importance`
-    holds each block's down_proj and o_proj input column norms (by their fqn)."""
+    holds each block's down_proj and o_proj input column norms (by their fqn). A cut given per
+    kept block (a list in the order of `structure["layers"]`) narrows each block by its own."""
     out: dict[str, tuple] = {}
-    ratio, heads = structure.get("mlp_ratio"), structure.get("heads")
+    n = 1 + max(layers.values(), default=-1)
+    ratios = per_block(structure, "mlp_ratio", n, None)
+    heads_of = per_block(structure, "heads", n, None)
     by_layer: dict[int, dict[str, str]] = {}
     for fqn, kind in kinds.items():
         by_layer.setdefault(layers[fqn], {})[kind] = fqn
-    for mods in by_layer.values():
+    for layer, mods in by_layer.items():
+        ratio, heads = ratios.get(layer), heads_of.get(layer)
         down = mods.get("mlp.down_proj")
         if ratio is not None and ratio < 1 and down is not None:
             inter = shapes[down][1]

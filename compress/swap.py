@@ -46,20 +46,32 @@ def apply(model: torch.nn.Module, recipe: Recipe, cache: VariantCache) -> dict[s
 
 def _set_config(model: torch.nn.Module, structure: dict, cache: VariantCache) -> None:
     """The config says what the student is: MLP width and attention heads (the export and
-    the KV cache read it)."""
-    from llmpareto.compress.restructure import mlp_width
+    the KV cache read it). A per-block student's config holds its widest block (what the
+    padded HF export writes) and `model._llmpareto_blocks` each kept block's own sizes."""
+    from llmpareto.structure import is_per_block, mlp_width, per_block
 
     cfg, base = model.config, cache.base_config
     for k, v in base.items():
         setattr(cfg, k, v)
-    ratio, heads = structure.get("mlp_ratio"), structure.get("heads")
-    if ratio is not None and "intermediate_size" in base:
-        cfg.intermediate_size = mlp_width(base["intermediate_size"], ratio)
-    if heads is not None and "num_key_value_heads" in base:
-        per = base["num_attention_heads"] // base["num_key_value_heads"]
-        cfg.num_key_value_heads, cfg.num_attention_heads = heads, heads * per
+    model._llmpareto_blocks = None
+    n = cache.n_layers or cache.arch.n_layers
+    inter, kv = base.get("intermediate_size"), base.get("num_key_value_heads")
+    ratios = per_block(structure, "mlp_ratio", n, None)
+    heads = per_block(structure, "heads", n, None)
+    widths = [inter if r is None or inter is None else mlp_width(inter, r)
+              for r in ratios.values()]
+    kv_heads = [kv if h is None else h for h in heads.values()]
+    if inter is not None and any(r is not None for r in ratios.values()):
+        cfg.intermediate_size = max(widths)
+    if kv is not None and any(h is not None for h in heads.values()):
+        per = base["num_attention_heads"] // kv
+        cfg.num_key_value_heads, cfg.num_attention_heads = max(kv_heads), max(kv_heads) * per
         # the head size stays: said outright where a config would derive it as hidden / heads
         cfg.head_dim = cache.arch.head_dim
+    if is_per_block(structure):
+        per = base["num_attention_heads"] // kv if kv else 1
+        model._llmpareto_blocks = {"intermediate_size": widths, "num_key_value_heads": kv_heads,
+                                   "num_attention_heads": [h * per for h in kv_heads]}
 
 
 def _set_layers(model: torch.nn.Module, layers: list[int] | None, cache: VariantCache) -> None:

@@ -91,16 +91,17 @@ def scale_overhead_bytes(arch: Arch, formats: dict[str, str | None]) -> int:
 
 def kv_cache_bytes(arch: Arch, context: int, batch: int = 1,
                    bytes_per_value: int = KV_BYTES_PER_VALUE) -> int:
-    """K and V for every layer and KV head: 2 * layers * kv_heads * head_dim * bytes * context
-    (a sliding-window layer of a family llama.cpp runs so holds min(context, window) tokens)."""
-    return 2 * arch.kv_tokens(context) * arch.n_kv_heads * arch.head_dim * bytes_per_value * batch
+    """K and V for every layer and KV head: 2 * layers * kv_heads * head_dim * bytes * context,
+    each block with its own KV heads (a per-block student) and, for a sliding-window layer of a
+    family llama.cpp runs so, min(context, window) tokens."""
+    return 2 * arch.kv_head_tokens(context) * arch.head_dim * bytes_per_value * batch
 
 
 def activation_bytes(arch: Arch, w: Workload) -> int:
     """Largest live f32 buffers of a prefill step: the MLP (or QKV) intermediate of every prompt
     token, the attention scores of every head over the context, and one row of logits."""
     widest = max([3 * arch.hidden_size] + [max(t.rows, t.cols) for t in arch.linears])
-    heads = arch.n_heads or arch.n_kv_heads
+    heads = arch.n_heads or arch.n_kv_heads  # the widest block's
     per_seq = w.prompt_tokens * widest + heads * w.prompt_tokens * w.context + arch.vocab_size
     return ACT_BYTES * w.batch * per_seq
 
@@ -154,7 +155,6 @@ def op_costs(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
     """Every op of one decoded token (at context w.context) and of the prefill of the prompt."""
     ops: list[OpCost] = []
     sp = sparsity or {}
-    heads = arch.n_heads or arch.n_kv_heads
     head = arch.lm_head or arch.embedding
     emb_fmt = formats.get(arch.embedding.fqn)
     emb_row = weight_bytes(arch.embedding, emb_fmt, arch) / max(arch.embedding.rows, 1)
@@ -164,20 +164,21 @@ def op_costs(arch: Arch, formats: dict[str, str | None], p: DeviceProfile,
                                sp.get(t.fqn)))
         # attention: decode reads the whole KV cache and writes one row; prefill writes the
         # prompt's rows and reads them back once, with causal (half) score math
-        kv_row = arch.n_layers * 2 * arch.n_kv_heads * arch.head_dim * KV_BYTES_PER_VALUE
+        kv_row = arch.kv_heads_total * 2 * arch.head_dim * KV_BYTES_PER_VALUE
+        q_per_kv = arch.q_per_kv
         if phase == "decode":
-            held = arch.kv_tokens(w.context + 1)  # layer-tokens read (sliding layers: a window)
-            b = 2 * arch.n_kv_heads * arch.head_dim * KV_BYTES_PER_VALUE * held * w.batch
-            f = 4.0 * heads * arch.head_dim * arch.kv_tokens(w.context) * w.batch
+            held = arch.kv_head_tokens(w.context + 1)  # KV-head-tokens read (sliding: a window)
+            b = 2 * arch.head_dim * KV_BYTES_PER_VALUE * held * w.batch
+            f = 4.0 * q_per_kv * arch.head_dim * arch.kv_head_tokens(w.context) * w.batch
             sec, bound = roofline(b, f, "f16", p)
             # measured: a CPU runtime's scores, softmax and sums over the cache, per K value
-            kv_values = arch.kv_tokens(w.context) * arch.n_kv_heads * arch.head_dim * w.batch
+            kv_values = arch.kv_head_tokens(w.context) * arch.head_dim * w.batch
             rate = p.attention_values_per_s
             if rate and kv_values / rate > sec:
                 sec, bound = kv_values / rate, "compute"
         else:
             b = 2.0 * kv_row * w.prompt_tokens * w.batch
-            f = arch.n_layers * 4.0 * heads * arch.head_dim * w.batch * \
+            f = arch.kv_heads_total * 4.0 * q_per_kv * arch.head_dim * w.batch * \
                 w.prompt_tokens * (w.prompt_tokens + 1) / 2
             sec, bound = roofline(b, f, "f16", p)
         ops.append(OpCost("attention", phase, b, f, sec, bound))

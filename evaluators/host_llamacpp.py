@@ -104,7 +104,7 @@ def _features(arch, formats: dict[str, str | None], context: int, fmts: list[str
         if formats.get(t.fqn):
             weights[formats[t.fqn]] += t.numel
     return [*(weights[f] for f in fmts), arch.n_layers,
-            arch.n_layers * arch.n_kv_heads * arch.head_dim * context, 1.0]
+            arch.kv_heads_total * arch.head_dim * context, 1.0]
 
 
 def _fit(rows: list[dict]) -> Fit:

@@ -58,10 +58,11 @@ def sparse_format(patterns: set[str]) -> str:
 
 
 def write_compressed(folder: Path, model, tokenizer, pruned: dict[str, tuple[str, float]],
-                     note: dict | None = None) -> str:
+                     note: dict | None = None, transform=None) -> str:
     """Write `model` (float32 weights as the search evaluated them) with the Linears named in
     `pruned` (fqn -> (pattern, level)) compressed; every other module is dense and listed in
-    `ignore`. Returns the sparsity format written."""
+    `ignore`; `transform` rewrites the dense state dict first (export.hf.padder). Returns the
+    sparsity format written."""
     import compressed_tensors
     from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
 
@@ -71,6 +72,8 @@ def write_compressed(folder: Path, model, tokenizer, pruned: dict[str, tuple[str
     pack = compress_24 if fmt == "sparse-24-bitmask" else compress_bitmask
 
     def compress(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if transform is not None:
+            state = transform(state)
         for fqn in pruned:
             state.update({f"{fqn}.{k}": v for k, v in pack(state.pop(f"{fqn}.weight")).items()})
         return state

@@ -80,6 +80,11 @@ def model_card(run_dir: Path, row: pd.Series, recipe: Recipe, formats: dict, wri
              "weights dequantized to float32: it is for research and fine-tuning, not "
              "deployment."),
         *_sparsity_card(pruned or {}, formats, hf_kind),
+        *(["", ("Per-block student: `model.gguf` is llama.cpp's `deci` architecture, each "
+                "block at its own MLP width and KV groups (the memory and speed the search "
+                "predicted). The `hf/` folder pads every block with zeros up to the widest one "
+                "(numerically the same outputs; the memory the cuts saved is not saved there).")]
+          if is_per_block(recipe.structure) else []),
         "", "## Reproduce", "", f"```\n{command}\n```", "",
     ]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from llmpareto.families import _BY_MODEL_TYPE, FAMILIES
 from llmpareto.formats import effective_format
 from llmpareto.recipe import Recipe
-from llmpareto.structure import check_structure, mlp_width
+from llmpareto.structure import check_structure, mlp_width, per_block
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
@@ -49,6 +49,30 @@ class Arch:
     # per block, the most tokens llama.cpp keeps in its KV cache (a sliding-window layer of a
     # family that runs it so: its window; 0: every token of the context)
     kv_windows: list[int] = field(default_factory=list)
+    # per block, its KV heads when blocks differ (a per-block student); empty: n_kv_heads each
+    kv_heads_per_block: list[int] = field(default_factory=list)
+
+    @property
+    def kv_heads_of_blocks(self) -> list[int]:
+        """The KV heads of every block, in order."""
+        return list(self.kv_heads_per_block) or [self.n_kv_heads] * self.n_layers
+
+    @property
+    def kv_heads_total(self) -> int:
+        """KV heads summed over blocks (layers x KV heads when blocks are alike)."""
+        return sum(self.kv_heads_of_blocks)
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads per KV head (a student keeps whole groups: the teacher's ratio)."""
+        return max(1, (self.n_heads or self.n_kv_heads) // max(self.n_kv_heads, 1))
+
+    def kv_head_tokens(self, context: int) -> int:
+        """KV heads x tokens held, summed over blocks at `context` (a sliding block holds
+        min(context, window) tokens)."""
+        caps = self.kv_windows or [0] * self.n_layers
+        return sum(k * (min(context, c) if c else context)
+                   for k, c in zip(self.kv_heads_of_blocks, caps))
 
     def kv_tokens(self, context: int) -> int:
         """Tokens held in the KV cache summed over blocks at `context` (layers x context when
@@ -66,43 +90,51 @@ class Arch:
     def n_params(self) -> int:
         return sum(t.numel for t in self.tensors) + self.other_params
 
+    @property
+    def intermediate_size(self) -> int | None:
+        """The MLP width of the first block (the teacher's, before any restructure)."""
+        return next((t.cols for t in self.linears if t.kind == "mlp.down_proj"), None)
+
     def restructure(self, structure: dict | None) -> Arch:
         """The architecture a recipe's `structure` leaves: kept blocks, a narrower MLP
-        (`mlp_ratio`), fewer attention groups per block (`heads`); self if none."""
+        (`mlp_ratio`), fewer attention groups (`heads`), each either one value for every block
+        or one per kept block; self if none."""
         s = {k: v for k, v in (structure or {}).items() if v is not None}
         if not s:
             return self
-        check_structure(s, self.n_layers, self.n_kv_heads)
+        check_structure(s, self.n_layers, self.n_kv_heads, self.intermediate_size)
         if self.family is not None:
             FAMILIES[self.family].check_cuts(s)
-        out = self
-        if "layers" in s:
-            kept = set(s["layers"])
-            dropped = self.n_layers - len(kept)
-            out = replace(out, linears=[t for t in out.linears if t.layer in kept],
-                          n_layers=len(kept),
-                          other_params=out.other_params - dropped * out.layer_other_params,
-                          kv_windows=[c for i, c in enumerate(out.kv_windows) if i in kept])
-        if s.get("mlp_ratio", 1) < 1:
-            inter = next((t.cols for t in out.linears if t.kind == "mlp.down_proj"), None)
-            if inter is not None:
-                k = mlp_width(inter, s["mlp_ratio"])
-                out = replace(out, linears=[_narrow(t, k, inter, "mlp.gate_proj", "mlp.up_proj",
-                                                    "mlp.down_proj") for t in out.linears])
+        n, kv = self.n_layers, self.n_kv_heads
+        ratios = per_block(s, "mlp_ratio", n, 1.0)
+        heads = per_block(s, "heads", n, kv)
+        kept = sorted(ratios)
+        per = self.q_per_kv
+        linears = [t for t in self.linears if t.layer in ratios]
+        inter = self.intermediate_size
+        if inter is not None:
+            def mlp(t: Tensor2D) -> Tensor2D:
+                k = mlp_width(inter, ratios[t.layer])
+                t = _narrow(t, k, inter, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
                 # a fused gate/up tensor holds both halves: 2 x inter rows
-                out = replace(out, linears=[_narrow(t, 2 * k, 2 * inter, "mlp.gate_up_proj",
-                                                    None, None) for t in out.linears])
-        heads = s.get("heads", self.n_kv_heads)
-        if heads < self.n_kv_heads:
-            per = (self.n_heads or self.n_kv_heads) // self.n_kv_heads  # query heads a group
-            q_old, q_new = self.n_kv_heads * per * self.head_dim, heads * per * self.head_dim
-            kv_old, kv_new = self.n_kv_heads * self.head_dim, heads * self.head_dim
-            linears = [_narrow(t, q_new, q_old, "self_attn.q_proj", None, "self_attn.o_proj")
-                       for t in out.linears]
-            linears = [_narrow(t, kv_new, kv_old, "self_attn.k_proj", "self_attn.v_proj", None)
-                       for t in linears]
-            out = replace(out, linears=linears, n_kv_heads=heads, n_heads=heads * per)
-        return out
+                return _narrow(t, 2 * k, 2 * inter, "mlp.gate_up_proj", None, None)
+            linears = [mlp(t) for t in linears]
+
+        def attn(t: Tensor2D) -> Tensor2D:
+            h = heads[t.layer]
+            if h == kv:
+                return t
+            hd = self.head_dim
+            t = _narrow(t, h * per * hd, kv * per * hd, "self_attn.q_proj", None,
+                        "self_attn.o_proj")
+            return _narrow(t, h * hd, kv * hd, "self_attn.k_proj", "self_attn.v_proj", None)
+        kv_list = [heads[i] for i in kept]
+        widest = max(kv_list)
+        return replace(self, linears=[attn(t) for t in linears], n_layers=len(kept),
+                       other_params=self.other_params - (n - len(kept)) * self.layer_other_params,
+                       kv_windows=[c for i, c in enumerate(self.kv_windows) if i in ratios],
+                       n_kv_heads=widest, n_heads=self.n_heads if widest == kv else widest * per,
+                       kv_heads_per_block=kv_list if len(set(kv_list)) > 1 else [])
 
     def formats_for(self, recipe: Recipe) -> dict[str, str | None]:
         """fqn -> the format each tensor really gets (None: left as it is), for the tensors

@@ -9,6 +9,13 @@ changes are rewritten (types, data, a student's shapes and shape keys); every ot
 copied byte for byte. From a Hugging Face folder, names come from the `gguf` package's map for
 the family's architecture, with what llama.cpp's converter does for that family (q/k row
 permutation for LLaMA-style rotary, Gemma's 1 + w norms) and its metadata keys.
+
+A per-block student (its blocks of different MLP widths and KV groups) is written as
+llama.cpp's `deci` architecture: the Llama layout whose loader builds every block at its own
+`feed_forward_length`, `attention.head_count` and `attention.head_count_kv` (arrays with one
+value per block). llama.cpp reads those keys as arrays for every architecture, but its `llama`
+loader sizes every block's tensors by the first block's numbers; `deci` (Puzzle's
+Llama-3.1-Nemotron models) sizes each block by its own.
 """
 
 from __future__ import annotations
@@ -35,6 +42,24 @@ _SHAPE_KEYS = ("block_count", "feed_forward_length", "attention.head_count",
                "attention.head_count_kv", "attention.key_length", "attention.value_length")
 _SLIDING_KEYS = ("attention.sliding_window", "attention.sliding_window_pattern")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
+_HF_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+PER_BLOCK_ARCH = "deci"  # llama.cpp's Llama layout with per-block sizes
+
+
+def per_block_sizes(model) -> dict[str, list[int]] | None:
+    """Each kept block's MLP width and heads when they differ (compress.swap sets them)."""
+    return getattr(model, "_llmpareto_blocks", None)
+
+
+def _arch_for(model, arch: str) -> str:
+    """The GGUF architecture written: a per-block student of a Llama-layout model as deci."""
+    if per_block_sizes(model) is None:
+        return arch
+    if arch != "llama":
+        raise UserError(f"GGUF export: a student with per-block sizes runs in llama.cpp only as "
+                        f"the Llama layout ({PER_BLOCK_ARCH}); this model is {arch!r}: search it "
+                        "with --student-granularity model")
+    return PER_BLOCK_ARCH
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -77,13 +102,19 @@ def _swa_pattern(cfg) -> list[bool] | None:
     return [t == "sliding_attention" for t in types]
 
 
-def _write_shape(writer, cfg, fam: Family) -> None:
-    """Shapes from the (possibly restructured) config; a student with fewer heads keeps its
-    head size, which llama.cpp would otherwise derive as hidden / heads."""
+def _write_shape(writer, cfg, fam: Family, blocks: dict[str, list[int]] | None = None) -> None:
+    """Shapes from the (possibly restructured) config, or per block (`blocks`: a per-block
+    student); a student with fewer heads keeps its head size, which llama.cpp would otherwise
+    derive as hidden / heads."""
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    if blocks is not None:
+        writer.add_feed_forward_length([int(v) for v in blocks["intermediate_size"]])
+        writer.add_head_count([int(v) for v in blocks["num_attention_heads"]])
+        writer.add_head_count_kv([int(v) for v in blocks["num_key_value_heads"]])
+    else:
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_key_length(_head_dim(cfg))
     writer.add_value_length(_head_dim(cfg))
     pattern = _swa_pattern(cfg) if fam.kv_sliding else None
@@ -106,11 +137,12 @@ def _rope_theta(cfg, kind: str = "full_attention") -> float | None:
     return None if theta is None else float(theta)
 
 
-def _hf_metadata(writer, cfg, fam: Family, tokenizer, bos: bool) -> None:
+def _hf_metadata(writer, cfg, fam: Family, tokenizer, bos: bool,
+                 blocks: dict[str, list[int]] | None = None) -> None:
     """What llama.cpp's converter writes for the family (conversion/*.py set_gguf_parameters)."""
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
-    _write_shape(writer, cfg, fam)
+    _write_shape(writer, cfg, fam, blocks)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     theta = _rope_theta(cfg)
     if theta is not None:
@@ -207,6 +239,12 @@ def _tensor_data(name: str, fqn: str, fmt: str | None, param, cache, model, fam:
     kind = kinds.get(fqn)
     heads = {"self_attn.q_proj": cfg.num_attention_heads,
              "self_attn.k_proj": cfg.num_key_value_heads}
+    blocks = per_block_sizes(model)
+    m = _HF_BLOCK.search(name)
+    if blocks is not None and m is not None:  # this block's own heads (new numbering)
+        i = int(m.group(1))
+        heads = {"self_attn.q_proj": blocks["num_attention_heads"][i],
+                 "self_attn.k_proj": blocks["num_key_value_heads"][i]}
     if fam.permute_qk and kind in heads:  # packed rows move as a whole: permuting stays exact
         data = permute_rows(data, heads[kind])
     return np.ascontiguousarray(data), qtype
@@ -217,13 +255,14 @@ def _from_hf(path: Path, model, cache, formats, tokenizer, fam: Family, bos: boo
 
     cfg = model.config
     n_blocks = cfg.num_hidden_layers
-    writer = gguf.GGUFWriter(str(path), arch=fam.gguf_arch)
-    _hf_metadata(writer, cfg, fam, tokenizer, bos)
+    arch = _arch_for(model, fam.gguf_arch)
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    _hf_metadata(writer, cfg, fam, tokenizer, bos, per_block_sizes(model))
     _own_keys(writer, Path(str(getattr(cfg, "name_or_path", "") or "")).name)
     kinds = {t.fqn: t.kind for t in cache.arch.tensors}
     for name, (fqn, fmt, param) in _searched(model, cache, formats).items():
         data, qtype = _tensor_data(name, fqn, fmt, param, cache, model, fam, kinds)
-        writer.add_tensor(gguf_name(name, n_blocks, fam.gguf_arch), data, raw_dtype=qtype)
+        writer.add_tensor(gguf_name(name, n_blocks, arch), data, raw_dtype=qtype)
     _finish(writer)
 
 
@@ -254,15 +293,18 @@ def _from_gguf(path: Path, model, cache, formats, source_path: str, fam: Family,
     cfg = model.config
     kept = getattr(model, "_llmpareto_layers", None) or list(range(cfg.num_hidden_layers))
     new_index = {old: new for new, old in enumerate(kept)}
-    writer = gguf.GGUFWriter(str(path), arch=arch)
+    out_arch = _arch_for(model, arch)
+    writer = gguf.GGUFWriter(str(path), arch=out_arch)
     rewritten = _SHAPE_KEYS + (_SLIDING_KEYS if fam.kv_sliding else ())
     for key, field in reader.fields.items():
         if key.startswith(_OWN_KEYS) or key.removeprefix(f"{arch}.") in rewritten:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        if key.startswith(f"{arch}."):  # the architecture's own keys move with it
+            key = f"{out_arch}.{key.removeprefix(f'{arch}.')}"
         writer.add_key_value(key, field.contents(), vtype, sub)
-    _write_shape(writer, cfg, fam)
+    _write_shape(writer, cfg, fam, per_block_sizes(model))
     named = reader.fields.get("general.name")
     _own_keys(writer, str(named.contents()) if named is not None else Path(source_path).stem)
     kinds = {t.fqn: t.kind for t in cache.arch.tensors}

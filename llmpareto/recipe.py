@@ -2,6 +2,11 @@
 
 Keys are module names, `re:<regex>` patterns or `_default`; exact names win over patterns,
 patterns are tried in order, `_default` comes last. A value of None leaves a module as is.
+
+Versions (llmpareto/recipe.schema.json is the JSON Schema): 1, `structure.mlp_ratio` and
+`structure.heads` are single numbers; 2, either may also be a list with one value per kept
+block (a per-block student). A recipe is written with the lowest version that holds it, so a
+homogeneous recipe stays readable by an llmpareto that knows only version 1.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Any
 
 from llmpareto.errors import UserError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # the newest version this llmpareto reads
+SCHEMA = "recipe.schema.json"  # shipped beside this module
 MODULE_KEYS = {"format", "sparsity", "pattern"}
 STRUCTURE_KEYS = {"layers", "mlp_ratio", "heads"}
 # compress.prune.PRUNERS implements these (a test keeps the two lists equal); named here so
@@ -78,6 +84,8 @@ class Recipe:
             raise UserError(
                 f"recipe structure has unknown key(s) {sorted(unknown)}; allowed: {sorted(STRUCTURE_KEYS)}"
             )
+        self.structure = {k: list(v) if isinstance(v, tuple) else v
+                          for k, v in self.structure.items()}
 
     def resolve(self, fqn: str) -> dict | None:
         """The choice for module `fqn`: exact key, else first matching regex, else _default."""
@@ -100,8 +108,16 @@ class Recipe:
         level = 1.0 - nm[0] / nm[1] if nm else float(choice.get("sparsity", 0.0))
         return (pattern, level) if level > 0 else None
 
+    @property
+    def needed_version(self) -> int:
+        """The lowest recipe version that holds this recipe (2: per-block structure lists)."""
+        from llmpareto.structure import is_per_block
+
+        return 2 if is_per_block(self.structure) else 1
+
     def to_dict(self) -> dict:
-        return {"version": self.version, "modules": self.modules, "structure": self.structure}
+        return {"version": self.needed_version, "modules": self.modules,
+                "structure": self.structure}
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
@@ -124,7 +140,12 @@ class Recipe:
                 f"recipe version {version} is newer than this llmpareto understands "
                 f"({RECIPE_VERSION}); upgrade llmpareto"
             )
-        return cls(dict(data.get("modules", {})), dict(data.get("structure", {})), version)
+        recipe = cls(dict(data.get("modules", {})), dict(data.get("structure", {})), version)
+        if recipe.needed_version > version:
+            raise UserError(f"recipe version {version} holds one 'mlp_ratio' and one 'heads' for "
+                            f"every block; a list per kept block needs \"version\": "
+                            f"{recipe.needed_version}")
+        return recipe
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
@@ -148,6 +169,11 @@ class Recipe:
         if not p.is_file():
             raise UserError(f"recipe file {p} does not exist")
         return cls.from_json(p.read_text())
+
+    @staticmethod
+    def schema() -> dict:
+        """The JSON Schema of a recipe file (every version this llmpareto reads)."""
+        return json.loads((Path(__file__).parent / SCHEMA).read_text())
 
     @classmethod
     def uniform(cls, fmt: str) -> Recipe:

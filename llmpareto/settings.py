@@ -70,6 +70,8 @@ class SettingsForm:
     student_blocks: list[int] | None = None  # --space ...students: blocks kept; None: 100-70%
     student_mlp_ratios: list[float] | None = None  # MLP width kept; None: 1, 0.875, 0.75, 0.5
     student_heads: list[int] | None = None  # KV groups kept per block; None: every count
+    # model: one MLP width and KV-group count for every block; block: one per kept block
+    student_granularity: str = "model"
     objectives: list[str] = field(default_factory=lambda: ["perplexity", "memory_bytes"])
     max_memory: int | None = None  # bytes; candidates above never pay for a forward pass
     device: str = "raspberry-pi-5"  # profile name, TOML path, or "host" (measured here)
@@ -242,6 +244,16 @@ class SettingsForm:
                 raise UserError(f"{flag} needs at least one value")
             setattr(self, name, parsed)
         spaces = [n.strip() for n in str(self.space).split(",")]
+        if self.student_granularity not in ("model", "block"):
+            raise UserError(f"--student-granularity {self.student_granularity!r}: use model (one "
+                            "MLP width and KV-group count for every block) or block (one per "
+                            "kept block)")
+        if self.student_granularity == "block" and "students" not in spaces:
+            raise UserError("--student-granularity block cuts student blocks one by one: add "
+                            "students to --space, e.g. --space formats,students")
+        if self.student_granularity == "block" and self.calib_tokens == 0:
+            raise UserError("--student-granularity block ranks each block's MLP channels and "
+                            "attention groups on calibration text: set --calib-tokens > 0")
         if "students" in spaces and self.calib_tokens == 0:
             raise UserError("--space ...students ranks blocks, MLP channels and attention groups "
                             "on calibration text: set --calib-tokens > 0")

@@ -47,7 +47,8 @@ def space_for(settings: SearchSettings, arch: Arch):
                        granularity=settings.granularity, levels=settings.sparsity_levels,
                        pattern=settings.sparsity_pattern, method=settings.sparsity_method,
                        blocks=settings.student_blocks, mlp_ratios=settings.student_mlp_ratios,
-                       heads=settings.student_heads)
+                       heads=settings.student_heads,
+                       student_granularity=settings.student_granularity)
 
 
 class TrialRunner(Workbench):
