@@ -20,6 +20,7 @@ from llmpareto.query import where
 from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
 from llmpareto.search.workbench import Built, Workbench
+from llmpareto.structure import is_per_block
 
 EXPORT_FORMATS = ("gguf", "hf")
 

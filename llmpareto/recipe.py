@@ -69,7 +69,7 @@ def _check_choice(key: str, choice: Any) -> dict | None:
 class Recipe:
     modules: dict[str, dict | None] = field(default_factory=dict)
     structure: dict[str, Any] = field(default_factory=dict)
-    version: int = RECIPE_VERSION
+    version: int = field(default=RECIPE_VERSION, compare=False)  # as read; written: needed_version
 
     def __post_init__(self) -> None:
         self.modules = {k: _check_choice(k, v) for k, v in self.modules.items()}
