@@ -16,7 +16,7 @@ run in llama.cpp (its `deci` architecture) on this host.
     profile of this host calibrated in the same run (`profile-host --runtime llamacpp`).
 
 Run: python -m llmpareto.bench.bench_per_block [--trials 40] [--device raspberry-pi-5]
-     [--out DIR] (--quick: few trials and tokens, to check that it runs)
+     [--recover-steps N] [--out DIR] (--quick: few trials and tokens, to check that it runs)
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ SEARCHES = {"formats": {"space": "formats"},
                                      "student_granularity": "model"},
             "per-block students": {"space": "formats,students",
                                    "student_granularity": "block"}}
-QUALITY = ("perplexity", "kl_nats", "eval_text_perplexity", "eval_text_kl_nats")
+QUALITY = ("perplexity", "kl_nats", "eval_text_perplexity", "eval_text_kl_nats",
+           "recovered_eval_text_perplexity", "recovered_eval_text_kl_nats")
 
 
 def per_block_rows(df: pd.DataFrame) -> pd.Series:
@@ -60,7 +61,7 @@ def at_latency(fronts: dict[str, pd.DataFrame], targets: list[float]) -> pd.Data
             b = ok.loc[ok["perplexity"].idxmin()]
             rows.append({"latency_target_ms": target, "search": name, "trial": int(b["trial"]),
                          "latency_ms": b["latency_ms"], "memory_MB": b["memory_bytes"] / 1e6,
-                         **{q: b.get(q, np.nan) for q in QUALITY},
+                         **{q: b.get(q, np.nan) for q in QUALITY if q in df.columns},
                          "per_block": bool(per_block_rows(ok.loc[[b.name]]).iloc[0])})
     return pd.DataFrame(rows)
 
@@ -122,10 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="raspberry-pi-5")
     ap.add_argument("--measure", type=int, default=3, help="per-block front points timed in (c)")
     ap.add_argument("--out", default="bench-runs/per-block")
+    ap.add_argument("--recover-steps", type=int, default=0,
+                    help="recover each front in its search (--recover-steps); (a) then shows "
+                         "quality after recovery too")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     common = {"device": a.device, "objectives": "perplexity,latency_ms", "trials": a.trials,
-              "runs_dir": a.out, "progress": False}
+              "runs_dir": a.out, "progress": False, "recover_steps": a.recover_steps}
     if a.quick:
         common.update(trials=12, eval_tokens=512, calib_tokens=512, eval_text_tokens=512,
                       formats="q8_0,q4_0,q4_K", presets="none", student_blocks="30,27")
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         fronts[name] = Front.load(runs[name]).df
         print(f"{name}: {len(fronts[name])} front points in {secs[name]:.0f} s "
               f"({runs[name]})", flush=True)
-    lat = fronts["formats"]["latency_ms"].sort_values().to_numpy()
+    lat = np.concatenate([f["latency_ms"].to_numpy() for f in fronts.values()])
     targets = sorted({float(np.quantile(lat, q)) for q in (0.0, 0.25, 0.5, 0.75)})
     print(f"\n(a) best point at no more predicted latency on {a.device} (quality on the "
           "evaluation windows and on the evaluation text):")

@@ -27,7 +27,10 @@ _HELP = {
     "recover_method": "auto (block-wise reconstruction for quantized points, distillation "
                       "for students and pruned ones) | reconstruct | distill | qat",
     "space": "search space: formats, sparsity, students, or a join such as formats,sparsity "
-             "or formats,sparsity,students (cut to the student, prune, then quantize)",
+             "or formats,sparsity,students (cut to the student, prune, then quantize). "
+             "sparsity: no shipped llama.cpp profile runs it faster or smaller (no sparse "
+             "kernels); for AMC-style structure llama.cpp runs faster use students with "
+             "--student-granularity block",
     "student_blocks": "--space ...students: numbers of blocks kept, e.g. 30,27,24",
     "student_mlp_ratios": "--space ...students: MLP widths kept, e.g. 1,0.75,0.5",
     "student_heads": "--space ...students: KV heads kept per block (whole groups), e.g. 3,2",
