@@ -28,9 +28,10 @@ _HELP = {
                       "for students and pruned ones) | reconstruct | distill | qat",
     "space": "search space: formats, sparsity, students, or a join such as formats,sparsity "
              "or formats,sparsity,students (cut to the student, prune, then quantize). "
-             "sparsity: no shipped llama.cpp profile runs it faster or smaller (no sparse "
-             "kernels); for AMC-style structure llama.cpp runs faster use students with "
-             "--student-granularity block",
+             "sparsity: llama.cpp runs it no faster or smaller (it has no sparse kernels; "
+             "only the PyTorch 2:4 kernels of the h100-sxm and rtx-4090 profiles, for the "
+             "compressed-tensors export, do); for AMC-style structure llama.cpp runs faster "
+             "use students with --student-granularity block",
     "student_blocks": "--space ...students: numbers of blocks kept, e.g. 30,27,24",
     "student_mlp_ratios": "--space ...students: MLP widths kept, e.g. 1,0.75,0.5",
     "student_heads": "--space ...students: KV heads kept per block (whole groups), e.g. 3,2",

@@ -304,3 +304,22 @@ def test_block_granularity_search_profiles_and_allocates_per_block(tiny_settings
     per_block = [r for r in recipes if any(isinstance(v, list) for v in r.structure.values())]
     assert per_block, [r.structure for r in recipes]
     assert front.trials["state"].eq("COMPLETE").sum() == 12
+
+
+def test_sparsity_is_said_to_run_no_faster_in_llama_cpp_and_that_is_true(capsys):
+    """The --help line says no shipped llama.cpp profile runs weight sparsity faster or
+    smaller: every shipped llama.cpp profile has no sparse kernel (so the claim must change
+    when one gets one)."""
+    from llmpareto.cli import main
+    from llmpareto.device_profiles.loader import list_profiles, load_profile
+
+    llama = [n for n in list_profiles() if "llama.cpp" in load_profile(n).runtime]
+    assert len(llama) >= 5
+    for name in llama:  # a profile's sparse kernels are another runtime's (PyTorch 2:4)
+        p = load_profile(name)
+        assert all("llama.cpp" not in k.runtime for k in p.sparse_kernels.values()), name
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "llama.cpp runs it no faster or smaller" in text
+    assert "--student-granularity block" in text
