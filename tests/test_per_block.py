@@ -284,15 +284,18 @@ def test_bad_per_block_recipe_in_a_search_is_one_line(tiny_settings, tmp_path, c
     assert last.startswith("llmpareto: error:") and "keeps 2 blocks" in last, last
 
 
-def test_block_granularity_search_profiles_and_allocates_per_block(tiny_settings, tmp_path):
-    """The knapsack strategy over formats and per-block structure: the sensitivity profile
-    holds a KL per block key, and the run's trials include per-block students."""
+@pytest.mark.parametrize("strategy", ["knapsack", "evolve"])
+def test_block_granularity_search_profiles_and_allocates_per_block(tiny_settings, tmp_path,
+                                                                   strategy):
+    """The knapsack and evolve strategies over formats and per-block structure: the
+    sensitivity profile holds a KL per block key, and the run's trials include per-block
+    students."""
     import llmpareto
 
     s = {**tiny_settings, "formats": "q8_0,q4_0", "trials": 12}
     front = llmpareto.search(**s, space="formats,students", student_granularity="block",
                              student_mlp_ratios="1,0.5", student_heads="2,1",
-                             student_blocks="2", strategy="knapsack",
+                             student_blocks="2", strategy=strategy,
                              objectives="kl_nats,memory_bytes")
     run = tmp_path / "runs" / "t"
     profile = json.loads((run / "sensitivity.json").read_text())
