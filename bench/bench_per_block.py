@@ -34,7 +34,8 @@ SEARCHES = {"formats": {"space": "formats"},
             "per-block students": {"space": "formats,students",
                                    "student_granularity": "block"}}
 QUALITY = ("perplexity", "kl_nats", "eval_text_perplexity", "eval_text_kl_nats",
-           "recovered_eval_text_perplexity", "recovered_eval_text_kl_nats")
+           "recovered_perplexity", "recovered_eval_text_perplexity",
+           "recovered_eval_text_kl_nats")
 
 
 def per_block_rows(df: pd.DataFrame) -> pd.Series:
@@ -58,7 +59,10 @@ def at_latency(fronts: dict[str, pd.DataFrame], targets: list[float]) -> pd.Data
             if ok.empty:
                 rows.append({"latency_target_ms": target, "search": name})
                 continue
-            b = ok.loc[ok["perplexity"].idxmin()]
+            # after recovery, a point's recovered perplexity where it kept recovered weights
+            sel = ok["recovered_perplexity"].fillna(ok["perplexity"]) \
+                if "recovered_perplexity" in ok.columns else ok["perplexity"]
+            b = ok.loc[sel.idxmin()]
             rows.append({"latency_target_ms": target, "search": name, "trial": int(b["trial"]),
                          "latency_ms": b["latency_ms"], "memory_MB": b["memory_bytes"] / 1e6,
                          **{q: b.get(q, np.nan) for q in QUALITY if q in df.columns},
@@ -126,6 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recover-steps", type=int, default=0,
                     help="recover each front in its search (--recover-steps); (a) then shows "
                          "quality after recovery too")
+    ap.add_argument("--resume", metavar="STAMP", help="continue the searches of an earlier "
+                    "run of this benchmark (their study names end in STAMP), e.g. to recover "
+                    "them with --recover-steps")
+    ap.add_argument("--only", help="comma list of searches to run: formats, homogeneous, "
+                    "per-block (default: all)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     common = {"device": a.device, "objectives": "perplexity,latency_ms", "trials": a.trials,
@@ -138,16 +147,24 @@ def main(argv: list[str] | None = None) -> None:
     fmt = {"float_format": lambda v: f"{v:.4g}", "index": False}
     t0 = time.perf_counter()
     fronts, runs, secs = {}, {}, {}
-    stamp = time.strftime("%H%M%S")
+    stamp = a.resume or time.strftime("%H%M%S")
+    only = a.only.split(",") if a.only else [n.split()[0] for n in SEARCHES]
     for name, extra in SEARCHES.items():
+        if name.split()[0] not in only:
+            continue
         study = f"per-block-{name.split()[0]}-{stamp}"
         s0 = time.perf_counter()
-        llmpareto.search(study=study, **common, **extra)
+        llmpareto.search(study=study, resume=bool(a.resume), **common, **extra)
         secs[name] = time.perf_counter() - s0
         runs[name] = Path(a.out) / study
         fronts[name] = Front.load(runs[name]).df
         print(f"{name}: {len(fronts[name])} front points in {secs[name]:.0f} s "
               f"({runs[name]})", flush=True)
+    if "per-block students" not in fronts:
+        print(at_latency(fronts, sorted(np.concatenate([f["latency_ms"].to_numpy()
+                                                        for f in fronts.values()])))
+              .to_string(**fmt))
+        return
     lat = np.concatenate([f["latency_ms"].to_numpy() for f in fronts.values()])
     targets = sorted({float(np.quantile(lat, q)) for q in (0.0, 0.25, 0.5, 0.75)})
     print(f"\n(a) best point at no more predicted latency on {a.device} (quality on the "
