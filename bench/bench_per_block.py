@@ -70,6 +70,26 @@ def at_latency(fronts: dict[str, pd.DataFrame], targets: list[float]) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def hypervolumes(fronts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    from llmpareto.pareto import hypervolume_2d
+
+    base = min(float(f["perplexity"].min()) for f in fronts.values())
+    ref = np.array([2 * base, max(float(f["latency_ms"].max()) for f in fronts.values())])
+    union = pd.concat([f.assign(search=n) for n, f in fronts.items()], ignore_index=True)
+    pts = union[["perplexity", "latency_ms"]].to_numpy()
+    on = [i for i in range(len(pts)) if not any((pts[j] <= pts[i]).all() and
+                                                (pts[j] < pts[i]).any() for j in range(len(pts)))]
+    counts = union.iloc[on]["search"].value_counts()
+    rows = [{"search": n, "front_points": len(f),
+             "hypervolume": hypervolume_2d(f[["perplexity", "latency_ms"]].to_numpy() / ref,
+                                           (1.0, 1.0)),
+             "points_on_union_front": int(counts.get(n, 0))} for n, f in fronts.items()]
+    rows.append({"search": "union", "front_points": len(on),
+                 "hypervolume": hypervolume_2d(pts[on] / ref, (1.0, 1.0)),
+                 "points_on_union_front": len(on)})
+    return pd.DataFrame(rows)
+
+
 def measured(run: Path, df: pd.DataFrame, n: int, host_profile) -> pd.DataFrame:
     """Up to `n` per-block front points and the same recipes without width/KV cuts, timed in
     llama.cpp here, with the host profile's prediction of each."""
@@ -170,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n(a) best point at no more predicted latency on {a.device} (quality on the "
           "evaluation windows and on the evaluation text):")
     print(at_latency(fronts, targets).to_string(**fmt), flush=True)
+    print("\n(a2) hypervolume of (perplexity, latency_ms), normalised by 2x the base "
+          "perplexity and the slowest front point, and where the union front's points come from:")
+    print(hypervolumes(fronts).to_string(**fmt), flush=True)
     pb = fronts["per-block students"]
     on = pb[per_block_rows(pb)]
     print(f"\n(b) per-block front: {len(on)} of {len(pb)} points cut blocks differently")
