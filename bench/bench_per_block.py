@@ -90,7 +90,8 @@ def hypervolumes(fronts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def measured(run: Path, df: pd.DataFrame, n: int, host_profile) -> pd.DataFrame:
+def measured(run: Path, df: pd.DataFrame, n: int, host_profile, rounds: int = 5
+             ) -> pd.DataFrame:
     """Up to `n` per-block front points and the same recipes without width/KV cuts, timed in
     llama.cpp here, with the host profile's prediction of each."""
     from llmpareto.budget import Workload
@@ -126,7 +127,7 @@ def measured(run: Path, df: pd.DataFrame, n: int, host_profile) -> pd.DataFrame:
                          "size_MB": path.stat().st_size / 1e6, "predicted_host_ms": pred,
                          "predicted_device_ms": row["latency_ms"] if label == "per-block"
                          else np.nan})
-    speeds = gguf_speeds([j["path"] for j in jobs], contexts=(context,), rounds=3)
+    speeds = gguf_speeds([j["path"] for j in jobs], contexts=(context,), rounds=rounds)
     for j, s in zip(jobs, speeds):
         j["measured_host_ms"] = s["measured_latency_ms"]
         j["error_pct"] = 100 * (j["predicted_host_ms"] / j["measured_host_ms"] - 1)
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--device", default="raspberry-pi-5")
     ap.add_argument("--measure", type=int, default=3, help="per-block front points timed in (c)")
+    ap.add_argument("--rounds", type=int, default=5, help="(c): timing rounds over all files "
+                    "(each file's fastest counts: a shared machine only slows runs down)")
     ap.add_argument("--out", default="bench-runs/per-block")
     ap.add_argument("--recover-steps", type=int, default=0,
                     help="recover each front in its search (--recover-steps); (a) then shows "
@@ -190,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n(a) best point at no more predicted latency on {a.device} (quality on the "
           "evaluation windows and on the evaluation text):")
     print(at_latency(fronts, targets).to_string(**fmt), flush=True)
-    print("\n(a2) hypervolume of (perplexity, latency_ms), normalised by 2x the base "
-          "perplexity and the slowest front point, and where the union front's points come from:")
+    print("\n(a2) hypervolume of (perplexity, latency_ms), normalised by 2x the lowest "
+          "front perplexity and the slowest front point, and where the union front's points come from:")
     print(hypervolumes(fronts).to_string(**fmt), flush=True)
     pb = fronts["per-block students"]
     on = pb[per_block_rows(pb)]
@@ -202,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n(c) llama.cpp on this host: per-block front points vs the same recipe without "
           "width/KV cuts; prediction of a llama.cpp profile of this host calibrated now:",
           flush=True)
-    host = measure_host_profile("llamacpp", quick=True)
-    table = measured(runs["per-block students"], pb, a.measure, host)
+    host = measure_host_profile("llamacpp", quick=a.quick)
+    table = measured(runs["per-block students"], pb, a.measure, host, a.rounds)
     print(table.to_string(**fmt) if len(table) else "    no per-block point on the front")
     print(f"\nwall {time.perf_counter() - t0:.0f} s")
 
