@@ -326,3 +326,38 @@ def test_sparsity_is_said_to_run_no_faster_in_llama_cpp_and_that_is_true(capsys)
     text = " ".join(capsys.readouterr().out.split())
     assert "llama.cpp runs it no faster or smaller" in text
     assert "--student-granularity block" in text
+
+
+def test_per_block_student_of_a_gguf_source_exports_as_deci(setup, tmp_path):
+    """From a GGUF source (the default model's path): the source's keys move to the deci
+    prefix, its tokenizer stays, and llama.cpp runs the per-block file."""
+    import gguf
+
+    from llmpareto.evaluators.llamacpp import gguf_perplexity
+    from llmpareto.evaluators.quality import window_nll
+    from llmpareto.gguf_write import write_gguf
+
+    model, _, cache, windows = setup
+    formats = apply(model, Recipe({"_default": {"format": "f16"}}), cache)
+    source, tok = model.llmpareto_test
+    src = write_gguf(tmp_path / "src.gguf", model, cache, formats, source, tok)
+    gsource = resolve_model(str(src))
+    gmodel, gtok = load_model(gsource)
+    arch = Arch.from_model(gmodel)
+    fqns = [t.fqn for t in arch.linears if t.kind in ("mlp.down_proj", "self_attn.o_proj")]
+    stats = collect_input_stats(gmodel, windows, fqns, diag_only=True)
+    gcache = VariantCache(gmodel, arch)
+    gcache.set_importance({f: s.col_norm for f, s in stats.items()})
+    formats = apply(gmodel, Recipe({"_default": {"format": "q8_0"}}, structure=STRUCTURE), gcache)
+    out = write_gguf(tmp_path / "out.gguf", gmodel, gcache, formats, gsource, gtok)
+    r_src, r_out = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    assert r_out.fields["general.architecture"].contents() == "deci"
+    assert r_out.fields["deci.feed_forward_length"].contents() == [128, 192]
+    assert not [k for k in r_out.fields if k.startswith("llama.")]
+    eps = "attention.layer_norm_rms_epsilon"
+    assert r_out.fields[f"deci.{eps}"].contents() == r_src.fields[f"llama.{eps}"].contents()
+    assert r_out.fields["tokenizer.ggml.tokens"].contents() == \
+        r_src.fields["tokenizer.ggml.tokens"].contents()
+    nll, n = window_nll(gmodel, windows, 4)
+    ppl = float(np.exp(nll / n))
+    assert abs(gguf_perplexity(str(out), windows) - ppl) / ppl < 0.01
