@@ -158,10 +158,12 @@ def main(argv: list[str] | None = None) -> None:
                     "them with --recover-steps")
     ap.add_argument("--only", help="comma list of searches to run: formats, homogeneous, "
                     "per-block (default: all)")
+    ap.add_argument("--strategy", default="auto", help="the searches' --strategy")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     common = {"device": a.device, "objectives": "perplexity,latency_ms", "trials": a.trials,
-              "runs_dir": a.out, "progress": False, "recover_steps": a.recover_steps}
+              "runs_dir": a.out, "progress": False, "recover_steps": a.recover_steps,
+              "strategy": a.strategy}
     if a.quick:
         common.update(trials=12, eval_tokens=512, calib_tokens=512, eval_text_tokens=512,
                       formats="q8_0,q4_0,q4_K", presets="none", student_blocks="30,27")
