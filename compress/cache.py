@@ -155,18 +155,15 @@ class VariantCache:
     def slices(self, structure: dict | None) -> dict[str, tuple]:
         """fqn -> (key, rows, cols) of every tensor `structure` narrows (memoized)."""
         from llmpareto.compress.restructure import slices_for
-        from llmpareto.structure import is_per_block
+        from llmpareto.structure import cut_key
 
-        s = {k: v for k, v in (structure or {}).items() if k in ("mlp_ratio", "heads")}
-        if is_per_block(structure) and (structure or {}).get("layers") is not None:
-            s["layers"] = structure["layers"]  # a per-block list follows the kept blocks
-        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in s.items()))
+        key = cut_key(structure)
         if key not in self._slices:
             a = self.arch
             kinds = {t.fqn: t.kind for t in a.linears}
             layers = {t.fqn: t.layer for t in a.linears}
-            self._slices[key] = slices_for(s, self.shapes, kinds, layers, a.n_kv_heads,
-                                           a.head_dim, self.importance) if s else {}
+            self._slices[key] = slices_for(dict(key), self.shapes, kinds, layers, a.n_kv_heads,
+                                           a.head_dim, self.importance) if key else {}
         return self._slices[key]
 
     def set_override(self, weights: dict[str, torch.Tensor], exact: bool = False,

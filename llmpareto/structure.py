@@ -34,7 +34,16 @@ def aligned_ratios(intermediate: int, ratios) -> list[float]:
 
 def is_per_block(structure: dict | None) -> bool:
     """Whether a structure gives any cut block by block (a list)."""
-    return any(isinstance((structure or {}).get(k), list) for k in PER_BLOCK_KEYS)
+    return any(isinstance((structure or {}).get(k), (list, tuple)) for k in PER_BLOCK_KEYS)
+
+
+def cut_key(structure: dict | None) -> tuple:
+    """A hashable key of what a structure narrows (MLP widths, KV groups): equal keys cut the
+    same tensors alike. A per-block list is read against the kept blocks, so those join it."""
+    s = {k: v for k, v in (structure or {}).items() if k in PER_BLOCK_KEYS}
+    if is_per_block(structure) and (structure or {}).get("layers") is not None:
+        s["layers"] = structure["layers"]
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in s.items()))
 
 
 def kept_blocks(structure: dict | None, n_layers: int) -> list[int]:
@@ -47,7 +56,7 @@ def per_block(structure: dict | None, key: str, n_layers: int, default: Any) -> 
     `default` where the structure leaves the cut out."""
     kept = kept_blocks(structure, n_layers)
     v = (structure or {}).get(key)
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return dict(zip(kept, v))
     return dict.fromkeys(kept, default if v is None else v)
 
