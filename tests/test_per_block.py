@@ -3,7 +3,6 @@ MLP width and KV-group count; costed, exported (GGUF as llama.cpp's deci archite
 padded to the widest block) and searched with formats."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -250,24 +249,6 @@ def test_bad_per_block_structures_are_named(setup, structure, match):
     _, arch, _, _ = setup
     with pytest.raises(UserError, match=match):
         arch.restructure({"layers": [0, 2], **structure})
-
-
-@pytest.mark.parametrize("argv, match", [
-    (["--student-granularity", "block", "--calib-tokens", "0"], "--calib-tokens > 0"),
-    (["--student-granularity", "layer"], "use model .* or block"),
-    (["--student-granularity", "block", "--space", "formats"], "add students to --space"),
-])
-def test_bad_granularity_is_one_clear_error_and_stores_nothing(tiny_settings, tmp_path, capsys,
-                                                               argv, match):
-    from llmpareto.cli import main
-
-    base = ["search", "--model", tiny_settings["model"], "--runs-dir", str(tmp_path / "r"),
-            "--study", "bad", "--space", "formats,students", "--trials", "3", "--window", "64",
-            "--eval-tokens", "128", "--calib-tokens", "128", "--no-progress"]
-    assert main(base + argv) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("llmpareto: error:") and re.search(match, last), last
-    assert not (tmp_path / "r" / "bad" / "study.db").exists()
 
 
 def test_bad_per_block_recipe_in_a_search_is_one_line(tiny_settings, tmp_path, capsys):

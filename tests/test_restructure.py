@@ -223,6 +223,10 @@ def test_a_student_exports_to_gguf_and_hf_and_runs_in_llama_cpp(three_way, tmp_p
     (["--student-mlp-ratios", "1.5"], "never larger than its teacher"),
     (["--student-blocks", "1.5"], "whole numbers"),
     (["--calib-tokens", "0"], "--calib-tokens > 0"),
+    # per-block students (tests/test_per_block.py has the rest)
+    (["--student-granularity", "block", "--calib-tokens", "0"], "--calib-tokens > 0"),
+    (["--student-granularity", "layer"], "use model .* or block"),
+    (["--student-granularity", "block", "--space", "formats"], "add students to --space"),
 ])
 def test_bad_student_input_is_one_clear_error_and_stores_nothing(tiny_settings, tmp_path, capsys,
                                                                  argv, match):
