@@ -11,9 +11,14 @@ importance-matrix point, each scored as KL to the base model and perplexity on
 
 with the seconds each method took (calibration statistics plus quantizing, or learning).
 
+With `--students 24[:0.75]` it measures students instead (blocks kept by Block Influence, the
+MLP width ratio after the colon, f16): undistilled, and recovered by each of `--methods`
+(`local`: blockwise local distillation, `distill`: end-to-end) with `--distill-steps` steps.
+
 Run: python -m llmpareto.bench.bench_recovery [--formats q4_0,q4_1] [--steps 200]
      [--methods reconstruct-rtn,reconstruct,distill,qat] [--distill-steps 10]
      [--calib-tokens 4096] [--eval-text FILE] [--out DIR]   (--quick: to check that it runs)
+     python -m llmpareto.bench.bench_recovery --students 24,24:0.75 --methods local,distill
 """
 
 from __future__ import annotations
@@ -137,6 +142,51 @@ def registered(runner, method: str, fmt: str, steps: int, scorer) -> dict:
             **scores}
 
 
+def students(specs: list[str], methods: tuple[str, ...], steps: int, calib: int, evals: int,
+             eval_text: Path) -> pd.DataFrame:
+    """Each student `blocks[:mlp_ratio]` (f16), undistilled and recovered by each method from
+    the same start, learned on the calibration text (a quarter as many windows held out)."""
+    from llmpareto.compress import apply
+    from llmpareto.compress.restructure import block_influence, keep_blocks
+    from llmpareto.recipe import Recipe
+
+    runner = _runner("imatrix", calib, evals)
+    apply(runner.model, Recipe({}), runner.cache)
+    scorer = Scorer(runner.model, {"eval": runner.windows.eval,
+                                   "eval_text": text_windows(runner, eval_text, evals)})
+    rows = [{"format": "f16 (base)", "method": "-", "seconds": 0.0, **scorer(runner.model)}]
+    print(rows[-1], flush=True)
+    influence = block_influence(runner.model, runner.windows.calib)
+    for spec in specs:
+        blocks, _, ratio = spec.partition(":")
+        structure = {"layers": keep_blocks(influence, int(blocks))}
+        if ratio:
+            structure["mlp_ratio"] = float(ratio)
+        recipe = Recipe({"_default": {"format": "f16"}}, structure=structure)
+        runner.build(recipe)
+        name = f"student {spec} f16"
+        rows.append({"format": name, "method": "undistilled", "seconds": 0.0,
+                     **scorer(runner.model)})
+        print(rows[-1], flush=True)
+        from llmpareto.search.recover import REGISTRY, recovery_windows, use_recovered
+
+        runner.settings.recover_tokens = runner.settings.calib_tokens
+        learn, held = recovery_windows(runner)
+        for m in methods:
+            t0 = time.perf_counter()
+            weights, exact = REGISTRY[m].run(runner, recipe, learn, steps, 0, False, held)
+            secs = time.perf_counter() - t0
+            try:
+                use_recovered(runner, recipe, weights, exact)
+                rows.append({"format": name, "method": f"recovery {m} ({steps} steps)",
+                             "seconds": secs, "s_per_step": secs / max(1, steps),
+                             **scorer(runner.model)})
+            finally:
+                runner.cache.set_override({})
+            print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
 def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
         batch: int, methods: tuple[str, ...] = ("reconstruct-rtn", "reconstruct"),
         distill_steps: int = 10) -> pd.DataFrame:
@@ -198,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument("--eval-text", type=Path, default=default_eval_text())
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--students", default="",
+                    help="students to measure instead of formats: blocks kept[:MLP ratio], "
+                         "comma-separated (e.g. 24,24:0.75), with --methods local,distill")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
@@ -210,8 +263,12 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         ap.error(f"--methods: unknown {bad[0]!r}; known: reconstruct-rtn, {', '.join(REGISTRY)}")
     torch.manual_seed(0)
-    df = run(a.formats.split(","), a.steps, a.calib_tokens, a.eval_tokens, a.eval_text, a.batch,
-             methods, a.distill_steps)
+    if a.students:
+        df = students(a.students.split(","), methods, a.distill_steps, a.calib_tokens,
+                      a.eval_tokens, a.eval_text)
+    else:
+        df = run(a.formats.split(","), a.steps, a.calib_tokens, a.eval_tokens, a.eval_text,
+                 a.batch, methods, a.distill_steps)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "recovery.csv", index=False)

@@ -46,6 +46,58 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return alpha * ce + (1 - alpha) * temperature**2 * kl
 
 
+def topk_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 2.0,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's soft targets kept small: per position the `k` most likely tokens at
+    `temperature` (indices), their log-probabilities, and the log of the mass left to the rest
+    of the vocabulary (-inf when none is left). A 262k vocabulary's full targets take 1 MB a
+    token in float32; k = 1024 takes 8 KB."""
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    k = min(k, log_t.shape[-1])
+    top, idx = log_t.topk(k, dim=-1)
+    return idx.to(torch.int32), top, _log_rest(log_t, idx)
+
+
+def _log_rest(log_p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """log of the probability outside `idx`, summed from the entries themselves (not 1 - the
+    top's sum, which rounds to a spurious tail or to -inf): -inf exactly when nothing is left."""
+    return torch.logsumexp(log_p.scatter(-1, idx.long(), -torch.inf), dim=-1)
+
+
+def kd_loss_topk(student_logits: torch.Tensor, idx: torch.Tensor, log_p: torch.Tensor,
+                 log_rest: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0,
+                 alpha: float = 0.5, ignore_index: int = -100) -> torch.Tensor:
+    """kd_loss with the teacher given as `topk_targets`: the KL part is the KL between the two
+    distributions with every token outside the teacher's top k merged into one "rest" bucket.
+    Exact when k is the vocabulary (or the rest holds no mass); otherwise a lower bound of the
+    full KL (merging outcomes never raises a KL), tight when the teacher's tail is small."""
+    vocab = student_logits.shape[-1]
+    s = student_logits.float().reshape(-1, vocab)
+    k = idx.shape[-1]
+    idx, log_p, log_rest = idx.reshape(-1, k).long(), log_p.reshape(-1, k).float(), \
+        log_rest.reshape(-1).float()
+    y = labels.reshape(-1)
+    keep = y != ignore_index
+    n = keep.sum().clamp(min=1)
+    ce = F.cross_entropy(s, y, ignore_index=ignore_index, reduction="sum") / n
+    log_s = F.log_softmax(s / temperature, dim=-1)
+    log_s_top = log_s.gather(-1, idx)
+    kl = (log_p.exp() * (log_p - log_s_top)).sum(-1)
+    rest = log_rest > -torch.inf
+    log_s_rest = _log_rest(log_s, idx)
+    kl = kl + torch.where(rest, log_rest.exp() * (log_rest - log_s_rest), torch.zeros_like(kl))
+    kl = torch.where(keep, kl, torch.zeros_like(kl)).sum() / n
+    return alpha * ce + (1 - alpha) * temperature**2 * kl
+
+
+def teacher_top_k(vocab: int, asked: int | str | None = "auto") -> int | None:
+    """How many of the teacher's log-probabilities a distillation keeps per token: None (all)
+    for vocabularies up to 65,536 with "auto", else the top 1024 plus the rest's mass."""
+    if asked == "auto":
+        return None if vocab <= 65536 else 1024
+    return None if asked is None or int(asked) >= vocab else int(asked)
+
+
 def make_projections(student_width: int, teacher_width: int, n: int) -> torch.nn.ModuleList:
     """n bias-free Linear maps student -> teacher width: learned where the widths differ;
     identity and frozen where they agree (the student's own states must then match)."""
@@ -128,10 +180,13 @@ def _batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
 class _TeacherCache:
     """Teacher logits (and mapped hidden states) per window index, computed without gradients
     and kept on the host while they fit in `budget_bytes`; a window past it is recomputed.
-    One window costs 4 * ((len - 1) * vocab + len * hidden * mapped layers) bytes."""
+    One window costs 4 * ((len - 1) * vocab + len * hidden * mapped layers) bytes; with
+    `top_k` the logits are kept as `topk_targets` instead: 8 * (len - 1) * (top_k + 1)."""
 
-    def __init__(self, teacher: torch.nn.Module, layers: list[int], budget_bytes: int):
+    def __init__(self, teacher: torch.nn.Module, layers: list[int], budget_bytes: int,
+                 top_k: int | None = None, temperature: float = 2.0):
         self.teacher, self.layers, self.budget = teacher, layers, budget_bytes
+        self.top_k, self.temperature = top_k, temperature
         self.entries: dict[int, list[torch.Tensor]] = {}
         self.nbytes = self.forwards = 0
 
@@ -144,7 +199,10 @@ class _TeacherCache:
             out = self.teacher(input_ids=windows[missing].to(dev), use_cache=False,
                                output_hidden_states=bool(self.layers))
             self.forwards += 1
-            parts = [out.logits[:, :-1].float()] + [out.hidden_states[j] for j in self.layers]
+            logits = out.logits[:, :-1].float()
+            soft = [logits] if self.top_k is None else \
+                list(topk_targets(logits, self.top_k, self.temperature))
+            parts = soft + [out.hidden_states[j] for j in self.layers]
             for r, i in enumerate(missing):
                 fresh[i] = [p[r].detach().cpu() for p in parts]
                 size = sum(p.numel() * p.element_size() for p in fresh[i])
@@ -219,8 +277,14 @@ def _student_loss(student, projections, qat, ids, teacher_out, cfg) -> torch.Ten
         out = torch.func.functional_call(student, fake, (), kwargs)
     else:
         out = student(**kwargs)
-    t_logits, *t_hidden = teacher_out
-    loss = kd_loss(out.logits[:, :-1], t_logits, ids[:, 1:], cfg["temperature"], cfg["alpha"])
+    if cfg.get("top_k") is None:
+        t_logits, *t_hidden = teacher_out
+        loss = kd_loss(out.logits[:, :-1], t_logits, ids[:, 1:], cfg["temperature"],
+                       cfg["alpha"])
+    else:
+        idx, log_p, log_rest, *t_hidden = teacher_out
+        loss = kd_loss_topk(out.logits[:, :-1], idx, log_p, log_rest, ids[:, 1:],
+                            cfg["temperature"], cfg["alpha"])
     if cfg["layer_map"]:
         pairs = [(i, k) for k, (i, _) in enumerate(cfg["layer_map"])]
         loss = loss + cfg["feature_weight"] * feature_loss(out.hidden_states, t_hidden,
@@ -253,7 +317,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: np.ndar
             checkpoint_every: int = 50, progress: bool = False, seed: int = 0,
             cache_teacher: bool = True, teacher_cache_bytes: int = 2**30,
             weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
-            keep_zero: dict[str, torch.Tensor] | None = None) -> dict:
+            keep_zero: dict[str, torch.Tensor] | None = None,
+            top_k: int | str | None = "auto") -> dict:
     """Train `student` in place (AdamW on its parameters that require grad) to match `teacher`
     on token `windows` (n_windows, window_len) for `steps` steps of `batch_size` windows.
 
@@ -264,7 +329,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: np.ndar
     from `checkpoint` when it exists and writes it every `checkpoint_every` steps and at the
     end. Teacher outputs are cached up to `teacher_cache_bytes` of host memory.
     `keep_zero` {module name: bool mask of kept weights}: a pruned module stays pruned (its
-    weights are multiplied by the mask after every step).
+    weights are multiplied by the mask after every step). `top_k`: the teacher's soft
+    targets kept as its top k log-probabilities plus the rest's mass (`kd_loss_topk`; None: all
+    of them; "auto": all up to a 65,536-token vocabulary, else 1024, `teacher_top_k`).
     """
     _check(steps, windows, temperature, alpha, batch_size, checkpoint_every)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -273,12 +340,14 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, windows: np.ndar
     cfg = {"lr": lr, "batch_size": batch_size, "temperature": temperature, "alpha": alpha,
            "feature_weight": feature_weight, "qat_formats": dict(qat_formats or {}),
            "layer_map": [list(p) for p in pairs], "weight_decay": weight_decay,
-           "max_grad_norm": max_grad_norm, "seed": seed, "windows_shape": list(windows.shape)}
+           "max_grad_norm": max_grad_norm, "seed": seed, "windows_shape": list(windows.shape),
+           "top_k": teacher_top_k(int(getattr(getattr(teacher, "config", None), "vocab_size",
+                                                  0) or 0), top_k)}
     state = _resume(checkpoint, cfg, steps)
     ids_all = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
     device = next(student.parameters()).device
     cache = _TeacherCache(teacher.eval(), [j for _, j in pairs],
-                          teacher_cache_bytes if cache_teacher else 0)
+                          teacher_cache_bytes if cache_teacher else 0, cfg["top_k"], temperature)
     named = dict(student.named_parameters())
     masks = {named[f"{m}.weight"]: mask for m, mask in (keep_zero or {}).items()}
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was

@@ -131,7 +131,7 @@ def calibrate_llamacpp(base: DeviceProfile, quick: bool = False, threads: int | 
     models with its block shapes (`shapes_like`)."""
     import llama_cpp
 
-    from llmpareto.evaluators.llamacpp import gguf_speeds
+    from llmpareto.evaluators.llamacpp import DECODE_LOOP, gguf_speeds
 
     profile = dataclasses.replace(base, fast_formats=tuple(GGUF_FORMATS))
     shapes = (QUICK_CALIBRATION if quick else CALIBRATION) + (
@@ -152,8 +152,8 @@ def calibrate_llamacpp(base: DeviceProfile, quick: bool = False, threads: int | 
     fit = _fit(rows)
     how = (f"derived: measured {time.strftime('%Y-%m-%d')} with llama-cpp-python "
            f"{llama_cpp.__version__}: decode at KV lengths {CONTEXTS} of random Llamas "
-           f"(hidden, ffn, blocks, KV heads[, head dim]) {shapes} in every GGUF format, {threads} threads, best of "
-           f"interleaved rounds, relative least squares t = "
+           f"(hidden, ffn, blocks, KV heads[, head dim]) {shapes} in every GGUF format, {threads} threads, "
+           f"decode timed by {DECODE_LOOP}, best of interleaved rounds, relative least squares t = "
            "weights/rate[format] + per_layer*blocks + attention values/attention rate + "
            f"per_token (fit residual {fit.residual_pct:.1f}%)")
     runtime = f"llama.cpp (llama-cpp-python {llama_cpp.__version__}) CPU, {threads} threads"
@@ -199,7 +199,7 @@ def calibrate_llamacpp_gpu(base: DeviceProfile, shapes=GPU_CALIBRATION, rounds: 
     import llama_cpp
 
     from llmpareto.errors import UserError
-    from llmpareto.evaluators.llamacpp import gguf_speeds
+    from llmpareto.evaluators.llamacpp import DECODE_LOOP, gguf_speeds
     from llmpareto.evaluators.timing_gguf import write_timing_gguf
     from llmpareto.recipe import Recipe
     from llmpareto.shapes import Shape
@@ -230,7 +230,8 @@ def calibrate_llamacpp_gpu(base: DeviceProfile, shapes=GPU_CALIBRATION, rounds: 
     how = (f"derived: measured {time.strftime('%Y-%m-%d')} with llama-cpp-python "
            f"{llama_cpp.__version__} (CUDA, all blocks offloaded): decode at KV lengths "
            f"{CONTEXTS} of timing GGUFs of shapes (hidden, ffn, blocks, heads, KV heads, "
-           f"vocab, tied, head dim) {shapes} in {', '.join(GPU_FORMATS)}, best of {rounds} "
+           f"vocab, tied, head dim) {shapes} in {', '.join(GPU_FORMATS)}, decode timed by "
+           f"{DECODE_LOOP}, best of {rounds} "
            f"rounds, relative least squares t = weights/rate[format] + per_layer*blocks + "
            f"attention values/attention rate + per_token (fit residual "
            f"{fit.residual_pct:.1f}%)")

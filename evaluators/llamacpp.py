@@ -53,7 +53,8 @@ def gguf_speeds(paths: list[str], prompt_tokens: int = 128, decode_tokens: int =
                 contexts: tuple[int, ...] = (256,), threads: int | None = None,
                 rounds: int = 3, gpu_layers: int = 0) -> list[dict[str, float]]:
     """Per file: prompt tokens/s, and decode ms/token at each KV length in `contexts`
-    (`measured_latency_ms` at the first, `measured_latency_ms@C` at each C), best of `rounds`.
+    (`measured_latency_ms` at the first, `measured_latency_ms@C` at each C), best of `rounds`;
+    decode timed with llama-bench's loop (DECODE_LOOP, `bench_decode`).
 
     Rounds go over all the files in turn (a, b, c, a, b, c, ...), so a stretch of load from
     other processes slows every file a little rather than one file a lot; a shared machine
@@ -73,14 +74,46 @@ def gguf_speeds(paths: list[str], prompt_tokens: int = 128, decode_tokens: int =
     return best
 
 
+DECODE_LOOP = ("llama-bench's token loop: per token one llama_decode of a one-token batch and "
+               "llama_synchronize, through llama.cpp's C API with no logits read, the mean over "
+               "the steps (tools/llama-bench, test_gen)")
+
+
+def bench_decode(llm, tokens: list[int]) -> float:
+    """Seconds per token of decoding `tokens` one at a time from where `llm`'s KV cache stands,
+    the way llama-bench's text-generation test does (DECODE_LOOP): llama_decode on a batch of
+    one token, then llama_synchronize (a GPU backend returns from llama_decode before its
+    kernels finish), nothing read back. Python adds a few microseconds of ctypes calls a
+    token (llama-bench's own loop: none); the high-level `Llama.eval` adds its batch filling
+    and bookkeeping on top. `llm`'s token count follows, so later `eval` calls continue."""
+    import llama_cpp
+
+    ctx = llm._ctx.ctx
+    one = (llama_cpp.llama_token * 1)()
+    decode, sync, get_one = llama_cpp.llama_decode, llama_cpp.llama_synchronize, \
+        llama_cpp.llama_batch_get_one
+    t0 = time.perf_counter()
+    for t in tokens:
+        one[0] = t
+        if decode(ctx, get_one(one, 1)) != 0:
+            raise RuntimeError("llama_decode failed while timing decode")
+        sync(ctx)
+    seconds = (time.perf_counter() - t0) / len(tokens)
+    llm.input_ids[llm.n_tokens:llm.n_tokens + len(tokens)] = tokens
+    llm.n_tokens += len(tokens)
+    return seconds
+
+
 def _speed_once(path: str, prompt_tokens: int, decode_tokens: int, contexts: tuple[int, ...],
                 threads: int | None, gpu_layers: int = 0) -> dict[str, float]:
     """Time the prompt, then for each KV length C (ascending) fill the cache to just below C
-    and time `decode_tokens` single-token steps around it; a step's time is their median."""
+    and time `decode_tokens` single-token steps around it with llama-bench's loop
+    (`bench_decode`)."""
     n_ctx = max(*contexts, prompt_tokens) + decode_tokens + 8
     llm = _llama(path, n_ctx, threads, gpu_layers=gpu_layers)
     tokens = np.random.default_rng(0).integers(10, llm.n_vocab(), n_ctx).tolist()
     llm.eval(tokens[:8])  # warm-up: kernels, caches
+    bench_decode(llm, tokens[8:9])  # and the one-token graph (llama-bench's warm-up too)
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(tokens[:prompt_tokens])
@@ -91,13 +124,8 @@ def _speed_once(path: str, prompt_tokens: int, decode_tokens: int, contexts: tup
         if fill > pos:
             llm.eval(tokens[pos:fill])
             pos = fill
-        steps = []
-        for _ in range(decode_tokens):
-            t0 = time.perf_counter()
-            llm.eval([tokens[pos]])
-            steps.append(time.perf_counter() - t0)
-            pos += 1
-        out[f"measured_latency_ms@{c}"] = 1e3 * float(np.median(steps))
+        out[f"measured_latency_ms@{c}"] = 1e3 * bench_decode(llm, tokens[pos:pos + decode_tokens])
+        pos += decode_tokens
     if hasattr(llm, "close"):
         llm.close()  # free GPU memory now, not whenever the object is collected
     return out

@@ -111,7 +111,10 @@ KNOWN_SHAPES: dict[str, tuple[Shape, str]] = {
 # streaming in large blocks, so it is not the additive constant the fit assumes.
 GPU_CALIBRATION = (  # (hidden, ffn, blocks, heads, KV heads, vocab, tied, head dim)
     (1024, 2816, 16, 16, 8, 32000, False, 64), (1536, 4096, 24, 12, 4, 64000, True, 128),
-    (2560, 6912, 24, 20, 4, 100000, False, 128), (3072, 8192, 28, 24, 8, 64000, False, 128))
+    (2560, 6912, 24, 20, 4, 100000, False, 128), (3072, 8192, 28, 24, 8, 64000, False, 128),
+    # small shapes (issue 27): a 135M and a 0.5B model's per-token and per-block costs on a GPU
+    # are launch-bound, not bandwidth-bound; fitted on 0.25B-3B alone they are mispredicted
+    (576, 1536, 30, 9, 3, 49152, True, 64), (896, 4864, 24, 14, 2, 151936, True, 64))
 for _i, _spec in enumerate(GPU_CALIBRATION):  # named, so a GPU profile's fit rows check too
     KNOWN_SHAPES[f"gpu-calibration-{_i}"] = (
         Shape(*_spec), "llmpareto's GPU calibration shape (random weights, GPU_CALIBRATION)")

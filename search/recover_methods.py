@@ -139,6 +139,53 @@ def _distill(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
             for fqn in built.formats}, False
 
 
+def _local(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
+           progress: bool, holdout: np.ndarray | None = None,
+           ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Blockwise local distillation (compress.local_distill): each kept block, with its cut
+    and pruned float weights as the start, learns on the base model's hidden state where it
+    starts to give the base's hidden state where the next kept block starts; `steps` steps a
+    block, held-out windows keep each block's best weights. Re-quantized by the run's
+    quantizer afterwards, as end-to-end distillation is."""
+    from tqdm.auto import tqdm
+
+    from llmpareto.arch import _find_layers
+    from llmpareto.compress import apply
+    from llmpareto.compress.local_distill import distill_blocks
+    from llmpareto.compress.reconstruct import block_inputs
+    from llmpareto.search.distill_run import _student_start
+
+    model, cache = bench.model, bench.cache
+    held = 0 if holdout is None else len(holdout)
+    ids = torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
+    apply(model, Recipe(), cache)
+    teacher_blocks = list(_find_layers(model))
+    dev = next(model.parameters()).device
+    states = [block_inputs(teacher_blocks, lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
+                                                             use_cache=False))
+              for i in range(len(ids))]
+    built = bench.build(recipe)
+    masks, _, _ = _student_start(built)
+    kept = recipe.structure.get("layers") or list(range(len(teacher_blocks)))
+    blocks = list(_find_layers(model))
+    where = {id(m): n for n, m in model.named_modules()}
+    block_masks = []
+    for b in blocks:
+        pre = where[id(b)] + "."
+        block_masks.append({k[len(pre):] + ".weight": m for k, m in masks.items()
+                            if k.startswith(pre)})
+    try:
+        with tqdm(total=len(blocks), desc="distilling blocks", unit="block", leave=False,
+                  disable=not progress) as bar:
+            distill_blocks(blocks, kept, states, steps, seed=seed, holdout=held,
+                           masks=block_masks, progress=lambda j: bar.update(1))
+    finally:
+        model.requires_grad_(False)
+        built.cache.current.update(dict.fromkeys(built.formats, "?"))  # trained: set again
+    return {fqn: built.cache.weight(fqn).detach().to("cpu", torch.float32).clone().contiguous()
+            for fqn in built.formats}, False
+
+
 def _quantized(fmt: str | None) -> bool:
     from llmpareto.formats import get_format
 
@@ -151,6 +198,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "q2_K ... q6_K onto the scales llama.cpp's quantizer chose)",
            lambda bench, r: not _changes_structure(bench, r) and bool(_grid_tensors(bench, r)),
            _reconstruct),
+    Method("local", "blockwise local distillation: each kept block learns, on the base's "
+           "hidden states, what the base's blocks up to the next kept one give",
+           lambda bench, r: _changes_structure(bench, r), _local),
     Method("distill", "end-to-end distillation from the base model, soft targets only",
            lambda bench, r: True, _distill),
     Method("qat", "end-to-end distillation through the recipe's formats (straight-through)",
@@ -160,11 +210,12 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 
 
 def choose_method(bench, recipe: Recipe, asked: str = "auto") -> str | None:
-    """The method for a candidate: `asked` when it handles it; with auto, distillation for a
-    student or pruned candidate, block-wise reconstruction for a quantized one; None when
-    nothing here can recover it (e.g. only K- or i-quants, whose grids are not covered yet)."""
+    """The method for a candidate: `asked` when it handles it; with auto, blockwise local
+    distillation for a student or pruned candidate, block-wise reconstruction for a quantized
+    one; None when nothing here can recover it (e.g. only i-quants, whose grids are not
+    covered yet)."""
     if asked != "auto":
         return asked if REGISTRY[asked].handles(bench, recipe) else None
     if _changes_structure(bench, recipe):
-        return "distill"
+        return "local"
     return "reconstruct" if REGISTRY["reconstruct"].handles(bench, recipe) else None

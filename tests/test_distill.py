@@ -12,9 +12,12 @@ from llmpareto.compress.distill import (
     distill,
     feature_loss,
     kd_loss,
+    kd_loss_topk,
     make_projections,
     quantized_state,
     ste_fake_quant,
+    teacher_top_k,
+    topk_targets,
 )
 from llmpareto.errors import UserError
 from llmpareto.formats import get_format
@@ -139,6 +142,52 @@ def test_distillation_lowers_the_loss_and_reuses_teacher_logits(teacher, windows
                     cache_teacher=False)
     assert again["teacher_forwards"] == 20 and again["teacher_cache_bytes"] == 0
     assert np.allclose(again["losses"], losses, atol=1e-5)
+
+
+def test_top_k_soft_targets_are_exact_with_the_whole_vocabulary_and_a_lower_bound_below():
+    """kd_loss_topk with k = vocab equals kd_loss (float32, 1e-5); with k < vocab its KL part is
+    the KL of the merged distributions: <= the full KL (merging never raises a KL), equal to
+    a hand computation of the (k + 1)-bucket KL, and rising towards the full KL as k grows."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 300, generator=g) * 2, torch.randn(2, 5, 300, generator=g) * 2
+    y = torch.randint(0, 300, (2, 5), generator=g)
+    full = kd_loss(s, t, y, temperature=2.0, alpha=0.0)
+    exact = kd_loss_topk(s, *topk_targets(t, 300, 2.0), y, temperature=2.0, alpha=0.0)
+    assert abs(float(exact) - float(full)) < 1e-5 * float(full)
+    got = [float(kd_loss_topk(s, *topk_targets(t, k, 2.0), y, 2.0, 0.0)) for k in (4, 32, 128)]
+    assert got[0] < got[1] < got[2] < float(full)
+    # the merged KL by hand, k = 32, float64
+    k = 32
+    pt, ps = torch.softmax(t.double() / 2, -1), torch.softmax(s.double() / 2, -1)
+    top = pt.topk(k, -1).indices
+    a, b = pt.gather(-1, top), ps.gather(-1, top)
+    ra, rb = 1 - a.sum(-1), 1 - b.sum(-1)
+    hand = 4 * ((a * (a / b).log()).sum(-1) + ra * (ra / rb).log()).mean()
+    assert abs(got[1] - float(hand)) < 1e-4 * float(hand)
+    # the hard-label part is unchanged
+    both = kd_loss_topk(s, *topk_targets(t, 300, 2.0), y, 2.0, 0.5)
+    assert abs(float(both) - float(kd_loss(s, t, y, 2.0, 0.5))) < 1e-5 * float(both)
+    # a teacher whose top k hold (almost) all its mass: the rest bucket drops out
+    peaked = torch.full((1, 1, 300), -1e4)
+    peaked[..., :3] = torch.tensor([3.0, 2.0, 1.0])
+    idx, log_p, log_rest = topk_targets(peaked, 3, 1.0)
+    assert float(log_rest.max()) < -1e3
+    assert torch.isneginf(topk_targets(t, 300, 2.0)[2]).all()  # nothing left: exactly -inf
+    loss = kd_loss_topk(s[:1, :1], idx, log_p, log_rest, y[:1, :1], 1.0, 0.0)
+    assert torch.isfinite(loss) and abs(float(loss) - float(
+        kd_loss(s[:1, :1], peaked, y[:1, :1], 1.0, 0.0))) < 1e-4
+
+
+def test_distillation_keeps_top_k_teacher_targets_in_far_less_memory(teacher, windows):
+    """top_k=16 on a 128-token vocabulary: the cache holds (int32 index, float32
+    log-probability) per kept token plus the rest's mass, the loss still falls; "auto" keeps
+    everything up to a 65,536-token vocabulary and 1024 of a 262k one."""
+    student = noisy_copy(teacher)
+    out = distill(student, teacher, windows, steps=20, lr=1e-3, batch_size=4, top_k=16)
+    assert out["teacher_cache_bytes"] == 8 * 15 * (16 * 8 + 4)
+    assert np.mean(out["losses"][-3:]) < np.mean(out["losses"][:3])
+    assert teacher_top_k(49152) is None and teacher_top_k(262144) == 1024
+    assert teacher_top_k(128, 16) == 16 and teacher_top_k(128, 500) is None
 
 
 def test_feature_distillation_into_a_narrower_student(teacher, windows):

@@ -205,3 +205,42 @@ def test_student_with_fewer_blocks_exports_and_runs_in_llama_cpp(tiny_model_dir,
     _same_weights_and_logits(again, built.model, ids)
     rb.build(Recipe.uniform("q8_0"))  # and back to every block
     assert len(built.model.model.layers) == 2
+
+
+def test_decode_is_timed_with_llama_benchs_loop_on_the_real_kv_cache(run, tmp_path):
+    """bench_decode (llama-bench's token loop through the C API, what llama.cpp profiles are
+    calibrated with) really decodes: after prompt + 12 timed tokens, llama.cpp's next-token
+    logits are those of the same 22 tokens evaluated at once (a loop that skipped decoding, or
+    decoded other tokens, gives other logits), and `Llama.eval` continues after them."""
+    import llama_cpp
+
+    from llmpareto.evaluators.llamacpp import _llama, bench_decode
+    from llmpareto.gguf_write import write_gguf
+    from llmpareto.recipe import Recipe
+
+    rb = Workbench.from_run(run[0])
+    built = rb.build(Recipe.uniform("q8_0"))
+    path = write_gguf(tmp_path / "m.gguf", built.model, built.cache, built.formats,
+                      built.source, built.tokenizer)
+    toks = [int(t) for t in rb.windows.eval[0][:23]]
+
+    def last_logits(llm) -> np.ndarray:
+        n = llm.n_vocab()
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1),
+                                     shape=(n,)).copy()
+
+    timed = _llama(str(path), 64, 1)
+    timed.eval(toks[:10])
+    seconds = bench_decode(timed, toks[10:22])
+    assert seconds > 0 and timed.n_tokens == 22
+    got = last_logits(timed)
+    at_once = _llama(str(path), 64, 1)
+    at_once.eval(toks[:22])
+    want = last_logits(at_once)
+    other = _llama(str(path), 64, 1)
+    other.eval(toks[:10] + toks[11:23])  # one token left out: another context
+    scale = float(np.abs(want).max())
+    assert np.abs(got - want).max() < 1e-2 * scale
+    assert np.abs(last_logits(other) - want).max() > 5e-2 * scale
+    timed.eval(toks[22:23])  # the high-level object continues where the loop stopped
+    assert timed.n_tokens == 23
