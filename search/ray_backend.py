@@ -4,6 +4,8 @@ Ray cluster (`--address`) or a Ray started here; the run directory is a local ru
 The driver samples (define-by-run over the same Space and sampler as the local backend) and
 tells Optuna; each Ray worker process loads the model and prepared-variant cache once
 (`reuse_actors`) and only scores recipes. Trials whose worker dies are retried by Tune.
+After the trials, recovery's points (`--recover-steps`) run as Ray tasks on the cluster, one
+per point, and the driver writes each as it comes back.
 """
 
 from __future__ import annotations
@@ -104,6 +106,51 @@ def _trainable(config: dict, settings_dict: dict) -> None:
                "node_ip": ray.util.get_node_ip_address(), **runner.where()}
     objectives = settings_dict["objectives"]
     tune.report({**{o: result.metrics[o] for o in objectives}, PAYLOAD: json.dumps(payload)})
+
+
+_MEASURES: dict[int, tuple] = {}  # per Ray worker process: recovery's base scores, once
+
+
+def _recover_task(settings_dict: dict, recipe_json: str, trial: int, steps: int,
+                  before: dict):
+    """One point's recovery on a Ray worker (the runner its trials use, loaded once per
+    process): the Outcome goes back to the driver, which writes it."""
+    import ray
+    import torch
+
+    from llmpareto.search.recover import Measure, eval_text_windows, recover_point, recovery_windows
+
+    torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
+    runner, _ = _worker_runner(worker_placement(settings_dict))
+    if id(runner) not in _MEASURES:
+        _MEASURES.clear()
+        learn, held = recovery_windows(runner)
+        _MEASURES[id(runner)] = (learn, Measure(runner, eval_text_windows(runner), held))
+    learn, measure = _MEASURES[id(runner)]
+    out = recover_point(runner, Recipe.from_json(recipe_json), trial, steps, learn, measure,
+                        runner.settings, before=before)
+    out.columns.update(recover_node=ray.get_runtime_context().get_node_id(),
+                       recover_pid=os.getpid())
+    return out
+
+
+def recovery_pool(settings: SearchSettings):
+    """Recovery's rounds on the cluster: one Ray task per point, with a trial's resources,
+    yielded to the driver as each finishes (a task whose worker dies is retried)."""
+    import ray
+
+    task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial or 0,
+                      max_retries=MAX_FAILURES)(_recover_task)
+    settings_dict = _worker_settings(settings)
+
+    def pool(jobs):
+        refs = {task.remote(settings_dict, j.recipe.to_json(indent=None), j.trial, j.steps,
+                            j.before): j.trial for j in jobs}
+        left = list(refs)
+        while left:
+            done, left = ray.wait(left, num_returns=1)
+            yield refs[done[0]], ray.get(done[0])
+    return pool
 
 
 class _Suggest:
@@ -318,10 +365,11 @@ def run_ray(settings: SearchSettings) -> Front:
                 if n_complete(study) == before:
                     run.status = "failed"
                     break
-            if run.status != "failed":  # measurement and recovery run here, in the driver
+            if run.status != "failed":  # measured in the driver, recovered on the cluster
                 from llmpareto.search.recover import after_search
 
-                after_search(runner, study, rd, settings, settings.progress)
+                after_search(runner, study, rd, settings, settings.progress,
+                             pool=recovery_pool(settings))
         status = run.status
         front = write_distributed_outputs(study, rd, settings.objectives, runner.space)
     finally:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,9 +169,27 @@ def _promoted(trials: pd.DataFrame, objectives: list[str], prev: list[int]) -> l
     return sorted(done, key=rank)[: max(1, math.ceil(len(prev) / 2))] if done else []
 
 
-def after_search(bench, study, rd, settings, progress: bool = True) -> None:
+@dataclass
+class Job:
+    """One point to recover in a round: what a pool needs to run it anywhere."""
+
+    trial: int
+    recipe: Recipe
+    steps: int
+    before: dict
+
+
+Pool = Callable[[list[Job]], Iterator[tuple[int, "Outcome"]]]
+
+
+def after_search(bench, study, rd, settings, progress: bool = True,
+                 pool: Pool | None = None) -> None:
     """Stage 0 (measurement) and stage 1 (recovery) for `study`'s run in `rd`; everything is
-    recorded in the study as it is measured and trials.csv/front.csv rewritten."""
+    recorded in the study as it is measured and trials.csv/front.csv rewritten. `pool` runs a
+    round's jobs and yields (trial, Outcome) as each finishes, in any order (the Ray
+    backend's runs them on the cluster); by default they run here, one after another. The
+    outcomes are written here either way, one point at a time, so a kill loses at most the
+    points in flight."""
     from llmpareto.search.records import (
         AFTER_ATTR,
         record_after_search,
@@ -220,30 +240,42 @@ def after_search(bench, study, rd, settings, progress: bool = True) -> None:
             study.set_user_attr(ROUNDS_ATTR, {str(k): v for k, v in plan.items()})
         left = [t for t in plan[r] if after().get(str(t), {}).get("recover_steps", 0) < steps
                 and after().get(str(t), {}).get("recover_method") != "none"]
-        for t in tqdm(left, desc=f"recovering, round {r + 1}/{rounds} ({steps} steps)",
-                      unit="point", disable=not progress, dynamic_ncols=True):
-            record(t, recover_one(bench, rd, t, steps, learn, measure, settings,
-                                  progress=progress, before=after().get(str(t), {})))
+        jobs = [Job(t, Recipe.load(rd.recipe_path(t)), steps, after().get(str(t), {}))
+                for t in left]
+        run = pool or (lambda jobs: ((j.trial, recover_point(
+            bench, j.recipe, j.trial, j.steps, learn, measure, settings, progress=progress,
+            before=j.before)) for j in jobs))
+        for t, outcome in tqdm(run(jobs), total=len(jobs), unit="point",
+                               desc=f"recovering, round {r + 1}/{rounds} ({steps} steps)",
+                               disable=not progress, dynamic_ncols=True):
+            record(t, save_outcome(rd.path, t, outcome))
     write_outputs(study, rd, objectives)
 
 
-def recover_one(bench, rd, trial: int, steps: int, windows: np.ndarray, measure: Measure,
-                settings, progress: bool = False, before: dict | None = None) -> dict:
-    """Recover one trial's candidate; it keeps the recovered weights only when they are closer
-    to the base model (KL) on the held-out calibration windows than what it has now (its
-    post-training weights, or an earlier round's). Kept: weights stored, scored. Its new
-    columns: `recover_method`, `recover_steps` (the steps tried), `recover_s`,
+@dataclass
+class Outcome:
+    """One point's recovery: its new columns and, when it keeps them, the recovered weights
+    (fqn -> tensor, `PACKED` keys for K-quant blocks) with the metadata their file carries.
+    Plain tensors and dicts: a Ray task returns it to the driver, which writes it."""
+
+    columns: dict
+    weights: dict[str, torch.Tensor] | None = None
+    meta: dict | None = None
+
+
+def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.ndarray,
+                  measure: Measure, settings, progress: bool = False,
+                  before: dict | None = None) -> Outcome:
+    """Recover one trial's candidate on `bench`; it keeps the recovered weights only when
+    they are closer to the base model (KL) on the held-out calibration windows than what it
+    has now (its post-training weights, or an earlier round's). Its new columns:
+    `recover_method`, `recover_steps` (the steps tried), `recover_s`,
     `recover_holdout_kl_nats` (of the weights it now has), `recover_used` and, when it has
-    recovered weights, the `recovered_*` scores."""
-    from safetensors.torch import save_file
-
-    from llmpareto import atomic
-
+    recovered weights, the `recovered_*` scores. Writes nothing (see `recover_one`)."""
     before = before or {}
-    recipe = Recipe.load(rd.recipe_path(trial))
     method = choose_method(bench, recipe, settings.recover_method)
     if method is None:
-        return {"recover_method": "none"}
+        return Outcome({"recover_method": "none"})
     now_kl = before.get(HOLDOUT_KL)
     if now_kl is None:  # the post-training point, as scored
         bench.build(recipe)
@@ -260,16 +292,37 @@ def recover_one(bench, rd, trial: int, steps: int, windows: np.ndarray, measure:
         use_recovered(bench, recipe, weights, exact)
         got_kl = measure.holdout_kl()
         if not got_kl < now_kl:  # no gain on windows it never learned on: keep what it has
-            return {**out, HOLDOUT_KL: now_kl, "recover_used": bool(before.get("recover_used"))}
+            return Outcome({**out, HOLDOUT_KL: now_kl,
+                            "recover_used": bool(before.get("recover_used"))})
         scores = measure(RECOVERED)
     finally:
         bench.cache.set_override({})
-    path = weights_path(rd.path, trial)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(path) as tmp:
-        save_file(weights, str(tmp), metadata={"trial": str(trial), "method": method,
-                                               "steps": str(steps), "exact": json.dumps(exact)})
-    return {**scores, **out, HOLDOUT_KL: got_kl, "recover_used": True}
+    return Outcome({**scores, **out, HOLDOUT_KL: got_kl, "recover_used": True}, weights,
+                   {"trial": str(trial), "method": method, "steps": str(steps),
+                    "exact": json.dumps(exact)})
+
+
+def save_outcome(run_dir: Path, trial: int, outcome: Outcome) -> dict:
+    """Write a kept outcome's weights to `recover/trial-N.safetensors` (atomically); its
+    columns, for the study."""
+    from safetensors.torch import save_file
+
+    from llmpareto import atomic
+
+    if outcome.weights is not None:
+        path = weights_path(run_dir, trial)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(path) as tmp:
+            save_file(outcome.weights, str(tmp), metadata=outcome.meta)
+    return outcome.columns
+
+
+def recover_one(bench, rd, trial: int, steps: int, windows: np.ndarray, measure: Measure,
+                settings, progress: bool = False, before: dict | None = None) -> dict:
+    """`recover_point` for a trial of `rd`'s run, here, its weights written: its columns."""
+    recipe = Recipe.load(rd.recipe_path(trial))
+    return save_outcome(rd.path, trial, recover_point(bench, recipe, trial, steps, windows,
+                                                      measure, settings, progress, before))
 
 
 def _out_of_memory(bench, trial: int, method: str):

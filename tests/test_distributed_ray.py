@@ -86,6 +86,29 @@ def test_two_nodes_then_a_worker_node_dies(cluster, tiny_settings, tmp_path, stu
     assert trials["node"].nunique() == 2  # trials ran on the dead node before it died
 
 
+def test_recovery_runs_as_ray_tasks_and_the_driver_writes_it(cluster, tiny_settings,
+                                                             tmp_path):
+    """--recover-steps on the Ray backend: each point is recovered in a Ray worker process
+    (its pid is not the driver's, its node is a cluster node), and the driver records the
+    columns and writes the weights of the points that gained."""
+    s = {**tiny_settings, "study": "rec", "trials": 6, "formats": "f16,q5_0,q4_0",
+         "recover_steps": 15, "recover_rounds": 1, "recover_tokens": 1024}
+    proc = _search(cluster, s)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    run = tmp_path / "runs" / "rec"
+    df = pd.read_csv(run / "trials.csv")
+    tried = df[df["recover_method"].notna() & (df["recover_method"] != "none")]
+    assert len(tried) >= 1
+    assert (tried["recover_pid"] != proc.pid).all() and tried["recover_pid"].notna().all()
+    assert set(tried["recover_node"]) <= set(df["node"].dropna())  # nodes trials ran on
+    kept = tried[tried["recover_used"].astype(bool)]
+    assert len(kept) >= 1, tried[["recover_method", "recover_holdout_kl_nats"]]
+    for t in kept["trial"]:
+        assert (run / "recover" / f"trial-{int(t)}.safetensors").is_file()
+    assert (kept["recovered_kl_nats"] < kept["kl_nats"]).all()
+
+
 def test_killed_driver_resumes_without_loss_or_duplicates(cluster, tiny_settings, tmp_path,
                                                           study_watch):
     # the evolutionary strategy: its sampler (and its KL screens) lives in the driver
