@@ -24,9 +24,9 @@ _HELP = {
     "recover_rounds": "successive-halving rounds of recovery (round r: steps * 2**r, the "
                       "better half)",
     "recover_tokens": "calibration tokens recovery learns on",
-    "recover_method": "auto (block-wise reconstruction for quantized points, blockwise "
-                      "local distillation for students and pruned ones) | reconstruct | "
-                      "local | distill | qat",
+    "recover_method": "auto (block-wise reconstruction for quantized points, end-to-end "
+                      "distillation for students and pruned ones) | reconstruct | local "
+                      "(blockwise local distillation) | distill | qat",
     "space": "search space: formats, sparsity, students, or a join such as formats,sparsity "
              "or formats,sparsity,students (cut to the student, prune, then quantize). "
              "sparsity: llama.cpp runs it no faster or smaller (it has no sparse kernels; "

@@ -25,6 +25,32 @@ K_CODES = {"q2_K": (84, 0, 3), "q3_K": (110, -4, 3), "q4_K": (144, 0, 15),
 LEGACY_CODES = {"q4_0": (18, -8, 7), "q4_1": (20, 0, 15), "q5_0": (22, -16, 15),
                 "q5_1": (24, 0, 31), "q8_0": (34, -128, 127)}
 CODES = {**K_CODES, **LEGACY_CODES}
+# the float16 fields of a block that scale it: (scale d, minimum or dmin; None: symmetric), as
+# byte offsets (ggml-common.h); a learned scale is written there and nowhere else
+SCALE_FIELDS = {"q4_0": (0, None), "q4_1": (0, 2), "q5_0": (0, None), "q5_1": (0, 2),
+                "q8_0": (0, None), "q2_K": (80, 82), "q3_K": (108, None), "q4_K": (0, 2),
+                "q5_K": (0, 2), "q6_K": (208, None)}
+
+
+def block_weights(fmt: str) -> int:
+    """Weights per block: 256 for the K-quants, 32 for llama.cpp's legacy blocks."""
+    return 256 if fmt in K_CODES else 32
+
+
+def k_rescale(fmt: str, packed: torch.Tensor, scale: torch.Tensor,
+              minimum: torch.Tensor | None = None) -> torch.Tensor:
+    """`packed` with each block's float16 scale (and minimum / dmin) multiplied by
+    `1 + scale` (and `1 + minimum`), (rows, blocks per row) each, rounded to float16 as
+    llama.cpp stores them; codes and sub-block scales unchanged (so `k_grid` of the result
+    gives every weight's new scale and offset exactly)."""
+    out = _blocks(fmt, packed.clone())
+    for at, factor in zip(SCALE_FIELDS[fmt], (scale, minimum), strict=True):
+        if at is None or factor is None:
+            continue
+        old = _half(out[:, at:at + 2])
+        new = (old * (1 + factor.reshape(-1, 1).to(old))).to(torch.float16)
+        out[:, at:at + 2] = new.contiguous().view(torch.uint8).reshape(-1, 2)
+    return out.reshape(packed.shape)
 
 
 def _blocks(fmt: str, packed: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,10 @@ output being matched on its own (GPTQ).
 The grid is the format's own (q4_0 ... q8_0, int*_g*: `compress.gptq.GRIDS`): per group the
 scale (and minimum) the format's RTN rule derives from the base weights, the elements that
 define it forced to their codes. So the result is a fixed point of the format's quantizer: the
-GGUF export holds exactly the weights that were scored. Learned scales/clipping and the
-K-quant and i-quant grids are not covered yet.
+GGUF export holds exactly the weights that were scored. llama.cpp's own blocks (q4_0 ... q8_0
+and the K-quants, `compress.kquant_codes`) are learned onto the scales its quantizer chose,
+and those stored scales themselves within SCALE_RANGE (AutoRound's learned min/max scaling);
+the i-quant grids are not covered.
 
 Pure tensor functions: a block (any nn.Module), its captured inputs, its weights' formats.
 """
@@ -23,9 +25,21 @@ import torch
 from torch import nn
 
 from llmpareto.compress.gptq import _Groups, grid_rule
-from llmpareto.compress.kquant_codes import CODES, K_CODES, k_grid, k_pack
+from llmpareto.compress.kquant_codes import (
+    CODES,
+    K_CODES,
+    SCALE_FIELDS,
+    block_weights,
+    k_grid,
+    k_pack,
+    k_rescale,
+)
 
 BlockInput = tuple[tuple, dict]  # (args, kwargs) of one call of a block's forward
+SCALE_RANGE = 0.2  # a learned block scale stays within +-20% of the one its quantizer chose,
+SCALE_STEP = 0.01  # moved by signed steps of SCALE_STEP times the offsets' learning rate: with
+# AutoRound's lr = 1 / steps, at most ~0.5% in all (a scale moves a whole block's weights;
+# larger steps undid the offsets' gains on 512x256 test blocks, 0.01-0.02 halved held-out error)
 
 
 @dataclass
@@ -138,14 +152,16 @@ class _Weight:
         # round-to-nearest (AutoRound's start), or the post-training codes
         return torch.zeros_like(self.w) if self.start is None else self.start
 
-    def quantized(self, v: torch.Tensor) -> torch.Tensor:
+    scales: tuple[int, ...] | None = None  # int* grids: scales not learned (see _KWeight)
+
+    def quantized(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         """The weight on the grid with offsets `v` (differentiable in v, straight-through)."""
         rule = self.groups.rule
         q = _RoundSTE.apply((self.w - self.m) * self.inv + v).clamp(rule.qmin, rule.qmax)
         q = torch.where(self.forced != self.groups.none, self.forced.float(), q)
         return rule.value(q, self.d, self.m)
 
-    def exact(self, v: torch.Tensor) -> torch.Tensor:
+    def exact(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         """The final weight, column by column through the grid's own rounding (forced codes,
         near-constant groups' allowed codes): a fixed point of the format's quantizer."""
         shifted = (self.w + v * self.d).double()
@@ -165,34 +181,83 @@ class _KWeight:
     m: torch.Tensor  # (rows, cols) -offset: the weight is d * q + m
     inv: torch.Tensor
     v0: torch.Tensor
+    fields: tuple  # per stored float16 field (scale, minimum): its (rows, blocks) values and
+    # the integer each weight multiplies it by (sub-block scale, 1 or -1), or None
     out: torch.Tensor | None = None  # the blocks `exact` wrote
 
     @classmethod
     def of(cls, w: torch.Tensor, fmt: str, packed: torch.Tensor) -> _KWeight:
+        from llmpareto.compress.dequant_k import _half
+
         w = w.detach().float().clone()
         packed = packed.to(w.device)
         d, off, q = k_grid(fmt, packed)
         m = -off
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
         v0 = torch.where(d == 0, torch.zeros_like(d), q.float() - (w - m) * inv)
-        return cls(w, fmt, packed, d, m, inv, v0)
+        rows, per = w.shape[0], block_weights(fmt)
+        blocks = packed.reshape(-1, CODES[fmt][0])
+        fields = []
+        for at, per_weight in zip(SCALE_FIELDS[fmt], (d, off), strict=True):
+            if at is None:
+                fields.append(None)
+                continue
+            value = _half(blocks[:, at:at + 2]).reshape(rows, -1)
+            wide = value.repeat_interleave(per, 1)
+            fields.append((value, torch.where(wide == 0, torch.zeros_like(wide),
+                                              torch.round(per_weight / wide))))
+        return cls(w, fmt, packed, d, m, inv, v0, tuple(fields))
 
-    def _codes(self, v: torch.Tensor, ste: bool) -> torch.Tensor:
+    @property
+    def scales(self) -> tuple[int, ...]:
+        """Shape of the learned scale factors: (2, rows, blocks per row), the block's float16
+        scale and minimum (dmin) each multiplied by 1 + factor (AutoRound's learned min/max
+        scaling, here onto the fields the format stores; a symmetric format's second row is
+        unused)."""
+        rows, cols = self.w.shape
+        return (2, rows, cols // block_weights(self.fmt))
+
+    def _grid(self, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, -offset, 1/scale) per weight with the stored fields times 1 + s, rounded to
+        float16 as `exact` stores them (straight-through) and multiplied by each weight's
+        integer as llama.cpp does: the surrogate rounds exactly as the export will."""
+        if s is None:
+            return self.d, self.m, self.inv
+        per = block_weights(self.fmt)
+        (dv, dk), mins = self.fields
+
+        def stored(value: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+            x = value * (1 + factor)
+            return (x + (x.half().float() - x).detach()).repeat_interleave(per, 1)
+
+        d = stored(dv, s[0]) * dk
+        m = self.m if mins is None else -(stored(mins[0], s[1]) * mins[1])
+        return d, m, torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+    def _codes(self, v: torch.Tensor, ste: bool, s: torch.Tensor | None = None) -> torch.Tensor:
         _, lo, hi = CODES[self.fmt]
-        x = (self.w - self.m) * self.inv + v
+        _, m, inv = self._grid(s)
+        x = (self.w - m) * inv + v
         return (_RoundSTE.apply(x) if ste else torch.round(x)).clamp(lo, hi)
 
-    def quantized(self, v: torch.Tensor) -> torch.Tensor:
-        return self.d * self._codes(v, True) + self.m
+    def quantized(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        d, m, _ = self._grid(s)
+        return d * self._codes(v, True, s) + m
 
-    def exact(self, v: torch.Tensor) -> torch.Tensor:
-        """The final weight as llama.cpp dequantizes the blocks with the learned codes (kept in
-        `out`, to be written as they are)."""
+    def exact(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """The final weight as llama.cpp dequantizes the blocks with the learned codes (and
+        scales, rounded to float16 in their fields first; codes rounded on those), kept in
+        `out`, to be written as they are."""
         from llmpareto.compress.dequant_k import K_DEQUANT
         from llmpareto.formats import get_format
 
         with torch.no_grad():
-            self.out = k_pack(self.fmt, self.packed, self._codes(v, False).to(torch.int32))
+            packed = self.packed if s is None else k_rescale(self.fmt, self.packed, s[0], s[1])
+            d, off, _ = k_grid(self.fmt, packed)
+            _, lo, hi = CODES[self.fmt]
+            inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            codes = torch.round((self.w + off) * inv + v).clamp(lo, hi)
+            self.out = k_pack(self.fmt, packed, codes.to(torch.int32))
         rows, cols = self.w.shape
         if self.fmt not in K_CODES:  # a legacy block: the format's own dequantizer
             got = get_format(self.fmt).dequantize(self.out.cpu().numpy(), (rows, cols))
@@ -208,7 +273,7 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
                       base: dict[str, torch.Tensor] | None = None,
                       packed: dict[str, torch.Tensor] | None = None,
                       start: dict[str, torch.Tensor] | None = None,
-                      holdout: int = 0) -> Reconstructed:
+                      holdout: int = 0, learn_scales: bool = True) -> Reconstructed:
     """Learn the rounding of `block`'s weights named in `formats` (parameter name -> grid
     format) so the block's output on `inputs` (from `block_inputs`) matches `targets` (default:
     the float block's output on the same inputs; a whole model passes the float block's output
@@ -221,7 +286,11 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
     post-training weights of the other formats to start from (default RTN). `holdout`: the
     last `holdout` inputs are never learned on; the offsets kept are those with the lowest
     loss on them, the start included (early stopping: a block never ends worse than it started
-    on windows it did not learn). `block` is left as it was."""
+    on windows it did not learn). `learn_scales`: a llama.cpp block's stored float16 scale and
+    minimum (q4_0 ... q8_0 and the K-quants' d and dmin; the K-quants' 6-bit sub-block scales
+    stay) are learned too, each within SCALE_RANGE of the quantizer's, by the same signed
+    steps (AutoRound's learned min/max scaling, onto the fields the format holds); the int*
+    grids keep the scales their rule derives. `block` is left as it was."""
     params = dict(block.named_parameters())
     unknown = [n for n in formats if n not in params]
     if unknown:
@@ -240,7 +309,8 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
     for p in params.values():  # only the offsets learn
         p.requires_grad_(False)
     try:
-        return _learn(block, inputs, grids, steps, lr, batch, seed, targets, holdout)
+        return _learn(block, inputs, grids, steps, lr, batch, seed, targets, holdout,
+                      learn_scales)
     finally:
         for n, p in params.items():
             p.requires_grad_(trainable[n])
@@ -248,7 +318,8 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
 
 def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Weight],
            steps: int, lr: float, batch: int, seed: int,
-           targets: Sequence[torch.Tensor] | None, holdout: int = 0) -> Reconstructed:
+           targets: Sequence[torch.Tensor] | None, holdout: int = 0,
+           learn_scales: bool = True) -> Reconstructed:
     dtypes = {n: p.dtype for n, p in block.named_parameters()}
     # weights made under inference mode (a cache's dequantized variants) cannot take part in
     # a graph: the ones not learned go in as ordinary copies
@@ -269,21 +340,29 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
         return total / len(idx)
 
     # each weight's offset moves within half a code of its start (AutoRound's [-0.5, 0.5]
-    # around RTN; around the post-training code when learning starts there)
+    # around RTN; around the post-training code when learning starts there); with
+    # `learn_scales`, each block's stored scale (and minimum) within SCALE_RANGE of its own
     v = {n: g.v0.clone().requires_grad_(True) for n, g in grids.items()}
     box = {n: (g.v0 - 0.5, g.v0 + 0.5) for n, g in grids.items()}
+    sc = {n: torch.zeros(g.scales, device=g.w.device, requires_grad=True)
+          for n, g in grids.items() if learn_scales and g.scales is not None}
+
+    def on_grid(vs, ss) -> dict[str, torch.Tensor]:
+        return {n: g.quantized(vs[n], ss.get(n)) for n, g in grids.items()}
+
     if not 0 <= holdout < len(inputs):
         raise ValueError(f"holdout {holdout} must leave inputs to learn on ({len(inputs)})")
     learn = list(range(len(inputs) - holdout))
     judge = list(range(len(inputs) - holdout, len(inputs))) if holdout else learn
     with torch.no_grad():
-        best = rtn = float(loss_on(judge, {n: g.quantized(v[n]) for n, g in grids.items()}))
+        best = rtn = float(loss_on(judge, on_grid(v, {})))
     best_v = {n: t.detach().clone() for n, t in v.items()}
+    best_s = {n: t.detach().clone() for n, t in sc.items()}
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = [learn[i] for i in torch.randperm(len(learn), generator=gen)[:batch].tolist()]
-        loss = loss_on(idx, {n: g.quantized(v[n]) for n, g in grids.items()})
-        for t in v.values():
+        loss = loss_on(idx, on_grid(v, sc))
+        for t in (*v.values(), *sc.values()):
             t.grad = None
         loss.backward()
         rate = lr * (1 - step / steps)
@@ -291,11 +370,14 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
             for n, t in v.items():
                 t.sub_(rate * torch.sign(t.grad))
                 torch.maximum(torch.minimum(t, box[n][1]), box[n][0], out=t)
+            for t in sc.values():  # signed steps too, smaller (a scale moves a whole block)
+                t.sub_(rate * SCALE_STEP * torch.sign(t.grad)).clamp_(-SCALE_RANGE, SCALE_RANGE)
             if (step + 1) % max(1, steps // 10) == 0 or step == steps - 1:
-                now = float(loss_on(judge, {n: g.quantized(v[n]) for n, g in grids.items()}))
+                now = float(loss_on(judge, on_grid(v, sc)))
                 if now < best:
                     best, best_v = now, {n: t.detach().clone() for n, t in v.items()}
-    weights = {n: g.exact(best_v[n]) for n, g in grids.items()}
+                    best_s = {n: t.detach().clone() for n, t in sc.items()}
+    weights = {n: g.exact(best_v[n], best_s.get(n)) for n, g in grids.items()}
     with torch.no_grad():
         final = float(loss_on(judge, weights))
     return Reconstructed(weights, rtn, final, steps,
@@ -348,7 +430,7 @@ def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockI
                       float_inputs: Sequence[BlockInput] | None = None,
                       packed: Sequence[dict[str, torch.Tensor]] | None = None,
                       start: Sequence[dict[str, torch.Tensor]] | None = None,
-                      holdout: int = 0,
+                      holdout: int = 0, learn_scales: bool = True,
                       ) -> tuple[list[dict[str, torch.Tensor]], list[Reconstructed]]:
     """Every block of `layers` in turn, AutoRound's way: block i learns on the inputs the
     already reconstructed blocks 0..i-1 give (so it corrects the error they leave) towards the
@@ -370,7 +452,8 @@ def reconstruct_model(layers: Sequence[nn.Module], first_inputs: Sequence[BlockI
         got = reconstruct_block(block, q, formats[i], steps=steps, batch=batch, seed=seed + i,
                                 targets=[_hidden(x).float() for x in nxt_fp], base=b,
                                 packed=packed[i] if packed is not None else None,
-                                start=start[i] if start is not None else None, holdout=holdout)
+                                start=start[i] if start is not None else None, holdout=holdout,
+                                learn_scales=learn_scales)
         q = _next(block, q, got.weights)
         fp = nxt_fp
         weights.append(got.weights)

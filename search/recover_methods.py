@@ -210,12 +210,13 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 
 
 def choose_method(bench, recipe: Recipe, asked: str = "auto") -> str | None:
-    """The method for a candidate: `asked` when it handles it; with auto, blockwise local
-    distillation for a student or pruned candidate, block-wise reconstruction for a quantized
-    one; None when nothing here can recover it (e.g. only i-quants, whose grids are not
-    covered yet)."""
+    """The method for a candidate: `asked` when it handles it; with auto, end-to-end
+    distillation for a student or pruned candidate (on the default model it beat blockwise
+    local distillation at equal steps and seconds: docs/recovery.md), block-wise
+    reconstruction for a quantized one; None when nothing here can recover it (e.g. only
+    i-quants, whose grids are not covered yet)."""
     if asked != "auto":
         return asked if REGISTRY[asked].handles(bench, recipe) else None
     if _changes_structure(bench, recipe):
-        return "local"
+        return "distill"
     return "reconstruct" if REGISTRY["reconstruct"].handles(bench, recipe) else None

@@ -1,6 +1,6 @@
 """Blockwise local distillation (issue 26): each kept block of a student learns, on the teacher's
-hidden states, what the teacher's blocks up to the next kept one give; the recovery registry
-picks it for students and pruned points."""
+hidden states, what the teacher's blocks up to the next kept one give; a method of the
+recovery registry for students and pruned points."""
 
 from __future__ import annotations
 
@@ -97,14 +97,14 @@ def test_each_block_learns_its_span_and_never_ends_worse_on_held_out_windows(ben
 
 
 def test_recovery_registry_distills_a_student_block_by_block_and_lowers_kl(bench4):
-    """The registry's `local` (auto's choice for a student): the student's KL to the base on
+    """The registry's `local` (`--recover-method local`): the student's KL to the base on
     windows it never learned on (the evaluation windows) drops."""
     from llmpareto.search.recover import use_recovered
     from llmpareto.search.recover_methods import REGISTRY, choose_method
 
     bench = bench4
     student = _student()
-    assert choose_method(bench, student) == "local"
+    assert choose_method(bench, student, "local") == "local"
     ev = bench.windows.eval
     base = _base_log_probs(bench, ev)
     bench.build(student)

@@ -10,7 +10,7 @@ import torch
 
 from llmpareto.compress.gptq import gptq_quantize, prepare_hessian
 from llmpareto.compress.prune import InputStats
-from llmpareto.compress.reconstruct import block_inputs, reconstruct_block
+from llmpareto.compress.reconstruct import SCALE_RANGE, block_inputs, reconstruct_block
 from llmpareto.formats import get_format
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -154,15 +154,27 @@ def test_k_quant_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
     packed = {n: torch.from_numpy(f.quantize(params[n].detach().numpy())) for n in names}
     ptq = {n: torch.from_numpy(f.dequantize(packed[n].numpy(), tuple(params[n].shape)).copy())
            for n in names}
-    got = reconstruct_block(block, learn, dict.fromkeys(names, fmt), steps=60, packed=packed)
-    assert _mse(block, held, got.weights) < _mse(block, held, ptq)
-    for n in names:
-        out = got.packed[n]
-        own = torch.from_numpy(f.dequantize(out.numpy(), tuple(params[n].shape)).copy()) \
-            if fmt not in K_DEQUANT else K_DEQUANT[fmt][1](out.reshape(
-                -1, K_DEQUANT[fmt][0])).reshape(params[n].shape)
-        assert torch.equal(got.weights[n], own)
-        assert torch.equal(k_grid(fmt, out)[0], k_grid(fmt, packed[n])[0])  # scales kept
+    codes = reconstruct_block(block, learn, dict.fromkeys(names, fmt), steps=60,
+                              packed=packed, learn_scales=False)
+    both = reconstruct_block(block, learn, dict.fromkeys(names, fmt), steps=60, packed=packed)
+    # learning the stored scales too lowers the error on held-out inputs further (0.90 ->
+    # 0.60-0.76 of the quantizer's own for q2_K ... q6_K, q4_0, q5_1 here)
+    assert _mse(block, held, both.weights) < 0.97 * _mse(block, held, codes.weights)
+    for got, scales_learned in ((codes, False), (both, True)):
+        assert _mse(block, held, got.weights) < _mse(block, held, ptq)
+        for n in names:
+            out = got.packed[n]
+            own = torch.from_numpy(f.dequantize(out.numpy(), tuple(params[n].shape)).copy()) \
+                if fmt not in K_DEQUANT else K_DEQUANT[fmt][1](out.reshape(
+                    -1, K_DEQUANT[fmt][0])).reshape(params[n].shape)
+            assert torch.equal(got.weights[n], own)  # what llama.cpp reads from the blocks
+            new, old = k_grid(fmt, out)[0], k_grid(fmt, packed[n])[0]
+            if not scales_learned:
+                assert torch.equal(new, old)  # scales kept
+            else:  # the stored scales moved, within SCALE_RANGE (and float16 rounding)
+                ratio = new[old != 0] / old[old != 0]
+                assert not torch.equal(new, old)
+                assert float((ratio - 1).abs().max()) <= SCALE_RANGE + 2e-3
 
 
 def test_a_whole_model_block_by_block_beats_rtn_on_windows_it_never_saw(tiny):
