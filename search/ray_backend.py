@@ -143,7 +143,7 @@ def recovery_pool(settings: SearchSettings):
                       max_retries=MAX_FAILURES)(_recover_task)
     settings_dict = _worker_settings(settings)
 
-    def pool(jobs):
+    def pool(jobs, here):  # `here` unused: every point runs on the cluster
         refs = {task.remote(settings_dict, j.recipe.to_json(indent=None), j.trial, j.steps,
                             j.before): j.trial for j in jobs}
         left = list(refs)

@@ -169,15 +169,24 @@ def run_rdb(settings: SearchSettings) -> Front:
         print(f"study {name} is ready in {masked(url)}; start workers with "
               f"`llmpareto worker --study {name} --storage URL`")
         return write_distributed_outputs(study, rd, settings.objectives, runner.space)
-    front = _work(study, runner, rd, settings, info)[0]
-    if settings.eval_text != "none" or settings.recover_steps:
-        # measurement and recovery run here, in the process that made the study, once every
-        # worker's trials are in; workers (`llmpareto worker`) never do
-        from llmpareto.search.recover import after_search
+    if not settings.recover_steps:
+        front = _work(study, runner, rd, settings, info)[0]
+        if settings.eval_text != "none":  # measured here, once every worker's trials are in
+            from llmpareto.search.recover import after_search
 
-        after_search(runner, study, rd, settings, settings.progress)
-        front = write_distributed_outputs(study, rd, settings.objectives, runner.space)
-    return front
+            after_search(runner, study, rd, settings, settings.progress)
+            front = write_distributed_outputs(study, rd, settings.objectives, runner.space)
+        return front
+    # recovery: this process coordinates it (search/rdb_recover.py), from its first trial so
+    # that workers whose trials end first wait for its rounds; they recover points with it
+    from llmpareto.search.rdb_recover import Board, pool
+    from llmpareto.search.recover import after_search
+
+    board = Board(study)
+    with board.coordinating():
+        _work(study, runner, rd, settings, info)
+        after_search(runner, study, rd, settings, settings.progress, pool=pool(board))
+    return write_distributed_outputs(study, rd, settings.objectives, runner.space)
 
 
 def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = True,
@@ -207,7 +216,12 @@ def run_worker(name: str, url: str, runs_dir: str = "runs", progress: bool = Tru
     study = _load(storage, name, make_sampler(settings, runner, planner, population))
     info = run_info(settings, runner, population, planner)
     info["settings"]["storage"] = masked(url)
-    return _work(study, runner, rd, settings, info)[1]
+    here = _work(study, runner, rd, settings, info)[1]
+    if settings.recover_steps:  # then the coordinator's recovery, with it (rdb_recover.py)
+        from llmpareto.search.rdb_recover import serve
+
+        print(f"worker recovered {serve(study, runner, settings)} points here")
+    return here
 
 
 def _target(study: optuna.Study) -> int:

@@ -179,7 +179,8 @@ class Job:
     before: dict
 
 
-Pool = Callable[[list[Job]], Iterator[tuple[int, "Outcome"]]]
+# a round's jobs and a function that recovers one job here -> (trial, Outcome) as each finishes
+Pool = Callable[[list[Job], Callable[[Job], "Outcome"]], Iterator[tuple[int, "Outcome"]]]
 
 
 def after_search(bench, study, rd, settings, progress: bool = True,
@@ -242,10 +243,12 @@ def after_search(bench, study, rd, settings, progress: bool = True,
                 and after().get(str(t), {}).get("recover_method") != "none"]
         jobs = [Job(t, Recipe.load(rd.recipe_path(t)), steps, after().get(str(t), {}))
                 for t in left]
-        run = pool or (lambda jobs: ((j.trial, recover_point(
-            bench, j.recipe, j.trial, j.steps, learn, measure, settings, progress=progress,
-            before=j.before)) for j in jobs))
-        for t, outcome in tqdm(run(jobs), total=len(jobs), unit="point",
+        def here(j: Job) -> Outcome:
+            return recover_point(bench, j.recipe, j.trial, j.steps, learn, measure, settings,
+                                 progress=progress, before=j.before)
+
+        run = pool or (lambda jobs, here: ((j.trial, here(j)) for j in jobs))
+        for t, outcome in tqdm(run(jobs, here), total=len(jobs), unit="point",
                                desc=f"recovering, round {r + 1}/{rounds} ({steps} steps)",
                                disable=not progress, dynamic_ncols=True):
             record(t, save_outcome(rd.path, t, outcome))

@@ -108,3 +108,103 @@ def test_a_worker_killed_inside_ask_leaves_no_trial_running_forever(pg_url, tiny
     assert all(t.system_attrs.get("llmpareto:heartbeat_from_ask") for t in done)
     labels = [t.user_attrs.get("baseline") for t in done]
     assert label and labels.count(label) == 1  # the cut-off baseline ran once, requeued
+
+
+def test_the_recovery_board_hands_each_point_to_one_process(pg_url, tiny_settings, monkeypatch):
+    """The job board of a PostgreSQL study: a point is claimed by one process only, its
+    outcome (weights in parts) comes back intact, a silent claim is queued again, a taken
+    point is posted again only when the study lacks it."""
+    import sqlalchemy as sa
+    import torch
+
+    from llmpareto.recipe import Recipe
+    from llmpareto.search import rdb_recover as rr
+    from llmpareto.search.recover import Job, Outcome
+
+    monkeypatch.setattr(rr, "PART_BYTES", 1000)  # several parts for a small file
+    study = optuna.create_study(study_name="board", storage=connect(pg_url))
+    boards = [rr.Board(study), rr.Board(study)]  # two processes' views
+    jobs = [Job(t, Recipe.uniform("q4_0"), 8, {"kl_nats": 0.5}) for t in (3, 5)]
+    boards[0].post(jobs)
+    boards[1].post(jobs)  # posting twice queues nothing twice
+    a, b = boards[0].claim(), boards[1].claim()
+    assert {a.trial, b.trial} == {3, 5} and boards[0].claim() is None
+    assert a.before == {"kl_nats": 0.5} and a.recipe.to_json() == jobs[0].recipe.to_json()
+    w = {"x": torch.randn(40, 30), "packed::y": torch.arange(900, dtype=torch.uint8)}
+    boards[0].finish(a, Outcome({"recovered_kl_nats": 0.25}, w, {"trial": str(a.trial)}))
+    (got,) = boards[1].done({(a.trial, 8), (b.trial, 8)})
+    assert got[:2] == (a.trial, 8) and got[2].columns == {"recovered_kl_nats": 0.25}
+    assert got[2].meta == {"trial": str(a.trial)}
+    assert all(torch.equal(got[2].weights[k], w[k]) for k in w)
+    with boards[0].engine.begin() as c:  # the weights took several parts
+        assert c.execute(sa.select(sa.func.count()).select_from(rr.PARTS)).scalar() > 3
+    boards[1].taken(a.trial, 8)
+    assert list(boards[1].done({(a.trial, 8)})) == []
+    assert boards[0].requeue_stale() == 0  # b's process is alive (its beat is fresh)
+    with boards[0].engine.begin() as c:  # ... until it is silent for GRACE_S
+        c.execute(rr.JOBS.update().where(rr.JOBS.c.trial == b.trial)
+                  .values(beat=boards[0].now() - rr.GRACE_S - 1))
+    assert boards[0].requeue_stale() == 1 and boards[0].claim().trial == b.trial
+    boards[0].post(jobs)  # a taken point the study lacks (a killed coordinator) comes back
+    assert boards[1].claim().trial == a.trial
+
+
+def test_recovery_is_shared_by_workers_and_survives_a_killed_one(pg_url, tiny_settings,
+                                                                  tmp_path):
+    """--recover-steps with a shared study: `llmpareto worker`s recover points with the
+    search process, their weights reach its run directory through the database; a worker
+    killed while it recovers a point loses nothing (the point is taken again)."""
+    import sqlalchemy as sa
+
+    from llmpareto.search import rdb_recover as rr
+
+    s = {**tiny_settings, "study": "rshare", "trials": 10, "formats": "f16,q5_0,q4_1,q4_0",
+         "recover_steps": 15, "recover_rounds": 1, "recover_tokens": 1024, "storage": pg_url,
+         "runs_dir": str(tmp_path / "c")}
+    llmpareto.search(create_only=True, **s)
+    # the workers run the trials and wait for the search process, which recovers with them
+    workers = [_worker("rshare", pg_url, tmp_path / f"w{i}") for i in range(2)]
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in s.items() if k != "progress"]
+    coord = subprocess.Popen([sys.executable, "-m", "llmpareto.cli", "search", "--no-progress",
+                              "--resume", *argv], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    engine, victim, held = None, workers[0], None
+    deadline = time.monotonic() + 400
+    while held is None and time.monotonic() < deadline and coord.poll() is None:
+        try:
+            engine = engine or connect(pg_url).engine
+            with engine.connect() as c:
+                held = c.execute(sa.select(rr.JOBS.c.trial).where(
+                    (rr.JOBS.c.state == rr.RUNNING) & (rr.JOBS.c.trial >= 0)
+                    & rr.JOBS.c.worker.endswith(f":{victim.pid}"))).scalar()
+        except Exception:  # noqa: BLE001 - the table is not there yet
+            held = None
+        time.sleep(0.2)
+    if held is None:
+        coord.kill()
+        pytest.fail(f"the worker never took a point to recover: {coord.communicate()[1][-3000:]}"
+                    f" {workers[0].communicate()[0][-2000:]}")
+    victim.kill()
+    _, err = coord.communicate(timeout=400)
+    assert coord.returncode == 0, err[-3000:]
+    out, err = workers[1].communicate(timeout=120)
+    assert workers[1].returncode == 0, err[-2000:]
+    assert "worker recovered" in out
+    t = pd.read_csv(tmp_path / "c" / "rshare" / "trials.csv").set_index("trial")
+    tried = t[t["recover_method"].notna() & (t["recover_method"] != "none")]
+    assert held in tried.index and tried.loc[held, "recover_pid"] != victim.pid  # taken again
+    pids = set(tried["recover_pid"].astype(int))
+    assert pids <= {coord.pid, victim.pid, workers[1].pid}
+    assert pids & {victim.pid, workers[1].pid}, "no worker recovered a point"
+    kept = tried[tried["recover_used"].astype(bool)]
+    assert len(kept) >= 1
+    for trial in kept.index:  # weights recovered anywhere are in the search's run directory
+        assert (tmp_path / "c" / "rshare" / "recover" / f"trial-{trial}.safetensors").is_file()
+    assert (kept["recovered_kl_nats"] < kept["kl_nats"]).all()
+    sid = optuna.load_study(study_name="rshare", storage=connect(pg_url))._study_id
+    with engine.connect() as c:  # nothing left on the board: taken or over
+        states = set(c.execute(sa.select(rr.JOBS.c.state).where(
+            rr.JOBS.c.study_id == sid)).scalars())
+        assert states <= {rr.TAKEN, rr.OVER}, states
+        assert c.execute(sa.select(sa.func.count()).select_from(rr.PARTS).where(
+            rr.PARTS.c.study_id == sid)).scalar() == 0
