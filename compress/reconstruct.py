@@ -31,6 +31,7 @@ SCALE_RANGE = 0.2  # a learned block scale stays within +-20% of the one its qua
 SCALE_STEP = 0.01  # moved by signed steps of SCALE_STEP times the offsets' learning rate: with
 # AutoRound's lr = 1 / steps, at most ~0.5% in all (a scale moves a whole block's weights;
 # larger steps undid the offsets' gains on 512x256 test blocks, 0.01-0.02 halved held-out error)
+EDGE = 0.01  # offsets' bounds stay this far inside the half-way points between codes
 
 
 @dataclass
@@ -165,11 +166,11 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
             total = total + torch.mean((out - want) ** 2) * len(part)
         return total / len(idx)
 
-    # each weight's offset moves within half a code of its start (AutoRound's [-0.5, 0.5]
-    # around RTN; around the post-training code when learning starts there); with
+    # each weight's code is RTN's either side of it (AutoRound's [-0.5, 0.5] around RTN) or
+    # the post-training code learning starts at (_box); with
     # `learn_scales`, each block's stored scale (and minimum) within SCALE_RANGE of its own
     v = {n: g.v0.clone().requires_grad_(True) for n, g in grids.items()}
-    box = {n: (g.v0 - 0.5, g.v0 + 0.5) for n, g in grids.items()}
+    box = {n: _box(g) for n, g in grids.items()}
     sc = {n: torch.zeros(g.scales, device=g.w.device, requires_grad=True)
           for n, g in grids.items() if learn_scales and g.scales is not None}
 
@@ -208,6 +209,17 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
         final = float(loss_on(judge, weights))
     return Reconstructed(weights, rtn, final, steps,
                          {n: g.out for n, g in grids.items() if isinstance(g, _KWeight)})
+
+
+def _box(g) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of a weight's offsets: its code may be the start's, or RTN's either side of the
+    weight (AutoRound's choice between rounding down and up), and nothing past them; bounds
+    EDGE inside the half-way points, so which code a bound gives does not hang on rounding."""
+    x = (g.w - g.m) * g.inv
+    q = torch.round(x + g.v0)
+    lo = torch.minimum(torch.floor(x), q) - 0.5 + EDGE
+    hi = torch.maximum(torch.ceil(x), q) + 0.5 - EDGE
+    return lo - x, hi - x
 
 
 def _batches(inputs: Sequence[BlockInput], idx: Sequence[int], most: int = 8) -> list[list[int]]:
