@@ -24,17 +24,30 @@ K_CODES = {"q2_K": (84, 0, 3), "q3_K": (110, -4, 3), "q4_K": (144, 0, 15),
 # the scale (and minimum) an f16 per block; codes as ggml's dequantize_row_* uses them
 LEGACY_CODES = {"q4_0": (18, -8, 7), "q4_1": (20, 0, 15), "q5_0": (22, -16, 15),
                 "q5_1": (24, 0, 31), "q8_0": (34, -128, 127)}
-CODES = {**K_CODES, **LEGACY_CODES}
+# llama.cpp's 4-bit i-quants: a code indexes 16 non-uniform levels (kvalues_iq4nl), the weight
+# is scale * level; iq4_nl lays its blocks of 32 out as q4_0 does, iq4_xs as 8 sub-blocks of 32
+# under one float16 scale, each with a 6-bit scale (stored + 32)
+I_CODES = {"iq4_nl": (18, 0, 15), "iq4_xs": (136, 0, 15)}
+CODES = {**K_CODES, **LEGACY_CODES, **I_CODES}
 # the float16 fields of a block that scale it: (scale d, minimum or dmin; None: symmetric), as
 # byte offsets (ggml-common.h); a learned scale is written there and nowhere else
 SCALE_FIELDS = {"q4_0": (0, None), "q4_1": (0, 2), "q5_0": (0, None), "q5_1": (0, 2),
                 "q8_0": (0, None), "q2_K": (80, 82), "q3_K": (108, None), "q4_K": (0, 2),
-                "q5_K": (0, 2), "q6_K": (208, None)}
+                "q5_K": (0, 2), "q6_K": (208, None), "iq4_nl": (0, None), "iq4_xs": (0, None)}
 
 
 def block_weights(fmt: str) -> int:
-    """Weights per block: 256 for the K-quants, 32 for llama.cpp's legacy blocks."""
-    return 256 if fmt in K_CODES else 32
+    """Weights per block (one float16 scale): 32 for llama.cpp's legacy blocks and iq4_nl, 256
+    for the K-quants and iq4_xs."""
+    return 32 if fmt in LEGACY_CODES or fmt == "iq4_nl" else 256
+
+
+def levels(fmt: str, like: torch.Tensor) -> torch.Tensor | None:
+    """The values a code indexes (i-quants: float32 kvalues_iq4nl), None where the code is
+    the value (every other format here)."""
+    from llmpareto.compress.dequant_k import _IQ4_LEVELS
+
+    return _IQ4_LEVELS.to(like.device, torch.float32) if fmt in I_CODES else None
 
 
 def k_rescale(fmt: str, packed: torch.Tensor, scale: torch.Tensor,
@@ -97,12 +110,22 @@ def _expand(x: torch.Tensor, per: int) -> torch.Tensor:
 
 def k_grid(fmt: str, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scale, offset, code) per weight of a packed (rows, bytes) K-quant tensor, each
-    (rows, cols): the weight is scale * code - offset in float32."""
+    (rows, cols): the weight is scale * code - offset in float32 (an i-quant's: scale *
+    levels[code])."""
     rows = packed.shape[0]
     b = _blocks(fmt, packed)
     n = b.shape[0]
-    if fmt in LEGACY_CODES:
+    if fmt in LEGACY_CODES or fmt == "iq4_nl":  # iq4_nl: q4_0's layout, codes from 0
         scale, off, q = _legacy_grid(fmt, b)
+    elif fmt == "iq4_xs":
+        high = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+        low = b[:, 4:8].to(torch.int32)
+        ib = torch.arange(8, device=b.device)
+        ls = ((low[:, ib // 2] >> (4 * (ib % 2))) & 0xF) | (((high >> (2 * ib)) & 3) << 4)
+        scale = _expand(_half(b[:, 0:2]) * (ls - 32).float(), 32)
+        qs = b[:, 8:136].reshape(n, 8, 16).to(torch.int32)
+        q = torch.cat([qs & 0xF, qs >> 4], 2).reshape(n, 256)
+        off = torch.zeros_like(scale)
     elif fmt in ("q4_K", "q5_K"):
         q = _nibble_pairs(b[:, 16:144] if fmt == "q4_K" else b[:, 48:176]).to(torch.int32)
         if fmt == "q5_K":
@@ -155,10 +178,14 @@ def k_pack(fmt: str, packed: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{fmt} codes must be in {lo}..{hi}")
     out = _blocks(fmt, packed.clone())
     n = out.shape[0]
-    if fmt in LEGACY_CODES:
+    if fmt in LEGACY_CODES or fmt == "iq4_nl":
         _legacy_pack(fmt, out, codes.reshape(n, 32).to(torch.int32))
         return out.reshape(packed.shape)
     q = codes.reshape(n, 256).to(torch.int32)
+    if fmt == "iq4_xs":  # byte j of sub-block k: element j low, j + 16 high
+        u = q.reshape(n, 8, 32)
+        out[:, 8:136] = ((u[:, :, :16] & 0xF) | (u[:, :, 16:] << 4)).to(torch.uint8).reshape(
+            n, 128)
     if fmt in ("q4_K", "q5_K"):
         nib = _pairs(q & 0xF, n, 4, 2)  # sub-blocks 2c and 2c + 1 share chunk c
         if fmt == "q4_K":

@@ -10,7 +10,8 @@ define it forced to their codes. So the result is a fixed point of the format's 
 GGUF export holds exactly the weights that were scored. llama.cpp's own blocks (q4_0 ... q8_0
 and the K-quants, `compress.kquant_codes`) are learned onto the scales its quantizer chose,
 and those stored scales themselves within SCALE_RANGE (AutoRound's learned min/max scaling);
-the i-quant grids are not covered.
+iq4_nl and iq4_xs too (codes index their non-uniform levels); the other i-quants' lattice
+grids are not covered.
 
 Pure tensor functions: a block (any nn.Module), its captured inputs, its weights' formats.
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmpareto.compress.kquant_codes import CODES, K_CODES
+from llmpareto.compress.kquant_codes import CODES, LEGACY_CODES
 from llmpareto.compress.round_grids import _KWeight, _Weight
 
 BlockInput = tuple[tuple, dict]  # (args, kwargs) of one call of a block's forward
@@ -123,9 +124,11 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
     if unknown:
         raise KeyError(f"no parameter {unknown[0]!r} in this block")
     base = base or {}
-    lacking = [n for n, fmt in formats.items() if fmt in K_CODES and n not in (packed or {})]
+    lacking = [n for n, fmt in formats.items()
+               if fmt in CODES and fmt not in LEGACY_CODES and n not in (packed or {})]
     if lacking:
-        raise ValueError(f"{lacking[0]}: a K-quant is learned onto the scales its quantizer "
+        raise ValueError(f"{lacking[0]}: a K-quant or i-quant is learned onto the scales its "
+                         "quantizer "
                          "chose: pass its post-training blocks in `packed`")
     grids = {n: _KWeight.of(base.get(n, params[n]), fmt, (packed or {})[n])
              if fmt in CODES and n in (packed or {})
@@ -215,7 +218,7 @@ def _box(g) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of a weight's offsets: its code may be the start's, or RTN's either side of the
     weight (AutoRound's choice between rounding down and up), and nothing past them; bounds
     EDGE inside the half-way points, so which code a bound gives does not hang on rounding."""
-    x = (g.w - g.m) * g.inv
+    x = g.index()
     q = torch.round(x + g.v0)
     lo = torch.minimum(torch.floor(x), q) - 0.5 + EDGE
     hi = torch.maximum(torch.ceil(x), q) + 0.5 - EDGE

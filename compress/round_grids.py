@@ -2,8 +2,10 @@
 offsets from a start, and for llama.cpp's own blocks their stored float16 scales too.
 
 `_Weight`: a group-wise grid (q4_0 ... q8_0 and int*_g*) whose scales the format's RTN rule
-derives from the base weights. `_KWeight`: llama.cpp's blocks (legacy and K-quants) as its
-quantizer packed them, codes and stored scales learned, written back into the same blocks.
+derives from the base weights. `_KWeight`: llama.cpp's blocks (legacy, K-quants and the 4-bit
+i-quants) as its quantizer packed them, codes and stored scales learned, written back into the
+same blocks. An i-quant's codes index non-uniform levels: learning happens in code units (the
+levels' piecewise-linear inverse), where RTN is still the nearest integer.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import torch
 from llmpareto.compress.gptq import _Groups, grid_rule
 from llmpareto.compress.kquant_codes import (
     CODES,
-    K_CODES,
     SCALE_FIELDS,
     block_weights,
     k_grid,
     k_pack,
     k_rescale,
+    levels,
 )
 
 
@@ -33,6 +35,25 @@ class _RoundSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g
+
+
+def _to_index(lv: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """A value in scale units -> code units: itself, or with levels `lv` (an i-quant's) their
+    piecewise-linear inverse (the nearest integer is the nearest level; offsets of +-1 move a
+    weight to the neighbouring levels)."""
+    if lv is None:
+        return y
+    i = (torch.searchsorted(lv, y.detach().contiguous()) - 1).clamp(0, len(lv) - 2)
+    return i + (y - lv[i]) / (lv[i + 1] - lv[i])
+
+
+def _to_value(lv: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """Codes -> values in scale units: themselves, or the levels `lv` interpolated between
+    them (exact at integers; a straight-through code carries the levels' slope)."""
+    if lv is None:
+        return q
+    i = q.detach().floor().clamp(0, len(lv) - 2).long()
+    return lv[i] + (q - i) * (lv[i + 1] - lv[i])
 
 
 @dataclass
@@ -78,6 +99,10 @@ class _Weight:
 
     scales: tuple[int, ...] | None = None  # int* grids: scales not learned (see _KWeight)
 
+    def index(self) -> torch.Tensor:
+        """Each base weight in code units (RTN's code: its nearest integer)."""
+        return (self.w - self.m) * self.inv
+
     def quantized(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         """The weight on the grid with offsets `v` (differentiable in v, straight-through)."""
         rule = self.groups.rule
@@ -108,6 +133,17 @@ class _KWeight:
     fields: tuple  # per stored float16 field (scale, minimum): its (rows, blocks) values and
     # the integer each weight multiplies it by (sub-block scale, 1 or -1), or None
     out: torch.Tensor | None = None  # the blocks `exact` wrote
+    lv: torch.Tensor | None = None  # the levels a code indexes (i-quants), else None
+
+    def _index(self, y: torch.Tensor) -> torch.Tensor:
+        return _to_index(self.lv, y)
+
+    def _value(self, q: torch.Tensor) -> torch.Tensor:
+        return _to_value(self.lv, q)
+
+    def index(self) -> torch.Tensor:
+        """Each base weight in code units (RTN's code: its nearest integer)."""
+        return self._index((self.w - self.m) * self.inv)
 
     @classmethod
     def of(cls, w: torch.Tensor, fmt: str, packed: torch.Tensor) -> _KWeight:
@@ -118,7 +154,8 @@ class _KWeight:
         d, off, q = k_grid(fmt, packed)
         m = -off
         inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-        v0 = torch.where(d == 0, torch.zeros_like(d), q.float() - (w - m) * inv)
+        lv = levels(fmt, w)
+        v0 = torch.where(d == 0, torch.zeros_like(d), q.float() - _to_index(lv, (w - m) * inv))
         rows, per = w.shape[0], block_weights(fmt)
         blocks = packed.reshape(-1, CODES[fmt][0])
         fields = []
@@ -130,7 +167,7 @@ class _KWeight:
             wide = value.repeat_interleave(per, 1)
             fields.append((value, torch.where(wide == 0, torch.zeros_like(wide),
                                               torch.round(per_weight / wide))))
-        return cls(w, fmt, packed, d, m, inv, v0, tuple(fields))
+        return cls(w, fmt, packed, d, m, inv, v0, tuple(fields), lv=lv)
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -158,15 +195,20 @@ class _KWeight:
         m = self.m if mins is None else -(stored(mins[0], s[1]) * mins[1])
         return d, m, torch.where(d == 0, torch.zeros_like(d), 1 / d)
 
-    def _codes(self, v: torch.Tensor, ste: bool, s: torch.Tensor | None = None) -> torch.Tensor:
-        _, lo, hi = CODES[self.fmt]
-        _, m, inv = self._grid(s)
-        x = (self.w - m) * inv + v
-        return (_RoundSTE.apply(x) if ste else torch.round(x)).clamp(lo, hi)
-
     def quantized(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
-        d, m, _ = self._grid(s)
-        return d * self._codes(v, True, s) + m
+        """The weight on the grid with offsets `v` (and scale factors `s`), differentiable
+        straight-through: d/dv is the level spacing, d/d(scale) the rounding residual in scale
+        units (for linear codes exactly what rounding through `inv` gives; for an i-quant's
+        levels the same, where a chain through the inverse would scale it by the ratio of two
+        segments' slopes)."""
+        _, lo, hi = CODES[self.fmt]
+        d, m, inv = self._grid(s)
+        y = (self.w - m) * inv
+        if self.lv is None:
+            return d * _RoundSTE.apply(y + v).clamp(lo, hi) + m
+        z = (self._index(y.detach()) + v).clamp(lo, hi)
+        soft = y + self._value(z)
+        return d * (self.lv[torch.round(z).long()] + soft - soft.detach()) + m
 
     def exact(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
         """The final weight as llama.cpp dequantizes the blocks with the learned codes (and
@@ -180,11 +222,11 @@ class _KWeight:
             d, off, _ = k_grid(self.fmt, packed)
             _, lo, hi = CODES[self.fmt]
             inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-            codes = torch.round((self.w + off) * inv + v).clamp(lo, hi)
+            codes = torch.round(self._index((self.w + off) * inv) + v).clamp(lo, hi)
             self.out = k_pack(self.fmt, packed, codes.to(torch.int32))
         rows, cols = self.w.shape
-        if self.fmt not in K_CODES:  # a legacy block: the format's own dequantizer
+        if self.fmt not in K_DEQUANT:  # a legacy block: the format's own dequantizer
             got = get_format(self.fmt).dequantize(self.out.cpu().numpy(), (rows, cols))
             return torch.from_numpy(np.ascontiguousarray(got)).to(self.w.device).float()
-        return K_DEQUANT[self.fmt][1](self.out.reshape(-1, K_CODES[self.fmt][0])).reshape(
+        return K_DEQUANT[self.fmt][1](self.out.reshape(-1, K_DEQUANT[self.fmt][0])).reshape(
             rows, cols).float().contiguous()

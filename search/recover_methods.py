@@ -37,13 +37,14 @@ def _changes_structure(bench, recipe: Recipe) -> bool:
 
 def _grid_tensors(bench, recipe: Recipe) -> dict[str, str]:
     """Block tensors in a format block-wise reconstruction learns: fqn -> format (the
-    per-group grids GPTQ rounds onto, and the K-quants onto the scales llama.cpp chose)."""
+    per-group grids GPTQ rounds onto, and the K-quants and 4-bit i-quants onto the scales
+    llama.cpp chose)."""
     from llmpareto.compress.gptq import GRIDS
-    from llmpareto.compress.kquant_codes import K_CODES
+    from llmpareto.compress.kquant_codes import CODES
 
     formats = bench.arch.formats_for(recipe)
     return {t.fqn: formats[t.fqn] for t in bench.arch.linears
-            if t.layer is not None and (formats.get(t.fqn) in GRIDS or formats.get(t.fqn) in K_CODES)}
+            if t.layer is not None and (formats.get(t.fqn) in GRIDS or formats.get(t.fqn) in CODES)}
 
 
 def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
@@ -214,7 +215,7 @@ def choose_method(bench, recipe: Recipe, asked: str = "auto") -> str | None:
     distillation for a student or pruned candidate (on the default model it beat blockwise
     local distillation at equal steps and seconds: docs/recovery.md), block-wise
     reconstruction for a quantized one; None when nothing here can recover it (e.g. only
-    i-quants, whose grids are not covered yet)."""
+    iq2/iq3 i-quants, whose lattice grids are not covered)."""
     if asked != "auto":
         return asked if REGISTRY[asked].handles(bench, recipe) else None
     if _changes_structure(bench, recipe):

@@ -102,37 +102,46 @@ def test_reconstruction_refuses_what_it_cannot_do(tiny):
         reconstruct_block(block, inputs, {"mlp.nothing.weight": "q4_0"}, steps=1)
     from llmpareto.errors import UserError
 
-    with pytest.raises(UserError, match="iq4_nl"):
-        reconstruct_block(block, inputs, {"mlp.up_proj.weight": "iq4_nl"}, steps=1)
+    with pytest.raises(UserError, match="iq2_xs"):  # a lattice i-quant: no grid here
+        reconstruct_block(block, inputs, {"mlp.up_proj.weight": "iq2_xs"}, steps=1)
+    with pytest.raises(ValueError, match="post-training blocks"):
+        reconstruct_block(block, inputs, {"mlp.up_proj.weight": "iq4_xs"}, steps=1)
     with pytest.raises(ValueError, match="post-training blocks"):
         reconstruct_block(block, inputs, {"mlp.up_proj.weight": "q4_K"}, steps=1)
 
 
 @pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K", "q5_K", "q6_K",
-                                 "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+                                 "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "iq4_xs"])
 def test_k_quant_codes_read_and_written_as_llama_cpp_does(fmt):
-    """k_grid's scale * code - offset is ggml's dequantization bit for bit, and k_pack writes
-    other codes into the blocks with every scale byte kept (K-quants and the legacy blocks)."""
+    """k_grid's scale * code - offset (an i-quant's scale * level) is ggml's dequantization bit
+    for bit, and k_pack writes other codes into the blocks with every scale byte kept
+    (K-quants, the legacy blocks, iq4_nl and iq4_xs)."""
     from llmpareto.compress.kquant_codes import CODES as K_CODES
-    from llmpareto.compress.kquant_codes import k_grid, k_pack
+    from llmpareto.compress.kquant_codes import k_grid, k_pack, levels
 
     f = get_format(fmt)
     w = np.random.default_rng(1).standard_normal((6, 512)).astype(np.float32)
     packed = torch.from_numpy(f.quantize(w))
     scale, off, q = k_grid(fmt, packed)
-    assert torch.equal(scale * q.float() - off, torch.from_numpy(f.dequantize(packed.numpy(),
-                                                                             w.shape).copy()))
+    lv = levels(fmt, scale)
+    assert (lv is None) == (fmt[:2] != "iq")
+
+    def value(s, o, c):
+        return s * (c.float() if lv is None else lv[c.long()]) - o
+
+    assert torch.equal(value(scale, off, q), torch.from_numpy(f.dequantize(packed.numpy(),
+                                                                          w.shape).copy()))
     assert torch.equal(k_pack(fmt, packed, q), packed)
     _, lo, hi = K_CODES[fmt]
     other = torch.randint(lo, hi + 1, q.shape, generator=torch.Generator().manual_seed(2))
     again = k_pack(fmt, packed, other)
     s2, o2, q2 = k_grid(fmt, again)
     assert torch.equal(q2, other) and torch.equal(s2, scale) and torch.equal(o2, off)
-    assert torch.equal(s2 * q2.float() - o2, torch.from_numpy(f.dequantize(again.numpy(),
-                                                                           w.shape).copy()))
+    assert torch.equal(value(s2, o2, q2), torch.from_numpy(f.dequantize(again.numpy(),
+                                                                        w.shape).copy()))
 
 
-@pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K", "q4_0", "q5_1"])
+@pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K", "q4_0", "q5_1", "iq4_nl", "iq4_xs"])
 def test_k_quant_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
     """On a block whose rows are multiples of 256: codes learned onto the scales llama.cpp's
     quantizer chose lower the block's output error below those of the quantizer itself, on
