@@ -7,6 +7,12 @@ Run: python -m llmpareto.bench.bench_recover_front [--trials 30] [--recover-step
      [--recover-rounds 1] [--recover-tokens 1024] [--formats LIST] [--out DIR]
      (--quick: to check it runs)
 
+With --joint SPACE (e.g. formats,students,sparsity): two searches with the same trials and
+recovery settings (equal compute), formats alone and SPACE, then per search the hypervolume of
+(eval-text perplexity after recovery, memory_bytes) over both searches' points (one reference),
+the seconds, and the smallest memory at which a point stays within 10% of the base model's
+eval-text perplexity, before and after recovery.
+
 The default model's linears were published as Q4_1: a point made of q4_1 is lossless here and
 beats every preset for nothing. `--formats` without q4_1 measures what the search and recovery
 add on grids the model was not published on.
@@ -53,6 +59,64 @@ def compare(t: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def after(t: pd.DataFrame) -> pd.DataFrame:
+    """Complete feasible points measured on the eval text, with `after_perplexity` (recovered
+    where a point kept recovered weights, else its own)."""
+    t = t[(t["state"] == "COMPLETE") & t["feasible"].astype(bool)
+          & t["eval_text_perplexity"].notna()].copy()
+    rec = t.get("recovered_eval_text_perplexity", pd.Series(np.nan, index=t.index))
+    t["after_perplexity"] = rec.where(rec.notna(), t["eval_text_perplexity"])
+    return t
+
+
+def joint_table(runs: dict[str, tuple[pd.DataFrame, float]], base_ppl: float) -> pd.DataFrame:
+    """Per search: hypervolume of (eval-text perplexity after recovery, memory) against one
+    reference (1.1x the largest memory and 2x the base's eval-text perplexity, both searches'
+    points clipped to it), and the smallest memory within 10% of the base's perplexity."""
+    from llmpareto.pareto import hypervolume_2d
+
+    ref = (2 * base_ppl, 1.1 * max(t["memory_bytes"].max() for t, _ in runs.values()))
+    rows = []
+    for name, (t, seconds) in runs.items():
+        row = {"search": name, "seconds": round(seconds), "measured_points": len(t)}
+        for stage, col in (("before", "eval_text_perplexity"), ("after", "after_perplexity")):
+            pts = t[[col, "memory_bytes"]].to_numpy(float)
+            pts = pts[(pts[:, 0] < ref[0]) & (pts[:, 1] < ref[1])]
+            row[f"hv_{stage}"] = hypervolume_2d(pts / np.array(ref), (1.0, 1.0)) if len(pts) \
+                else 0.0
+            ok = t[t[col] <= 1.1 * base_ppl]
+            row[f"min_MB_within_10pct_{stage}"] = ok["memory_bytes"].min() / 1e6 if len(ok) \
+                else None
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["hv_after_gain_pct"] = 100 * (df["hv_after"] / df["hv_after"].iloc[0] - 1)
+    return df
+
+
+def joint(a) -> None:
+    """--joint: formats alone against `a.joint` at equal trials and recovery settings."""
+    import llmpareto
+
+    out, runs, base = Path(a.out), {}, []
+    for space in ("formats", a.joint):
+        study = f"recover-joint-{space.replace(',', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        t0 = time.perf_counter()
+        llmpareto.search(study=study, runs_dir=str(out / "runs"), trials=a.trials, space=space,
+                         recover_steps=a.recover_steps, recover_rounds=a.recover_rounds,
+                         recover_tokens=a.recover_tokens, progress=True,
+                         **({"formats": a.formats} if a.formats else {}))
+        t = after(pd.read_csv(out / "runs" / study / "trials.csv"))
+        runs[space] = (t, time.perf_counter() - t0)
+        f16 = t[t["baseline"].fillna("").astype(str).str.contains("f16")]
+        base += list(f16["eval_text_perplexity"])
+    if not base:
+        raise SystemExit("no f16 baseline measured on the eval text: keep f16 in --formats")
+    df = joint_table(runs, float(np.min(base)))
+    df.to_csv(out / "recover_joint.csv", index=False)
+    print(f"base eval-text perplexity {np.min(base):.3f}")
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
 def main(argv: list[str] | None = None) -> None:
     import llmpareto
 
@@ -63,11 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recover-tokens", type=int, default=1024)
     ap.add_argument("--formats", default=None, help="the search's --formats (default: its own)")
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--joint", default=None, help="a joint --space to compare with formats "
+                    "alone after recovery, e.g. formats,students,sparsity")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
         a.trials, a.recover_steps, a.recover_tokens = 12, 2, 512
         a.formats = a.formats or "f16,q8_0,q4_0,q4_K"  # leaves trials for the presets
+    if a.joint:
+        return joint(a)
     out = Path(a.out)
     study = f"recover-front-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()

@@ -22,9 +22,10 @@ _HELP = {
     "recover_steps": "recover the front after the trials with this many steps in the first "
                      "round (0: off; docs/recovery.md)",
     "recover_rounds": "successive-halving rounds of recovery (round r: steps * 2**r, the "
-                      "better half)",
+                      "better half, from the weights round r-1 kept)",
     "recover_tokens": "calibration tokens recovery learns on",
-    "recover_method": "auto (block-wise reconstruction for quantized points, end-to-end "
+    "recover_method": "auto (block-wise reconstruction for quantized points, then "
+                      "quantization-aware training in later rounds; end-to-end "
                       "distillation for students and pruned ones) | reconstruct | local "
                       "(blockwise local distillation) | distill | qat",
     "space": "search space: formats, sparsity, students, or a join such as formats,sparsity "

@@ -8,6 +8,7 @@ again, so no completed trial is lost or repeated.
 from __future__ import annotations
 
 import time
+import warnings
 
 import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread
@@ -38,7 +39,10 @@ def _progress(settings: SearchSettings, done: int):
 def run_one(study: optuna.Study, runner: TrialRunner, rd: RunDir, objectives: list[str],
             attrs: dict | None = None) -> bool:
     """Ask, evaluate, tell one trial. Returns whether it was feasible."""
-    trial = study.ask()
+    with warnings.catch_warnings():  # ask/tell with the storage's heartbeats on purpose: the
+        # thread below writes them (Optuna warns on every ask outside Study.optimize)
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed", UserWarning)
+        trial = study.ask()
     recipe = runner.space.suggest(trial)
     # an RDB storage with heartbeats lets other workers fail (and retry) a trial if we die
     with get_heartbeat_thread(trial._trial_id, study._storage):

@@ -112,7 +112,7 @@ _MEASURES: dict[int, tuple] = {}  # per Ray worker process: recovery's base scor
 
 
 def _recover_task(settings_dict: dict, recipe_json: str, trial: int, steps: int,
-                  before: dict):
+                  before: dict, rung: int = 0, start=None):
     """One point's recovery on a Ray worker (the runner its trials use, loaded once per
     process): the Outcome goes back to the driver, which writes it."""
     import ray
@@ -128,7 +128,7 @@ def _recover_task(settings_dict: dict, recipe_json: str, trial: int, steps: int,
         _MEASURES[id(runner)] = (learn, Measure(runner, eval_text_windows(runner), held))
     learn, measure = _MEASURES[id(runner)]
     out = recover_point(runner, Recipe.from_json(recipe_json), trial, steps, learn, measure,
-                        runner.settings, before=before)
+                        runner.settings, before=before, rung=rung, start=start)
     out.columns.update(recover_node=ray.get_runtime_context().get_node_id(),
                        recover_pid=os.getpid())
     return out
@@ -145,7 +145,7 @@ def recovery_pool(settings: SearchSettings):
 
     def pool(jobs, here):  # `here` unused: every point runs on the cluster
         refs = {task.remote(settings_dict, j.recipe.to_json(indent=None), j.trial, j.steps,
-                            j.before): j.trial for j in jobs}
+                            j.before, j.rung, j.start): j.trial for j in jobs}
         left = list(refs)
         while left:
             done, left = ray.wait(left, num_returns=1)

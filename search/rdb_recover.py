@@ -6,7 +6,8 @@ the study, its trials done, claims points from the same board until the coordina
 recovery is over. Workers share no disk with the coordinator, so a worker's outcome (its
 columns and, when the point keeps them, the recovered weights as a safetensors file in parts
 of `PART_BYTES`) goes to the board, and the coordinator writes it into its run directory and
-the study, as it does the points it recovers itself.
+the study, as it does the points it recovers itself. A point of a later round that continues
+from weights an earlier round kept carries them the other way, in parts numbered -1, -2, ...
 
 A claim is one UPDATE that only a queued row passes (atomic on PostgreSQL, MySQL and SQLite).
 A running point's process beats its row every `HEARTBEAT_S`; a row silent for `GRACE_S` is
@@ -63,6 +64,12 @@ PARTS = sa.Table(
 )
 
 
+def _blob(weights: dict, meta: dict | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save(weights, metadata=meta)
+
+
 def me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -99,7 +106,8 @@ class Board:
                 .where(JOBS.c.study_id == self.study_id))}
             for j in jobs:
                 payload = json.dumps({"recipe": j.recipe.to_json(indent=None),
-                                      "before": j.before})
+                                      "before": j.before, "rung": j.rung,
+                                      "start_exact": None if j.start is None else j.start[1]})
                 state = have.get((j.trial, j.steps))
                 if state is None:
                     c.execute(JOBS.insert().values(study_id=self.study_id, trial=j.trial,
@@ -107,6 +115,10 @@ class Board:
                 elif state == TAKEN:  # taken before, yet not in the study: do it again
                     c.execute(JOBS.update().where(self._key(j.trial, j.steps))
                               .values(state=QUEUED, job=payload, worker=None, columns=None))
+                else:
+                    continue
+                if j.start is not None:
+                    self._put(c, j.trial, j.steps, _blob(j.start[0]), start=True)
 
     def requeue_stale(self) -> int:
         """Queue again the running points whose process has been silent for GRACE_S."""
@@ -131,8 +143,36 @@ class Board:
                     .values(state=RUNNING, worker=me(), beat=self.now())).rowcount == 1
             if won:
                 job = json.loads(r.job)
-                return Job(r.trial, Recipe.from_json(job["recipe"]), r.steps, job["before"])
+                start = None
+                if job.get("start_exact") is not None:
+                    from safetensors.torch import load
+
+                    with self.engine.connect() as c:
+                        start = load(self._get(c, r.trial, r.steps, start=True)), bool(
+                            job["start_exact"])
+                return Job(r.trial, Recipe.from_json(job["recipe"]), r.steps, job["before"],
+                           job.get("rung", 0), start)
         return None
+
+    def _parts(self, trial: int, steps: int, start: bool):
+        where = ((PARTS.c.study_id == self.study_id) & (PARTS.c.trial == trial)
+                 & (PARTS.c.steps == steps))
+        return where & ((PARTS.c.part < 0) if start else (PARTS.c.part >= 0))
+
+    def _put(self, c, trial: int, steps: int, blob: bytes, start: bool = False) -> int:
+        """Store `blob` as a point's outcome weights (parts 0, 1, ...) or its start (-1, -2,
+        ...), replacing those there; returns the number of parts."""
+        c.execute(PARTS.delete().where(self._parts(trial, steps, start)))
+        parts = [blob[i:i + PART_BYTES] for i in range(0, len(blob), PART_BYTES)]
+        for i, data in enumerate(parts):
+            c.execute(PARTS.insert().values(study_id=self.study_id, trial=trial, steps=steps,
+                                            part=-1 - i if start else i, data=data))
+        return len(parts)
+
+    def _get(self, c, trial: int, steps: int, start: bool = False) -> bytes:
+        order = PARTS.c.part.desc() if start else PARTS.c.part
+        return b"".join(c.execute(sa.select(PARTS.c.data).where(
+            self._parts(trial, steps, start)).order_by(order)).scalars())
 
     def release(self, job: Job) -> None:
         """Give a claimed point back (this process cannot finish it)."""
@@ -165,19 +205,11 @@ class Board:
 
     def finish(self, job: Job, outcome: Outcome, state: str = DONE) -> None:
         """Store a point's outcome (the weights in parts) and mark it `state`."""
-        from safetensors.torch import save
-
-        blob = save(outcome.weights, metadata=outcome.meta) if outcome.weights else b""
-        parts = [blob[i:i + PART_BYTES] for i in range(0, len(blob), PART_BYTES)]
-        key = {"study_id": self.study_id, "trial": job.trial, "steps": job.steps}
+        blob = _blob(outcome.weights, outcome.meta) if outcome.weights else b""
         with self.engine.begin() as c:
-            c.execute(PARTS.delete().where((PARTS.c.study_id == self.study_id)
-                                           & (PARTS.c.trial == job.trial)
-                                           & (PARTS.c.steps == job.steps)))
-            for i, data in enumerate(parts):
-                c.execute(PARTS.insert().values(**key, part=i, data=data))
+            parts = self._put(c, job.trial, job.steps, blob)
             c.execute(JOBS.update().where(self._key(job.trial, job.steps)).values(
-                state=state, columns=json.dumps(outcome.columns), parts=len(parts),
+                state=state, columns=json.dumps(outcome.columns), parts=parts,
                 meta=json.dumps(outcome.meta) if outcome.meta else None))
 
     def done(self, trials: set[tuple[int, int]]) -> Iterator[tuple[int, int, Outcome]]:
@@ -194,10 +226,7 @@ class Board:
             weights = None
             if r.parts:
                 with self.engine.connect() as c:
-                    blob = b"".join(c.execute(sa.select(PARTS.c.data).where(
-                        (PARTS.c.study_id == self.study_id) & (PARTS.c.trial == r.trial)
-                        & (PARTS.c.steps == r.steps)).order_by(PARTS.c.part)).scalars())
-                weights = load(blob)
+                    weights = load(self._get(c, r.trial, r.steps))
             yield r.trial, r.steps, Outcome(json.loads(r.columns), weights,
                                             json.loads(r.meta) if r.meta else None)
 
@@ -280,7 +309,8 @@ def serve(study, runner, settings, progress: bool = False) -> int:
             try:
                 with board.beating(job.trial, job.steps):
                     outcome = recover_point(runner, job.recipe, job.trial, job.steps, learn,
-                                            measure, settings, progress, job.before)
+                                            measure, settings, progress, job.before,
+                                            job.rung, job.start)
             except (UserError, KeyboardInterrupt):  # e.g. out of GPU memory: let another try
                 board.release(job)
                 raise

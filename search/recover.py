@@ -9,8 +9,10 @@ run's `--text` less its evaluation windows).
 
 Stage 1, recovery, successive-halving style: round 0 recovers every one of those points with
 `--recover-steps` steps, round r the better half of round r-1's points that gained (points on
-the recovered front first, then by relative KL gain) with `--recover-steps * 2**r`. Each candidate's method comes
-from the registry below by what it changed; its weights go to `recover/trial-N.safetensors`
+the recovered front first, then by relative KL gain) with `--recover-steps * 2**r`, each
+continuing from the weights the rounds before kept. Each candidate's method comes from the
+registry below by what it changed and the round (a ladder: block-wise reconstruction, then
+quantization-aware training for a quantized point); its weights go to `recover/trial-N.safetensors`
 and its `recovered_<metric>` and `recovered_eval_text_<metric>` columns to the study (the
 source of truth, as every trial's), so a killed run resumes where it stopped and the front is
 rebuilt from the recovered metrics (`front.effective`). `pick` exports the recovered weights.
@@ -38,6 +40,7 @@ from llmpareto.search.recover_methods import (  # noqa: F401  (the registry, re-
     REGISTRY,
     Method,
     choose_method,
+    set_start,
 )
 
 QUALITY = ("perplexity", "kl_nats")  # measured per text and per stage
@@ -177,6 +180,8 @@ class Job:
     recipe: Recipe
     steps: int
     before: dict
+    rung: int = 0  # the round: which method of the ladder
+    start: tuple[dict[str, torch.Tensor], bool] | None = None  # the weights kept so far
 
 
 # a round's jobs and a function that recovers one job here -> (trial, Outcome) as each finishes
@@ -241,11 +246,15 @@ def after_search(bench, study, rd, settings, progress: bool = True,
             study.set_user_attr(ROUNDS_ATTR, {str(k): v for k, v in plan.items()})
         left = [t for t in plan[r] if after().get(str(t), {}).get("recover_steps", 0) < steps
                 and after().get(str(t), {}).get("recover_method") != "none"]
-        jobs = [Job(t, Recipe.load(rd.recipe_path(t)), steps, after().get(str(t), {}))
+        jobs = [Job(t, Recipe.load(rd.recipe_path(t)), steps, after().get(str(t), {}), r,
+                    load_recovered(rd.path, t) if after().get(str(t), {}).get("recover_used")
+                    else None)
                 for t in left]
+
         def here(j: Job) -> Outcome:
             return recover_point(bench, j.recipe, j.trial, j.steps, learn, measure, settings,
-                                 progress=progress, before=j.before)
+                                 progress=progress, before=j.before, rung=j.rung,
+                                 start=j.start)
 
         run = pool or (lambda jobs, here: ((j.trial, here(j)) for j in jobs))
         for t, outcome in tqdm(run(jobs, here), total=len(jobs), unit="point",
@@ -268,15 +277,18 @@ class Outcome:
 
 def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.ndarray,
                   measure: Measure, settings, progress: bool = False,
-                  before: dict | None = None) -> Outcome:
-    """Recover one trial's candidate on `bench`; it keeps the recovered weights only when
-    they are closer to the base model (KL) on the held-out calibration windows than what it
-    has now (its post-training weights, or an earlier round's). Its new columns:
-    `recover_method`, `recover_steps` (the steps tried), `recover_s`,
-    `recover_holdout_kl_nats` (of the weights it now has), `recover_used` and, when it has
+                  before: dict | None = None, rung: int = 0,
+                  start: tuple[dict[str, torch.Tensor], bool] | None = None) -> Outcome:
+    """Recover one trial's candidate on `bench` with round `rung`'s method, from `start` (the
+    weights earlier rounds kept) or its post-training weights; it keeps the recovered
+    weights only when they are closer to the base model (KL) on the held-out calibration
+    windows than what it has now (its post-training weights, or an earlier round's). Its new
+    columns: `recover_method` and `recover_steps` (this round's, tried), `recover_s`,
+    `recover_holdout_kl_nats` (of the weights it now has), `recover_used`, `recover_chain`
+    (the methods that made the weights it keeps, e.g. `reconstruct+qat`) and, when it has
     recovered weights, the `recovered_*` scores. Writes nothing (see `recover_one`)."""
     before = before or {}
-    method = choose_method(bench, recipe, settings.recover_method)
+    method = choose_method(bench, recipe, settings.recover_method, rung)
     if method is None:
         return Outcome({"recover_method": "none"})
     now_kl = before.get(HOLDOUT_KL)
@@ -286,7 +298,8 @@ def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.nda
     t0 = time.perf_counter()
     try:
         weights, exact = REGISTRY[method].run(bench, recipe, windows, steps,
-                                              settings.seed + trial, progress, measure.holdout)
+                                              settings.seed + trial, progress, measure.holdout,
+                                              start=start)
     except torch.OutOfMemoryError:
         raise _out_of_memory(bench, trial, method) from None
     seconds = time.perf_counter() - t0
@@ -296,12 +309,17 @@ def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.nda
         got_kl = measure.holdout_kl()
         if not got_kl < now_kl:  # no gain on windows it never learned on: keep what it has
             return Outcome({**out, HOLDOUT_KL: now_kl,
-                            "recover_used": bool(before.get("recover_used"))})
+                            "recover_used": bool(before.get("recover_used")),
+                            **({"recover_chain": before["recover_chain"]}
+                               if before.get("recover_chain") else {})})
         scores = measure(RECOVERED)
     finally:
         bench.cache.set_override({})
-    return Outcome({**scores, **out, HOLDOUT_KL: got_kl, "recover_used": True}, weights,
-                   {"trial": str(trial), "method": method, "steps": str(steps),
+    by = f"{before['recover_chain']}+{method}" if start is not None and before.get(
+        "recover_chain") else method
+    return Outcome({**scores, **out, HOLDOUT_KL: got_kl, "recover_used": True,
+                    "recover_chain": by}, weights,
+                   {"trial": str(trial), "method": by, "steps": str(steps),
                     "exact": json.dumps(exact)})
 
 
@@ -349,11 +367,7 @@ def use_recovered(bench, recipe: Recipe, weights: dict[str, torch.Tensor], exact
     """Apply `recipe` with recovered `weights` in place of the base ones (the built model)."""
     from llmpareto.compress import apply
 
-    plain = {k: v for k, v in weights.items() if not k.startswith(PACKED)}
-    packed = {k.removeprefix(PACKED): v.numpy() for k, v in weights.items() if k.startswith(PACKED)}
-    formats = bench.cache.arch.formats_for(recipe)
-    bench.cache.set_override(plain, exact=exact,
-                             packed={f: (formats[f], b) for f, b in packed.items()})
+    set_start(bench, recipe, weights, exact)
     apply(bench.model, recipe, bench.cache)
 
 

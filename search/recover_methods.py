@@ -1,7 +1,9 @@
 """Recovery methods (docs/recovery.md): a registry of how a candidate's weights are learned
-back towards the base model, chosen per candidate by what it changed. Each method's
-`run(bench, recipe, windows, steps, seed, progress, holdout)` returns (fqn -> float32 weight,
-exact); search/recover.py runs them after the trials and decides what a point keeps.
+back towards the base model, chosen per candidate by what it changed and by the round (a
+ladder: later rounds continue from what earlier ones kept with a costlier method). Each
+method's `run(bench, recipe, windows, steps, seed, progress, holdout, start)` returns
+(fqn -> float32 weight, exact); search/recover.py runs them after the trials and decides what
+a point keeps.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ PACKED = "packed:"  # key prefix of a K-quant's learned blocks next to its weigh
 @dataclass(frozen=True)
 class Method:
     """A recovery method: which candidates it handles (by what they changed) and how it
-    learns their weights. `run(bench, recipe, windows, steps, seed, progress, holdout)`
+    learns their weights. `run(bench, recipe, windows, steps, seed, progress, holdout, start)`
     returns (fqn -> float32 weight, exact): `exact` weights lie on their formats' grids
-    already; `holdout` (calibration windows never learned on) may serve early stopping."""
+    already; `holdout` (calibration windows never learned on) may serve early stopping;
+    `start`, (weights, exact) as an earlier round kept them (`PACKED` keys included), is where
+    learning starts instead of the post-training point."""
 
     name: str
     what: str
@@ -47,13 +51,17 @@ def _grid_tensors(bench, recipe: Recipe) -> dict[str, str]:
             if t.layer is not None and (formats.get(t.fqn) in GRIDS or formats.get(t.fqn) in CODES)}
 
 
+Start = tuple[dict[str, torch.Tensor], bool]  # weights an earlier round kept, and their `exact`
+
+
 def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
-                 progress: bool, holdout: np.ndarray | None = None,
+                 progress: bool, holdout: np.ndarray | None = None, start: Start | None = None,
                  ) -> tuple[dict[str, torch.Tensor], bool]:
     """Block-wise reconstruction (compress.reconstruct) of the candidate's grid tensors, each
     block against the base block's output, starting at the post-training codes (the run's
-    quantizer's); the other tensors stay as the candidate has them. `holdout`: calibration
-    windows never learned on that choose each block's offsets (early stopping)."""
+    quantizer's) or at `start`'s (its blocks, or its weights' nearest codes on an int* grid);
+    the other tensors stay as the candidate has them. `holdout`: calibration windows never
+    learned on that choose each block's offsets (early stopping)."""
     from tqdm.auto import tqdm
 
     from llmpareto.arch import _find_layers
@@ -66,10 +74,11 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
     formats = bench.arch.formats_for(recipe)
     from llmpareto.compress.kquant_codes import CODES
 
+    kept = start[0] if start is not None else {}
     by_block: list[dict[str, str]] = [{} for _ in layers]
     base: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     packed: list[dict[str, torch.Tensor]] = [{} for _ in layers]
-    start: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+    first: list[dict[str, torch.Tensor]] = [{} for _ in layers]
     name_of = {}
     for t in bench.arch.linears:
         if t.layer is None or formats.get(t.fqn) is None:
@@ -81,11 +90,13 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
             by_block[t.layer][name] = learn[t.fqn]
             name_of[(t.layer, name)] = t.fqn
             if learn[t.fqn] in CODES:  # learned onto the scales the run's quantizer chose,
-                # from its codes (K-quants and llama.cpp's legacy blocks: q4_0 ... q8_0)
-                packed[t.layer][name] = torch.from_numpy(cache.get(t.fqn, learn[t.fqn]))
-            else:  # int*: from the codes nearest the run's quantizer's, not RTN
-                start[t.layer][name] = cache.dequantized(t.fqn, learn[t.fqn]).to(
-                    param.device, torch.float32)
+                # from its codes (K-quants, i-quants, llama.cpp's legacy blocks), or the
+                # blocks an earlier round kept
+                packed[t.layer][name] = kept[PACKED + t.fqn] if PACKED + t.fqn in kept else \
+                    torch.from_numpy(cache.get(t.fqn, learn[t.fqn]))
+            else:  # int*: from the codes nearest the run's quantizer's (or kept), not RTN
+                first[t.layer][name] = (kept[t.fqn] if t.fqn in kept else cache.dequantized(
+                    t.fqn, learn[t.fqn])).to(param.device, torch.float32)
     held = 0 if holdout is None else len(holdout)
     ids = torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
 
@@ -104,7 +115,7 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
         got, reports = reconstruct_model(layers, q_in, by_block, steps=steps, seed=seed,
                                          progress=lambda i: bar.update(1), base=base,
                                          float_inputs=float_in, packed=packed,
-                                         start=start, holdout=held)
+                                         start=first, holdout=held)
     out = {}
     for i, block in enumerate(got):
         for name, w in block.items():
@@ -115,36 +126,57 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
     return out, True
 
 
+def set_start(bench, recipe: Recipe, weights: dict[str, torch.Tensor], exact: bool) -> None:
+    """Make `weights` (recovered; `PACKED` keys: their blocks) the source of the candidate's
+    tensors in `bench`'s cache, until `bench.cache.set_override({})`."""
+    plain = {k: v for k, v in weights.items() if not k.startswith(PACKED)}
+    packed = {k.removeprefix(PACKED): v.numpy() for k, v in weights.items() if k.startswith(PACKED)}
+    formats = bench.cache.arch.formats_for(recipe)
+    bench.cache.set_override(plain, exact=exact,
+                             packed={f: (formats[f], b) for f, b in packed.items()})
+
+
+def _trained(built) -> dict[str, torch.Tensor]:
+    """The float weights training left in the model, its cache told they changed."""
+    built.model.requires_grad_(False)
+    built.cache.current.update(dict.fromkeys(built.formats, "?"))  # trained: set again
+    return {fqn: built.cache.weight(fqn).detach().to("cpu", torch.float32).clone().contiguous()
+            for fqn in built.formats}
+
+
 def _distill(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
-             progress: bool, holdout: np.ndarray | None = None,
+             progress: bool, holdout: np.ndarray | None = None, start: Start | None = None,
              qat: bool = False) -> tuple[dict[str, torch.Tensor], bool]:
     """End-to-end distillation from the base model with soft targets only (the survey's loss
-    with alpha = 0), the candidate's cut and pruned float weights as the start; with `qat` the
-    recipe's formats are applied in every forward pass (straight-through)."""
+    with alpha = 0), the candidate's cut and pruned float weights (or `start`'s) as the start;
+    with `qat` the recipe's formats are applied in every forward pass (straight-through)."""
     from llmpareto.compress.distill import distill
     from llmpareto.models import load_model
     from llmpareto.search.distill_run import _student_start
 
-    built = bench.build(recipe)
-    masks, formats, _ = _student_start(built)
-    teacher, _ = load_model(bench.source, bench.placement)
+    if start is not None:
+        set_start(bench, recipe, *start)
     try:
-        distill(built.model, teacher, windows, steps, lr=1e-4, batch_size=4, alpha=0.0,
-                keep_zero=masks, qat_formats=formats if qat else None, progress=progress,
-                seed=seed)
+        built = bench.build(recipe)
+        masks, formats, _ = _student_start(built)
+        teacher, _ = load_model(bench.source, bench.placement)
+        try:
+            distill(built.model, teacher, windows, steps, lr=1e-4, batch_size=4, alpha=0.0,
+                    keep_zero=masks, qat_formats=formats if qat else None, progress=progress,
+                    seed=seed)
+        finally:
+            del teacher
+            out = _trained(built)
     finally:
-        del teacher
-        built.model.requires_grad_(False)
-        built.cache.current.update(dict.fromkeys(built.formats, "?"))  # trained: set again
-    return {fqn: built.cache.weight(fqn).detach().to("cpu", torch.float32).clone().contiguous()
-            for fqn in built.formats}, False
+        bench.cache.set_override({})
+    return out, False
 
 
 def _local(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
-           progress: bool, holdout: np.ndarray | None = None,
+           progress: bool, holdout: np.ndarray | None = None, start: Start | None = None,
            ) -> tuple[dict[str, torch.Tensor], bool]:
     """Blockwise local distillation (compress.local_distill): each kept block, with its cut
-    and pruned float weights as the start, learns on the base model's hidden state where it
+    and pruned float weights (or `start`'s) as the start, learns on the base model's hidden state where it
     starts to give the base's hidden state where the next kept block starts; `steps` steps a
     block, held-out windows keep each block's best weights. Re-quantized by the run's
     quantizer afterwards, as end-to-end distillation is."""
@@ -165,26 +197,29 @@ def _local(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     states = [block_inputs(teacher_blocks, lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
                                                              use_cache=False))
               for i in range(len(ids))]
-    built = bench.build(recipe)
-    masks, _, _ = _student_start(built)
-    kept = recipe.structure.get("layers") or list(range(len(teacher_blocks)))
-    blocks = list(_find_layers(model))
-    where = {id(m): n for n, m in model.named_modules()}
-    block_masks = []
-    for b in blocks:
-        pre = where[id(b)] + "."
-        block_masks.append({k[len(pre):] + ".weight": m for k, m in masks.items()
-                            if k.startswith(pre)})
+    if start is not None:  # after the base's states: the override replaces base weights too
+        set_start(bench, recipe, *start)
     try:
-        with tqdm(total=len(blocks), desc="distilling blocks", unit="block", leave=False,
-                  disable=not progress) as bar:
-            distill_blocks(blocks, kept, states, steps, seed=seed, holdout=held,
-                           masks=block_masks, progress=lambda j: bar.update(1))
+        built = bench.build(recipe)
+        masks, _, _ = _student_start(built)
+        kept = recipe.structure.get("layers") or list(range(len(teacher_blocks)))
+        blocks = list(_find_layers(model))
+        where = {id(m): n for n, m in model.named_modules()}
+        block_masks = []
+        for b in blocks:
+            pre = where[id(b)] + "."
+            block_masks.append({k[len(pre):] + ".weight": m for k, m in masks.items()
+                                if k.startswith(pre)})
+        try:
+            with tqdm(total=len(blocks), desc="distilling blocks", unit="block", leave=False,
+                      disable=not progress) as bar:
+                distill_blocks(blocks, kept, states, steps, seed=seed, holdout=held,
+                               masks=block_masks, progress=lambda j: bar.update(1))
+        finally:
+            out = _trained(built)
     finally:
-        model.requires_grad_(False)
-        built.cache.current.update(dict.fromkeys(built.formats, "?"))  # trained: set again
-    return {fqn: built.cache.weight(fqn).detach().to("cpu", torch.float32).clone().contiguous()
-            for fqn in built.formats}, False
+        bench.cache.set_override({})
+    return out, False
 
 
 def _quantized(fmt: str | None) -> bool:
@@ -196,7 +231,7 @@ def _quantized(fmt: str | None) -> bool:
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("reconstruct", "block-wise reconstruction: rounding learned per block against the "
            "base block's output, on the format's own grid (q4_0, q4_1, q5_0, q5_1, q8_0, int*; "
-           "q2_K ... q6_K onto the scales llama.cpp's quantizer chose)",
+           "q2_K ... q6_K, iq4_nl, iq4_xs onto the scales llama.cpp's quantizer chose)",
            lambda bench, r: not _changes_structure(bench, r) and bool(_grid_tensors(bench, r)),
            _reconstruct),
     Method("local", "blockwise local distillation: each kept block learns, on the base's "
@@ -210,14 +245,25 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 )}
 
 
-def choose_method(bench, recipe: Recipe, asked: str = "auto") -> str | None:
-    """The method for a candidate: `asked` when it handles it; with auto, end-to-end
-    distillation for a student or pruned candidate (on the default model it beat blockwise
-    local distillation at equal steps and seconds: docs/recovery.md), block-wise
-    reconstruction for a quantized one; None when nothing here can recover it (e.g. only
-    iq2/iq3 i-quants, whose lattice grids are not covered)."""
+# auto's ladders: the method of round r is the ladder's r-th (its last for the rounds after),
+# continuing from the weights the rounds before kept
+LADDERS = {"structure": ("distill",), "quantized": ("reconstruct", "qat")}
+
+
+def choose_method(bench, recipe: Recipe, asked: str = "auto", rung: int = 0) -> str | None:
+    """The method for a candidate in round `rung`: `asked` when it handles it; with auto, the
+    rung's method of its ladder: end-to-end distillation for a student or pruned candidate
+    (on the default model it beat blockwise local distillation at equal steps and seconds:
+    docs/recovery.md); for a quantized one block-wise reconstruction, then quantization-aware
+    training from the reconstructed weights (the survey's last, most expensive rung); None
+    when nothing here can recover it (e.g. only iq2/iq3 i-quants, whose lattice grids are not
+    covered)."""
     if asked != "auto":
         return asked if REGISTRY[asked].handles(bench, recipe) else None
     if _changes_structure(bench, recipe):
-        return "distill"
-    return "reconstruct" if REGISTRY["reconstruct"].handles(bench, recipe) else None
+        ladder = LADDERS["structure"]
+    elif REGISTRY["reconstruct"].handles(bench, recipe):
+        ladder = LADDERS["quantized"]
+    else:
+        return None
+    return ladder[min(rung, len(ladder) - 1)]

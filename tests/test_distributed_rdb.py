@@ -4,6 +4,7 @@ processes on one study, every trial exactly once; bad URLs and studies fail clea
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -111,9 +112,10 @@ def test_a_worker_killed_inside_ask_leaves_no_trial_running_forever(pg_url, tiny
 
 
 def test_the_recovery_board_hands_each_point_to_one_process(pg_url, tiny_settings, monkeypatch):
-    """The job board of a PostgreSQL study: a point is claimed by one process only, its
-    outcome (weights in parts) comes back intact, a silent claim is queued again, a taken
-    point is posted again only when the study lacks it."""
+    """The job board of a PostgreSQL study: a point is claimed by one process only, the
+    weights a later round starts from reach it and its outcome (weights in parts) comes back
+    intact, neither mixed with the other; a silent claim is queued again, a taken point is
+    posted again only when the study lacks it."""
     import sqlalchemy as sa
     import torch
 
@@ -124,12 +126,16 @@ def test_the_recovery_board_hands_each_point_to_one_process(pg_url, tiny_setting
     monkeypatch.setattr(rr, "PART_BYTES", 1000)  # several parts for a small file
     study = optuna.create_study(study_name="board", storage=connect(pg_url))
     boards = [rr.Board(study), rr.Board(study)]  # two processes' views
-    jobs = [Job(t, Recipe.uniform("q4_0"), 8, {"kl_nats": 0.5}) for t in (3, 5)]
+    sw = {"z": torch.randn(50, 20), "packed:z": torch.arange(1200, dtype=torch.uint8) % 251}
+    jobs = [Job(3, Recipe.uniform("q4_0"), 8, {"kl_nats": 0.5}, 1, (sw, True)),
+            Job(5, Recipe.uniform("q4_0"), 8, {"kl_nats": 0.5})]
     boards[0].post(jobs)
     boards[1].post(jobs)  # posting twice queues nothing twice
     a, b = boards[0].claim(), boards[1].claim()
-    assert {a.trial, b.trial} == {3, 5} and boards[0].claim() is None
+    assert (a.trial, b.trial) == (3, 5) and boards[0].claim() is None
     assert a.before == {"kl_nats": 0.5} and a.recipe.to_json() == jobs[0].recipe.to_json()
+    assert (a.rung, b.rung, b.start) == (1, 0, None) and a.start[1] is True
+    assert set(a.start[0]) == set(sw) and all(torch.equal(a.start[0][k], sw[k]) for k in sw)
     w = {"x": torch.randn(40, 30), "packed::y": torch.arange(900, dtype=torch.uint8)}
     boards[0].finish(a, Outcome({"recovered_kl_nats": 0.25}, w, {"trial": str(a.trial)}))
     (got,) = boards[1].done({(a.trial, 8), (b.trial, 8)})
@@ -146,7 +152,8 @@ def test_the_recovery_board_hands_each_point_to_one_process(pg_url, tiny_setting
                   .values(beat=boards[0].now() - rr.GRACE_S - 1))
     assert boards[0].requeue_stale() == 1 and boards[0].claim().trial == b.trial
     boards[0].post(jobs)  # a taken point the study lacks (a killed coordinator) comes back
-    assert boards[1].claim().trial == a.trial
+    again = boards[1].claim()
+    assert again.trial == a.trial and all(torch.equal(again.start[0][k], sw[k]) for k in sw)
 
 
 def test_recovery_is_shared_by_workers_and_survives_a_killed_one(pg_url, tiny_settings,
@@ -168,34 +175,39 @@ def test_recovery_is_shared_by_workers_and_survives_a_killed_one(pg_url, tiny_se
     coord = subprocess.Popen([sys.executable, "-m", "llmpareto.cli", "search", "--no-progress",
                               "--resume", *argv], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
-    engine, victim, held = None, workers[0], None
+    engine, held = None, None
+    by_pid = {w.pid: w for w in workers}
     deadline = time.monotonic() + 400
     while held is None and time.monotonic() < deadline and coord.poll() is None:
-        try:
+        try:  # the first worker seen recovering a point is killed
             engine = engine or connect(pg_url).engine
             with engine.connect() as c:
-                held = c.execute(sa.select(rr.JOBS.c.trial).where(
+                row = c.execute(sa.select(rr.JOBS.c.trial, rr.JOBS.c.worker).where(
                     (rr.JOBS.c.state == rr.RUNNING) & (rr.JOBS.c.trial >= 0)
-                    & rr.JOBS.c.worker.endswith(f":{victim.pid}"))).scalar()
+                    & rr.JOBS.c.worker.in_([f"{socket.gethostname()}:{p}" for p in by_pid]))
+                ).first()
+            if row is not None:
+                held, victim = row.trial, by_pid[int(row.worker.rsplit(":", 1)[1])]
         except Exception:  # noqa: BLE001 - the table is not there yet
             held = None
         time.sleep(0.2)
     if held is None:
         coord.kill()
-        pytest.fail(f"the worker never took a point to recover: {coord.communicate()[1][-3000:]}"
-                    f" {workers[0].communicate()[0][-2000:]}")
+        pytest.fail(f"no worker took a point to recover: {coord.communicate()[1][-3000:]}"
+                    f" {[w.communicate()[0][-2000:] for w in workers]}")
     victim.kill()
+    survivor = next(w for w in workers if w is not victim)
     _, err = coord.communicate(timeout=400)
     assert coord.returncode == 0, err[-3000:]
-    out, err = workers[1].communicate(timeout=120)
-    assert workers[1].returncode == 0, err[-2000:]
+    out, err = survivor.communicate(timeout=120)
+    assert survivor.returncode == 0, err[-2000:]
     assert "worker recovered" in out
     t = pd.read_csv(tmp_path / "c" / "rshare" / "trials.csv").set_index("trial")
     tried = t[t["recover_method"].notna() & (t["recover_method"] != "none")]
     assert held in tried.index and tried.loc[held, "recover_pid"] != victim.pid  # taken again
     pids = set(tried["recover_pid"].astype(int))
-    assert pids <= {coord.pid, victim.pid, workers[1].pid}
-    assert pids & {victim.pid, workers[1].pid}, "no worker recovered a point"
+    assert pids <= {coord.pid, victim.pid, survivor.pid}
+    assert pids & {victim.pid, survivor.pid}, "no worker recovered a point"
     kept = tried[tried["recover_used"].astype(bool)]
     assert len(kept) >= 1
     for trial in kept.index:  # weights recovered anywhere are in the search's run directory

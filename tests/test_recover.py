@@ -52,7 +52,11 @@ def test_recovered_columns_per_text_and_stage_in_trials_and_front(recovered_run)
             assert col in df.columns, col
     tried = t[t["recover_steps"].notna()]
     assert len(tried) >= 2
-    assert set(tried["recover_method"]) == {"reconstruct"}  # formats only: reconstruction
+    # formats only: reconstruction, then (round 2) quantization-aware training from there
+    assert set(tried.loc[tried["recover_steps"] == 15, "recover_method"]) == {"reconstruct"}
+    assert set(tried.loc[tried["recover_steps"] == 30, "recover_method"]) == {"qat"}
+    chains = set(tried.loc[tried["recover_used"].astype(bool), "recover_chain"])
+    assert chains and chains <= {"reconstruct", "reconstruct+qat"}
     assert np.isfinite(tried["recover_holdout_kl_nats"]).all()
     done = tried[tried["recover_used"].astype(bool)]  # closer to the base on held-out windows
     assert len(done) >= 1
@@ -76,9 +80,16 @@ def test_recovered_columns_per_text_and_stage_in_trials_and_front(recovered_run)
 
 
 def test_pick_exports_the_recovered_weights_bit_for_bit(recovered_run, tmp_path):
+    """The GGUF of a recovered front point holds what was scored: the blocks as learned
+    (reconstruction), or the run's quantizer's blocks of the trained floats (qat)."""
     from safetensors.torch import load_file
 
+    from llmpareto.formats import get_format
     from llmpareto.gguf_write import gguf_name, unpermute_rows
+    from llmpareto.recipe import Recipe
+    from llmpareto.rundir import RunDir
+    from llmpareto.search.recover import PACKED, load_recovered, set_start
+    from llmpareto.search.workbench import Workbench
 
     front = pd.read_csv(recovered_run / "front.csv")
     row = front[front["recover_used"].fillna(False).astype(bool)].iloc[0]
@@ -87,13 +98,15 @@ def test_pick_exports_the_recovered_weights_bit_for_bit(recovered_run, tmp_path)
                  str(tmp_path / "x"), "--format", "gguf"]) == 0
     w = load_file(str(recovered_run / "recover" / f"trial-{trial}.safetensors"))
     tensors = {x.name: x for x in gguf.GGUFReader(tmp_path / "x" / "model.gguf").tensors}
-    from llmpareto.search.workbench import Workbench
-
-    config = Workbench.from_run(recovered_run).model.config
+    bench = Workbench.from_run(recovered_run)
+    config = bench.model.config
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     assert w
-    from llmpareto.search.recover import PACKED
-
+    recipe = Recipe.load(RunDir(recovered_run).recipe_path(trial))
+    weights, exact = load_recovered(recovered_run, trial)
+    assert exact == (row["recover_chain"] == "reconstruct")  # qat's floats are re-quantized
+    set_start(bench, recipe, weights, exact)
+    formats = bench.arch.formats_for(recipe)
     for fqn, arr in w.items():
         if fqn.startswith(PACKED):  # the blocks learned onto the run's scales, dequantized
             continue  # below as the weights next to them
@@ -102,7 +115,13 @@ def test_pick_exports_the_recovered_weights_bit_for_bit(recovered_run, tmp_path)
         kind = fqn.rsplit(".", 1)[1]
         if kind in heads:  # llama.cpp's row order for rotary heads
             back = unpermute_rows(back, heads[kind])
-        assert np.array_equal(back, arr.numpy()), fqn
+        if exact:
+            assert np.array_equal(back, arr.numpy()), fqn
+        # what the run scored: the blocks its cache made of them
+        f = get_format(formats[fqn])
+        scored = f.dequantize(np.asarray(bench.cache.get(fqn, formats[fqn])), arr.shape)
+        assert np.array_equal(back, scored), fqn
+    bench.cache.set_override({})
     # and they differ from the post-training weights somewhere (recovery changed them)
     assert main(["pick", str(recovered_run), "--trial", str(trial), "--out",
                  str(tmp_path / "ptq"), "--format", "gguf", "--no-recovered"]) == 0
@@ -288,6 +307,52 @@ def test_methods_come_from_a_registry_chosen_by_what_a_candidate_changed(tiny_mo
     assert choose_method(bench, student, "local") == "local"
     assert choose_method(bench, Recipe.uniform("q4_0"), "qat") == "qat"
     assert choose_method(bench, Recipe.uniform("f16"), "qat") is None
+    # the ladder of later rounds: quantization-aware training after reconstruction
+    assert [choose_method(bench, Recipe.uniform("q4_0"), rung=r) for r in range(3)] == [
+        "reconstruct", "qat", "qat"]
+    assert choose_method(bench, student, rung=1) == "distill"
+    assert choose_method(bench, Recipe.uniform("q4_0"), "reconstruct", rung=1) == "reconstruct"
+
+
+def test_a_later_round_starts_from_the_weights_the_earlier_one_kept(tiny_model_dir):
+    """Each method given `start` (an earlier round's weights) learns from there: with no steps
+    reconstruction returns the same blocks, and one step of distillation stays next to them;
+    without it, the post-training point (distillation: the base's floats)."""
+    import torch
+
+    from llmpareto.recipe import Recipe
+    from llmpareto.search.recover import PACKED, REGISTRY, recovery_windows
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    bench = TrialRunner(SearchSettings(model=str(tiny_model_dir), window=64, eval_tokens=128,
+                                       calib_tokens=512, progress=False, presets="none",
+                                       formats="q4_0,q4_K,f16", context=256))
+    recipe = Recipe.uniform("q4_0")
+    learn, held = recovery_windows(bench)
+    first, exact = REGISTRY["reconstruct"].run(bench, recipe, learn, 12, 0, False, held)
+    assert exact and any(k.startswith(PACKED) for k in first)
+    ptq = {f: bench.cache.dequantized(f, "q4_0").float() for f in bench.arch.formats_for(recipe)
+           if not f.startswith(PACKED)}
+    assert any(not torch.equal(first[f], ptq[f]) for f in ptq if f in first)
+    again, _ = REGISTRY["reconstruct"].run(bench, recipe, learn, 0, 0, False, held,
+                                           start=(first, True))
+    assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
+    fresh, _ = REGISTRY["reconstruct"].run(bench, recipe, learn, 0, 0, False, held)
+    assert all(torch.equal(fresh[f], ptq[f]) for f in fresh if not f.startswith(PACKED))
+    learned = [f for f in first if not f.startswith(PACKED)]  # the blocks' linears
+    base = {f: bench.cache.source(f).float() for f in learned}
+
+    def gap(x: dict, y: dict) -> float:  # mean absolute difference over the tensors
+        return float(torch.cat([(x[f] - y[f]).abs().flatten() for f in learned]).mean())
+
+    for method in ("qat", "distill"):  # one step (lr 1e-4) moves each weight ~1e-4
+        cont, _ = REGISTRY[method].run(bench, recipe, learn, 1, 0, False, held,
+                                       start=(first, True))
+        assert gap(cont, first) < 0.3 * gap(base, first), method
+        assert bench.cache.override == {}  # the start does not outlive the call
+        own, _ = REGISTRY[method].run(bench, recipe, learn, 1, 0, False, held)
+        assert gap(own, base) < 0.3 * gap(base, first), method
 
 
 def test_a_point_keeps_its_post_training_weights_when_recovery_does_not_help(
@@ -299,7 +364,7 @@ def test_a_point_keeps_its_post_training_weights_when_recovery_does_not_help(
 
     from llmpareto.search import recover
 
-    def wreck(bench, recipe, windows, steps, seed, progress, holdout=None):
+    def wreck(bench, recipe, windows, steps, seed, progress, holdout=None, start=None):
         gen = torch.Generator().manual_seed(seed)
         out = {}
         for fqn in bench.arch.formats_for(recipe):
