@@ -123,13 +123,18 @@ def iq4_nl(b: torch.Tensor) -> torch.Tensor:
     return _half(b[:, 0:2]) * _iq4_levels(q)
 
 
-def iq4_xs(b: torch.Tensor) -> torch.Tensor:
-    n = b.shape[0]
+def iq4_xs_scales(b: torch.Tensor) -> torch.Tensor:
+    """The 8 sub-block scales (n, 8) of iq4_xs blocks `b`: d times the 6-bit scale less 32."""
     high = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # (n, 1)
     low = b[:, 4:8].to(torch.int32)
     ib = torch.arange(8, device=b.device)
     ls = ((low[:, ib // 2] >> (4 * (ib % 2))) & 0xF) | (((high >> (2 * ib)) & 3) << 4)
-    dl = (_half(b[:, 0:2]) * (ls - 32).float())[:, :, None]  # (n, 8, 1)
+    return _half(b[:, 0:2]) * (ls - 32).float()
+
+
+def iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    dl = iq4_xs_scales(b)[:, :, None]  # (n, 8, 1)
     qs = b[:, 8:136].reshape(n, 8, 16)
     q = torch.cat([qs & 0xF, qs >> 4], 2)  # (n, 8, 32)
     return (dl * _iq4_levels(q)).reshape(n, 256)

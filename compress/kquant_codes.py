@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from llmpareto.compress.dequant_k import _half, _k4_scales, _nibble_pairs, _q3_scales, _shifts
+from llmpareto.compress.dequant_k import (
+    _half,
+    _k4_scales,
+    _nibble_pairs,
+    _q3_scales,
+    _shifts,
+    iq4_xs_scales,
+)
 
 # format -> (block bytes, lowest code, highest code)
 K_CODES = {"q2_K": (84, 0, 3), "q3_K": (110, -4, 3), "q4_K": (144, 0, 15),
@@ -118,11 +125,7 @@ def k_grid(fmt: str, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     if fmt in LEGACY_CODES or fmt == "iq4_nl":  # iq4_nl: q4_0's layout, codes from 0
         scale, off, q = _legacy_grid(fmt, b)
     elif fmt == "iq4_xs":
-        high = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
-        low = b[:, 4:8].to(torch.int32)
-        ib = torch.arange(8, device=b.device)
-        ls = ((low[:, ib // 2] >> (4 * (ib % 2))) & 0xF) | (((high >> (2 * ib)) & 3) << 4)
-        scale = _expand(_half(b[:, 0:2]) * (ls - 32).float(), 32)
+        scale = _expand(iq4_xs_scales(b), 32)
         qs = b[:, 8:136].reshape(n, 8, 16).to(torch.int32)
         q = torch.cat([qs & 0xF, qs >> 4], 2).reshape(n, 256)
         off = torch.zeros_like(scale)
