@@ -286,7 +286,7 @@ def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.nda
     columns: `recover_method` and `recover_steps` (this round's, tried), `recover_s`,
     `recover_holdout_kl_nats` (of the weights it now has), `recover_used`, `recover_chain`
     (the methods that made the weights it keeps, e.g. `reconstruct+qat`) and, when it has
-    recovered weights, the `recovered_*` scores. Writes nothing (see `recover_one`)."""
+    recovered weights, the `recovered_*` scores. Writes nothing (see `save_outcome`)."""
     before = before or {}
     method = choose_method(bench, recipe, settings.recover_method, rung)
     if method is None:
@@ -336,14 +336,6 @@ def save_outcome(run_dir: Path, trial: int, outcome: Outcome) -> dict:
         with atomic.atomic_path(path) as tmp:
             save_file(outcome.weights, str(tmp), metadata=outcome.meta)
     return outcome.columns
-
-
-def recover_one(bench, rd, trial: int, steps: int, windows: np.ndarray, measure: Measure,
-                settings, progress: bool = False, before: dict | None = None) -> dict:
-    """`recover_point` for a trial of `rd`'s run, here, its weights written: its columns."""
-    recipe = Recipe.load(rd.recipe_path(trial))
-    return save_outcome(rd.path, trial, recover_point(bench, recipe, trial, steps, windows,
-                                                      measure, settings, progress, before))
 
 
 def _out_of_memory(bench, trial: int, method: str):
