@@ -135,15 +135,9 @@ class _KWeight:
     out: torch.Tensor | None = None  # the blocks `exact` wrote
     lv: torch.Tensor | None = None  # the levels a code indexes (i-quants), else None
 
-    def _index(self, y: torch.Tensor) -> torch.Tensor:
-        return _to_index(self.lv, y)
-
-    def _value(self, q: torch.Tensor) -> torch.Tensor:
-        return _to_value(self.lv, q)
-
     def index(self) -> torch.Tensor:
         """Each base weight in code units (RTN's code: its nearest integer)."""
-        return self._index((self.w - self.m) * self.inv)
+        return _to_index(self.lv, (self.w - self.m) * self.inv)
 
     @classmethod
     def of(cls, w: torch.Tensor, fmt: str, packed: torch.Tensor) -> _KWeight:
@@ -206,8 +200,8 @@ class _KWeight:
         y = (self.w - m) * inv
         if self.lv is None:
             return d * _RoundSTE.apply(y + v).clamp(lo, hi) + m
-        z = (self._index(y.detach()) + v).clamp(lo, hi)
-        soft = y + self._value(z)
+        z = (_to_index(self.lv, y.detach()) + v).clamp(lo, hi)
+        soft = y + _to_value(self.lv, z)
         return d * (self.lv[torch.round(z).long()] + soft - soft.detach()) + m
 
     def exact(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +216,7 @@ class _KWeight:
             d, off, _ = k_grid(self.fmt, packed)
             _, lo, hi = CODES[self.fmt]
             inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-            codes = torch.round(self._index((self.w + off) * inv) + v).clamp(lo, hi)
+            codes = torch.round(_to_index(self.lv, (self.w + off) * inv) + v).clamp(lo, hi)
             self.out = k_pack(self.fmt, packed, codes.to(torch.int32))
         rows, cols = self.w.shape
         if self.fmt not in K_DEQUANT:  # a legacy block: the format's own dequantizer

@@ -244,11 +244,12 @@ def after_search(bench, study, rd, settings, progress: bool = True,
             plan[r] = todo if r == 0 else _promoted(trials_frame(study, rd), objectives,
                                                     plan[r - 1])
             study.set_user_attr(ROUNDS_ATTR, {str(k): v for k, v in plan.items()})
-        left = [t for t in plan[r] if after().get(str(t), {}).get("recover_steps", 0) < steps
-                and after().get(str(t), {}).get("recover_method") != "none"]
-        jobs = [Job(t, Recipe.load(rd.recipe_path(t)), steps, after().get(str(t), {}), r,
-                    load_recovered(rd.path, t) if after().get(str(t), {}).get("recover_used")
-                    else None)
+        seen = after()  # one read of the study for the round
+        now = {t: seen.get(str(t), {}) for t in plan[r]}
+        left = [t for t in plan[r] if now[t].get("recover_steps", 0) < steps
+                and now[t].get("recover_method") != "none"]
+        jobs = [Job(t, Recipe.load(rd.recipe_path(t)), steps, now[t], r,
+                    load_recovered(rd.path, t) if now[t].get("recover_used") else None)
                 for t in left]
 
         def here(j: Job) -> Outcome:
