@@ -28,6 +28,9 @@ _HELP = {
                       "quantization-aware training in later rounds; end-to-end "
                       "distillation for students and pruned ones) | reconstruct | local "
                       "(blockwise local distillation) | distill | qat",
+    "recover_here": "with --storage: this process recovers points too (--no-recover-here: it "
+                    "only hands them to the study's workers, e.g. from a machine without "
+                    "the GPU)",
     "space": "search space: formats, sparsity, students, or a join such as formats,sparsity "
              "or formats,sparsity,students (cut to the student, prune, then quantize). "
              "sparsity: llama.cpp runs it no faster or smaller (it has no sparse kernels; "

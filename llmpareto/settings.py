@@ -23,7 +23,8 @@ RESUMABLE = {"trials", "resume", "runs_dir", "progress", "study", "version", "de
              "variant_cache", "disk_cache",
              "batch_size", "address", "cpus_per_trial", "max_concurrent", "storage",
              "create_only", "sensitivity", "sampler", "torch_device", "gpus_per_trial",
-             "recover_steps", "recover_rounds", "recover_tokens", "recover_method"}
+             "recover_steps", "recover_rounds", "recover_tokens", "recover_method",
+             "recover_here"}
 # A study name is a folder under --runs-dir: nothing that could name a path elsewhere.
 _STUDY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -55,6 +56,9 @@ class SettingsForm:
     recover_rounds: int = 2  # successive halving: round r runs recover_steps * 2**r steps
     recover_tokens: int = 4096  # calibration tokens recovery learns on (the text less eval)
     recover_method: str = "auto"  # auto (by what a candidate changed) | a compress.recovery name
+    # --storage: whether the search process recovers points too, or only hands them to the
+    # workers of the study (a coordinator on a machine without the accelerator)
+    recover_here: bool = True
     space: str = "formats"
     formats: list[str] | None = None  # None: the GGUF formats, so every point exports
     granularity: str = "type"  # type: one format per projection kind; block; module
@@ -172,6 +176,9 @@ class SettingsForm:
             setattr(self, name, int(value))
         if self.eval_text in (None, "", "None"):
             self.eval_text = "none"
+        if not self.recover_here and self.recover_steps and not self.storage:
+            raise UserError("--no-recover-here leaves recovery to the workers of a shared "
+                            "study: give --storage URL too, or drop --no-recover-here")
 
     def _check_placement(self) -> None:
         """The forms of --torch-device/--torch-dtype; whether this machine has them is checked

@@ -262,20 +262,24 @@ class Board:
             c.execute(JOBS.update().where(self._key(*COORDINATOR)).values(state=OVER))
 
 
-def pool(board: Board):
+def pool(board: Board, claims: bool = True):
     """Recovery's rounds on the board: this process claims points and runs them itself
-    (`here`), and yields the outcomes workers post, until every point of the round is in."""
+    (`here`; not when `claims` is False: --no-recover-here), and yields the outcomes workers
+    post, until every point of the round is in."""
 
     def run(jobs: list[Job], here) -> Iterator[tuple[int, Outcome]]:
         board.post(jobs)
         wanted = {(j.trial, j.steps) for j in jobs}
+        if wanted and not claims:
+            print(f"recovery: {len(wanted)} points handed to the study's workers "
+                  "(--no-recover-here)", flush=True)
         while wanted:
             board.requeue_stale()
             for trial, steps, outcome in list(board.done(wanted)):
                 wanted.discard((trial, steps))
                 yield trial, outcome
                 board.taken(trial, steps)  # after the caller wrote it: a kill loses nothing
-            job = board.claim(wanted)
+            job = board.claim(wanted) if claims else None
             if job is None:
                 if wanted:
                     time.sleep(POLL_S)
