@@ -187,6 +187,27 @@ def students(specs: list[str], methods: tuple[str, ...], steps: int, calib: int,
     return pd.DataFrame(rows)
 
 
+def _ptq_label(runner, q: str, fmt: str) -> str | None:
+    """The row's method: `PTQ q`, or for GPTQ on a format it does not target, what it really
+    reaches (the tensors whose rows fall back to a format it does, e.g. q3_K's q4_0 rows where
+    a row is not a multiple of 256) or None when it reaches nothing."""
+    from llmpareto.formats import effective_format
+
+    quantizer = runner.cache.quantizer
+    if q != "gptq" or quantizer.targets(fmt):
+        return f"PTQ {q}"
+    sizes = {}
+    for t in runner.cache.arch.linears:
+        eff = effective_format(fmt, t.cols)
+        if quantizer.targets(eff) and eff != "f16":
+            sizes[eff] = sizes.get(eff, 0) + t.numel
+    if not sizes:
+        return None
+    share = sum(sizes.values()) / sum(t.numel for t in runner.cache.arch.linears)
+    return (f"PTQ gptq on the {'/'.join(sorted(sizes))} fallback rows ({share:.0%} of the "
+            "linear weights; the rest llama.cpp's quantizer, no imatrix)")
+
+
 def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
         batch: int, methods: tuple[str, ...] = ("reconstruct-rtn", "reconstruct"),
         distill_steps: int = 10) -> pd.DataFrame:
@@ -209,10 +230,15 @@ def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
             print(f"load {time.perf_counter() - t0:.1f} s; eval text {eval_text}: "
                   f"{texts['eval_text'].size} tokens", flush=True)
         for fmt in formats:
+            label = _ptq_label(runner, q, fmt)
+            if label is None:
+                print(f"PTQ gptq at {fmt}: GPTQ reaches none of its tensors on this model "
+                      "(llama.cpp's quantizer makes them): no row", flush=True)
+                continue
             before = runner.cache.prepare_seconds
             apply(runner.model, Recipe({"_default": {"format": fmt}}), runner.cache)
             secs = calibrate_s + runner.cache.prepare_seconds - before
-            rows.append({"format": fmt, "method": f"PTQ {q}", "seconds": secs,
+            rows.append({"format": fmt, "method": label, "seconds": secs,
                          **scorer(runner.model)})
             print(rows[-1], flush=True)
         if q == "imatrix":  # the search's methods, from the importance-matrix point
