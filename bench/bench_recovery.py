@@ -191,19 +191,19 @@ def _ptq_label(runner, q: str, fmt: str) -> str | None:
     """The row's method: `PTQ q`, or for GPTQ on a format it does not target, what it really
     reaches (the tensors whose rows fall back to a format it does, e.g. q3_K's q4_0 rows where
     a row is not a multiple of 256) or None when it reaches nothing."""
-    from llmpareto.formats import effective_format
+    from llmpareto.recipe import Recipe
 
-    quantizer = runner.cache.quantizer
+    quantizer, arch = runner.cache.quantizer, runner.cache.arch
     if q != "gptq" or quantizer.targets(fmt):
         return f"PTQ {q}"
+    real = arch.formats_for(Recipe({"_default": {"format": fmt}}))  # with llama.cpp's fallbacks
     sizes = {}
-    for t in runner.cache.arch.linears:
-        eff = effective_format(fmt, t.cols)
-        if quantizer.targets(eff) and eff != "f16":
-            sizes[eff] = sizes.get(eff, 0) + t.numel
+    for t in arch.linears:
+        if quantizer.calibrates(real[t.fqn]):  # GPTQ rounds it (not f16, not llama.cpp's)
+            sizes[real[t.fqn]] = sizes.get(real[t.fqn], 0) + t.numel
     if not sizes:
         return None
-    share = sum(sizes.values()) / sum(t.numel for t in runner.cache.arch.linears)
+    share = sum(sizes.values()) / sum(t.numel for t in arch.linears)
     return (f"PTQ gptq on the {'/'.join(sorted(sizes))} fallback rows ({share:.0%} of the "
             "linear weights; the rest llama.cpp's quantizer, no imatrix)")
 

@@ -185,7 +185,8 @@ def run_rdb(settings: SearchSettings) -> Front:
     board = Board(study)
     with board.coordinating():
         _work(study, runner, rd, settings, info)
-        after_search(runner, study, rd, settings, settings.progress, pool=pool(board, settings.recover_here))
+        after_search(runner, study, rd, settings, settings.progress,
+                     pool=pool(board, claims=settings.recover_here))
     return write_distributed_outputs(study, rd, settings.objectives, runner.space)
 
 

@@ -175,8 +175,8 @@ def test_recovery_is_shared_by_workers_and_survives_a_killed_one(pg_url, tiny_se
     workers = [_worker("rshare", pg_url, tmp_path / f"w{i}") for i in range(2)]
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in s.items() if k != "progress"]
     coord = subprocess.Popen([sys.executable, "-m", "llmpareto.cli", "search", "--no-progress",
-                              "--resume", "--no-recover-here", *argv], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+                              "--resume", "--no-recover-here", *argv],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     engine, held = None, None
     by_pid = {w.pid: w for w in workers}
     deadline = time.monotonic() + 400

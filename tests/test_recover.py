@@ -255,8 +255,8 @@ def test_recovery_resumes_after_a_kill(tiny_model_dir, tmp_path):
     (["--eval-text", "EMPTY"], "is empty"),
     (["--eval-text", "SAME", "--text", "SAME"], "is the same text as --text"),
     (["--recover-method", "magic"], "--recover-method 'magic'; choose auto or one of"),
-    (["--recover-steps", "2", "--no-recover-here"], "--no-recover-here leaves recovery to the "
-     "workers of a shared study: give --storage URL too"),
+    (["--recover-steps", "2", "--no-recover-here"],
+     "--no-recover-here leaves recovery to the workers of a shared study: give --storage URL"),
 ])
 def test_bad_recovery_input_is_one_line(capsys, tmp_path, tiny_model_dir, extra, match):
     (tmp_path / "empty.txt").write_text("  \n")
