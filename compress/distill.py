@@ -6,7 +6,6 @@ Pure loss functions (`kd_loss`, `feature_loss`, `ste_fake_quant`) next to one tr
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -244,11 +243,13 @@ def _check(steps, windows, temperature, alpha, batch_size, checkpoint_every) -> 
 
 def _save(path: Path, step: int, student, projections, opt, losses: list, cfg: dict) -> None:
     """{version, step, student, projections, optimizer, rng, losses, config} to `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"version": CHECKPOINT_VERSION, "step": step, "student": student.state_dict(),
-                "projections": projections.state_dict(), "optimizer": opt.state_dict(),
-                "rng": torch.get_rng_state(), "losses": losses, "config": cfg}, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new, never half
+    from llmpareto import atomic
+
+    with atomic.atomic_path(path) as tmp:  # a kill leaves the old checkpoint or the new
+        torch.save({"version": CHECKPOINT_VERSION, "step": step,
+                    "student": student.state_dict(), "projections": projections.state_dict(),
+                    "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                    "losses": losses, "config": cfg}, tmp)
 
 
 def _resume(path: Path | None, config: dict, steps: int) -> dict | None:

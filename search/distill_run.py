@@ -118,6 +118,9 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
         raise UserError(f"--steps {steps}: distil for at least 1 step")
     rd = RunDir(Path(run_dir))
     rd.read_run_json()  # a folder that is no run says so first
+    from llmpareto import atomic
+
+    atomic.remove_stale(rd.path)  # a killed distil's temporaries (never a live writer's)
     recipe = load_trial_recipe(rd, trial)
     rb = Workbench.from_run(rd.path)  # a run whose model is gone fails here, naming it
     settings = rb.settings
@@ -138,8 +141,6 @@ def distill_trial(run_dir: str | Path, trial: int, steps: int, lr: float = 1e-4,
     del teacher
     weights = {fqn: built.cache.weight(fqn).detach().clone().contiguous()
                for fqn in built.formats}
-    from llmpareto import atomic
-
     with atomic.atomic_path(out / "student.safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"trial": str(trial)})
     built.model.requires_grad_(False)

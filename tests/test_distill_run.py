@@ -155,3 +155,30 @@ def test_a_killed_distillation_resumes_from_its_checkpoint(student_run, tmp_path
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+
+
+def test_distill_removes_a_killed_writers_temporaries_not_a_live_ones(student_run, capsys,
+                                                                     tmp_path):
+    """A distil killed while writing trials.csv or its checkpoint leaves `.<name>.<pid>.*.tmp`;
+    the next `distill` on the run removes those of dead processes and keeps a live writer's."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    run, trial = student_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("distill"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ck = copy / "distill" / f"trial-{trial}"
+    ck.mkdir(parents=True)
+    left = [copy / f".trials.csv.{dead.pid}.k1ll3d.tmp", ck / f".checkpoint.pt.{dead.pid}.x.tmp"]
+    live = copy / f".front.csv.{os.getpid()}.l1ve.tmp"
+    for p in (*left, live):
+        p.write_bytes(b"half")
+    rc, out, _ = _cli(capsys, "distill", copy, "--trial", trial, "--steps", 1, "--no-progress")
+    assert rc == 0 and "distilled_perplexity" in out
+    assert not any(p.exists() for p in left)
+    assert live.exists()
+    assert sorted(p.name for p in copy.rglob("*.tmp")) == [live.name]
