@@ -186,6 +186,7 @@ def pick(run_dir: str | Path, out: str | Path, trial: int | None = None, best: s
     stale = out.with_name(out.name + ".partial")  # left by exports before atomic_dir
     if stale.is_dir():
         shutil.rmtree(stale)
+    atomic.remove_stale(out.parent, target=out.name)  # a killed pick's (never a live one's)
     with atomic.atomic_dir(out, replace=True) as tmp:
         written = ["recipe.json", "README.md"]
         recipe.save(tmp / "recipe.json")

@@ -8,6 +8,7 @@ process is gone (a killed run's leftovers), never a live writer's.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shutil
@@ -123,13 +124,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(folder: str | Path, recursive: bool = True) -> list[Path]:
+def remove_stale(folder: str | Path, recursive: bool = True,
+                 target: str | None = None) -> list[Path]:
     """Delete temporaries under `folder` whose writer process no longer runs on this host;
-    returns what was removed."""
+    returns what was removed. `target`: only those written for that name, directly in `folder`
+    (an export's folder beside the user's other files)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    if target is not None:
+        found = folder.glob(f".{glob.escape(target)}.*.tmp")
+    else:
+        found = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
     removed = []
     for p in list(found):
         m = _TMP.match(p.name)

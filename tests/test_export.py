@@ -127,6 +127,26 @@ def test_pick_refuses_bad_requests(run, tmp_path, capsys):
     assert not (tmp_path / "full" / "keep.txt").exists()
 
 
+def test_pick_removes_a_killed_picks_folder(run, tmp_path):
+    """A pick killed mid-export leaves `.<out>.<pid>.*.tmp` beside --out; the next pick of the
+    same --out removes it (its writer is dead) and leaves the user's other files alone."""
+    import subprocess
+    import sys
+
+    run_dir, front = run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    half = tmp_path / f".o.{dead}.k1ll3d.tmp"
+    half.mkdir()
+    (half / "model.gguf").write_bytes(b"GGUF half")
+    mine = tmp_path / f".notes.{dead}.a.tmp"
+    mine.write_text("not llmpareto's")
+    assert main(["pick", str(run_dir), "--trial", str(int(front.df["trial"].iloc[0])),
+                 "--out", str(tmp_path / "o"), "--format", "gguf"]) == 0
+    assert not half.exists() and mine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["o", mine.name])
+
+
 @pytest.mark.parametrize("expr", ["__import__('os').system('true')", "perplexity.real > 1",
                                   "open('x') == 1", "[c for c in 'ab']", "perplexity < (1).bit_length()",
                                   "lambda: 1", "perplexity <"])

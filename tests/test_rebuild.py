@@ -125,3 +125,22 @@ def test_remove_stale_keeps_a_live_writers_temporaries(tmp_path):
     assert sorted(p.name for p in removed) == sorted([f".trials.csv.{dead}.abc123.tmp",
                                                       f".3.json.{dead}.zz.tmp"])
     assert (tmp_path / f".front.csv.{os.getpid()}.abc123.tmp").exists()
+
+
+def test_remove_stale_for_a_target_touches_only_that_names_temporaries(tmp_path):
+    """An export folder sits among the user's files: only `.<out>.<dead pid>.*.tmp` go."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    mine = tmp_path / f".x[1].{dead}.abc.tmp"
+    mine.mkdir()
+    (mine / "model.gguf").write_bytes(b"half")
+    other = tmp_path / f".y.{dead}.abc.tmp"
+    other.write_text("someone else's")
+    live = tmp_path / f".x[1].{os.getpid()}.abc.tmp"
+    live.mkdir()
+    removed = atomic.remove_stale(tmp_path, target="x[1]")
+    assert removed == [mine] and not mine.exists()
+    assert other.exists() and live.exists()

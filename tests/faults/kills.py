@@ -343,7 +343,8 @@ def kill_pick(run: Path, outdir: Path, rng: random.Random, timeout: float = 300,
     if not o.completed:
         o.problems.append(f"export after re-run: {export_complete(outdir)}; "
                           f"{res.stderr.strip()[-300:]}")
-    o.leftover_tmp = [str(p) for p in outdir.parent.glob(outdir.name + "*") if is_tmp(p.name)]
+    beside = [*outdir.parent.glob(outdir.name + "*"), *outdir.parent.glob(f".{outdir.name}.*")]
+    o.leftover_tmp = [str(p) for p in beside if is_tmp(p.name)]
     o.leftover_tmp += check_run_dir(outdir)["leftover_tmp"]
     o.seconds = time.time() - t0
     log(o.line())
