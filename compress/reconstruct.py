@@ -10,8 +10,9 @@ define it forced to their codes. So the result is a fixed point of the format's 
 GGUF export holds exactly the weights that were scored. llama.cpp's own blocks (q4_0 ... q8_0
 and the K-quants, `compress.kquant_codes`) are learned onto the scales its quantizer chose,
 and those stored scales themselves within SCALE_RANGE (AutoRound's learned min/max scaling);
-iq4_nl and iq4_xs too (codes index their non-uniform levels); the other i-quants' lattice
-grids are not covered.
+iq4_nl and iq4_xs too (codes index their non-uniform levels); the 2-bit lattice i-quants
+(iq2_xxs, iq2_xs: `compress.lattice_codes`) by the nearest codebook point of the weight plus
+a learned offset, onto the scales their quantizer chose (iq3_* and iq1_* are not covered).
 
 Pure tensor functions: a block (any nn.Module), its captured inputs, its weights' formats.
 """
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from llmpareto.compress.kquant_codes import CODES, LEGACY_CODES
-from llmpareto.compress.round_grids import _KWeight, _Weight
+from llmpareto.compress.lattice_codes import LATTICE_CODES
+from llmpareto.compress.round_grids import _KWeight, _LatticeWeight, _Weight
 
 BlockInput = tuple[tuple, dict]  # (args, kwargs) of one call of a block's forward
 SCALE_RANGE = 0.2  # a learned block scale stays within +-20% of the one its quantizer chose,
@@ -124,13 +126,16 @@ def reconstruct_block(block: nn.Module, inputs: Sequence[BlockInput],
     if unknown:
         raise KeyError(f"no parameter {unknown[0]!r} in this block")
     base = base or {}
-    lacking = [n for n, fmt in formats.items()
-               if fmt in CODES and fmt not in LEGACY_CODES and n not in (packed or {})]
+    lacking = [n for n, fmt in formats.items() if (fmt in LATTICE_CODES or fmt in CODES
+                                                   and fmt not in LEGACY_CODES)
+               and n not in (packed or {})]
     if lacking:
         raise ValueError(f"{lacking[0]}: a K-quant or i-quant is learned onto the scales its "
                          "quantizer "
                          "chose: pass its post-training blocks in `packed`")
-    grids = {n: _KWeight.of(base.get(n, params[n]), fmt, (packed or {})[n])
+    grids = {n: _LatticeWeight.of(base.get(n, params[n]), fmt, packed[n])
+             if fmt in LATTICE_CODES
+             else _KWeight.of(base.get(n, params[n]), fmt, (packed or {})[n])
              if fmt in CODES and n in (packed or {})
              else _Weight.of(base.get(n, params[n]), fmt, (start or {}).get(n))
              for n, fmt in formats.items()}
@@ -211,13 +216,16 @@ def _learn(block: nn.Module, inputs: Sequence[BlockInput], grids: dict[str, _Wei
     with torch.no_grad():
         final = float(loss_on(judge, weights))
     return Reconstructed(weights, rtn, final, steps,
-                         {n: g.out for n, g in grids.items() if isinstance(g, _KWeight)})
+                         {n: g.out for n, g in grids.items() if not isinstance(g, _Weight)})
 
 
 def _box(g) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds of a weight's offsets: its code may be the start's, or RTN's either side of the
     weight (AutoRound's choice between rounding down and up), and nothing past them; bounds
-    EDGE inside the half-way points, so which code a bound gives does not hang on rounding."""
+    EDGE inside the half-way points, so which code a bound gives does not hang on rounding.
+    A lattice weight's own (it has no per-weight code)."""
+    if hasattr(g, "box"):
+        return g.box()
     x = g.index()
     q = torch.round(x + g.v0)
     lo = torch.minimum(torch.floor(x), q) - 0.5 + EDGE

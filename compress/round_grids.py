@@ -224,3 +224,66 @@ class _KWeight:
             return torch.from_numpy(np.ascontiguousarray(got)).to(self.w.device).float()
         return K_DEQUANT[self.fmt][1](self.out.reshape(-1, K_DEQUANT[self.fmt][0])).reshape(
             rows, cols).float().contiguous()
+
+
+LEVEL_GAP = 17.0  # the lattice codebooks' entries are 8, 25, 43: about 17 apart
+
+
+@dataclass
+class _LatticeWeight:
+    """One 2-bit lattice i-quant weight (iq2_xxs, iq2_xs): the scales llama.cpp's quantizer
+    chose (its packed blocks) kept, each group of 8 weights moved to the nearest lattice point
+    of the weight plus a learned offset (straight-through), starting at the quantizer's own
+    codes. Offsets are in units of the level gap (LEVEL_GAP times the group's scale), so a
+    learning rate of 1 / steps moves a weight about half a level, as AutoRound's do on a grid;
+    the scales are not learned (`scales` None)."""
+
+    w: torch.Tensor  # float32 base weight
+    fmt: str
+    packed: torch.Tensor  # (rows, bytes) uint8, the post-training blocks
+    db: torch.Tensor  # (rows, groups) scale of each group of 8
+    unit: torch.Tensor  # (rows, cols) one level gap in weight units
+    v0: torch.Tensor  # offsets of the post-training point
+    out: torch.Tensor | None = None  # the blocks `exact` wrote
+    scales: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, w: torch.Tensor, fmt: str, packed: torch.Tensor) -> _LatticeWeight:
+        from llmpareto.compress.lattice_codes import GROUP, lattice_read, lattice_values
+
+        w = w.detach().float().clone()
+        packed = packed.to(w.device).reshape(w.shape[0], -1)
+        db, idx, neg = lattice_read(fmt, packed, w.shape[0])
+        unit = (LEVEL_GAP * db).repeat_interleave(GROUP, 1)
+        start = lattice_values(fmt, db, idx, neg)
+        v0 = torch.where(unit == 0, torch.zeros_like(w), (start - w) / unit)
+        return cls(w, fmt, packed, db, unit, v0)
+
+    def box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offsets stay within half a level gap of the base weight or of the start."""
+        return torch.minimum(self.v0, torch.zeros_like(self.v0)) - 0.5, \
+            torch.maximum(self.v0, torch.zeros_like(self.v0)) + 0.5
+
+    def _codes(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from llmpareto.compress.lattice_codes import lattice_project
+
+        return lattice_project(self.fmt, y, self.db)
+
+    def quantized(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """The nearest lattice point of w + v (straight-through: d/dv is the level gap)."""
+        from llmpareto.compress.lattice_codes import lattice_values
+
+        y = self.w + v * self.unit
+        on = lattice_values(self.fmt, self.db, *self._codes(y))
+        return y + (on - y).detach()
+
+    def exact(self, v: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """The final weight as ggml dequantizes the blocks holding the learned codes (kept in
+        `out`, to be written as they are)."""
+        from llmpareto.compress.lattice_codes import lattice_pack
+        from llmpareto.formats import get_format
+
+        with torch.no_grad():
+            self.out = lattice_pack(self.fmt, self.packed, *self._codes(self.w + v * self.unit))
+        got = get_format(self.fmt).dequantize(self.out.cpu().numpy(), tuple(self.w.shape))
+        return torch.from_numpy(np.ascontiguousarray(got)).to(self.w.device).float()

@@ -41,14 +41,16 @@ def _changes_structure(bench, recipe: Recipe) -> bool:
 
 def _grid_tensors(bench, recipe: Recipe) -> dict[str, str]:
     """Block tensors in a format block-wise reconstruction learns: fqn -> format (the
-    per-group grids GPTQ rounds onto, and the K-quants and 4-bit i-quants onto the scales
-    llama.cpp chose)."""
+    per-group grids GPTQ rounds onto, and the K-quants, 4-bit and 2-bit lattice i-quants onto
+    the scales llama.cpp chose)."""
     from llmpareto.compress.gptq import GRIDS
     from llmpareto.compress.kquant_codes import CODES
+    from llmpareto.compress.lattice_codes import LATTICE_CODES
 
     formats = bench.arch.formats_for(recipe)
     return {t.fqn: formats[t.fqn] for t in bench.arch.linears
-            if t.layer is not None and (formats.get(t.fqn) in GRIDS or formats.get(t.fqn) in CODES)}
+            if t.layer is not None and any(formats.get(t.fqn) in g
+                                           for g in (GRIDS, CODES, LATTICE_CODES))}
 
 
 Start = tuple[dict[str, torch.Tensor], bool]  # weights an earlier round kept, and their `exact`
@@ -73,6 +75,7 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
     learn = _grid_tensors(bench, recipe)
     formats = bench.arch.formats_for(recipe)
     from llmpareto.compress.kquant_codes import CODES
+    from llmpareto.compress.lattice_codes import LATTICE_CODES
 
     kept = start[0] if start is not None else {}
     by_block: list[dict[str, str]] = [{} for _ in layers]
@@ -89,9 +92,9 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
         if t.fqn in learn:
             by_block[t.layer][name] = learn[t.fqn]
             name_of[(t.layer, name)] = t.fqn
-            if learn[t.fqn] in CODES:  # learned onto the scales the run's quantizer chose,
-                # from its codes (K-quants, i-quants, llama.cpp's legacy blocks), or the
-                # blocks an earlier round kept
+            if learn[t.fqn] in CODES or learn[t.fqn] in LATTICE_CODES:  # learned onto the
+                # scales the run's quantizer chose, from its codes (K-quants, i-quants,
+                # llama.cpp's legacy blocks), or the blocks an earlier round kept
                 packed[t.layer][name] = kept[PACKED + t.fqn] if PACKED + t.fqn in kept else \
                     torch.from_numpy(cache.get(t.fqn, learn[t.fqn]))
             else:  # int*: from the codes nearest the run's quantizer's (or kept), not RTN
@@ -256,7 +259,7 @@ def choose_method(bench, recipe: Recipe, asked: str = "auto", rung: int = 0) -> 
     (on the default model it beat blockwise local distillation at equal steps and seconds:
     docs/recovery.md); for a quantized one block-wise reconstruction, then quantization-aware
     training from the reconstructed weights (the survey's last, most expensive rung); None
-    when nothing here can recover it (e.g. only iq2/iq3 i-quants, whose lattice grids are not
+    when nothing here can recover it (e.g. only tq2_0 ternary blocks, whose grid is not
     covered)."""
     if asked != "auto":
         return asked if REGISTRY[asked].handles(bench, recipe) else None

@@ -102,7 +102,9 @@ def test_reconstruction_refuses_what_it_cannot_do(tiny):
         reconstruct_block(block, inputs, {"mlp.nothing.weight": "q4_0"}, steps=1)
     from llmpareto.errors import UserError
 
-    with pytest.raises(UserError, match="iq2_xs"):  # a lattice i-quant: no grid here
+    with pytest.raises(UserError, match="tq2_0"):  # ternary blocks: no grid here
+        reconstruct_block(block, inputs, {"mlp.up_proj.weight": "tq2_0"}, steps=1)
+    with pytest.raises(ValueError, match="post-training blocks"):
         reconstruct_block(block, inputs, {"mlp.up_proj.weight": "iq2_xs"}, steps=1)
     with pytest.raises(ValueError, match="post-training blocks"):
         reconstruct_block(block, inputs, {"mlp.up_proj.weight": "iq4_xs"}, steps=1)
@@ -184,6 +186,90 @@ def test_k_quant_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
                 ratio = new[old != 0] / old[old != 0]
                 assert not torch.equal(new, old)
                 assert float((ratio - 1).abs().max()) <= SCALE_RANGE + 2e-3
+
+
+@pytest.mark.parametrize("fmt", ["iq2_xxs", "iq2_xs"])
+def test_lattice_codes_read_and_written_as_llama_cpp_does(fmt):
+    """lattice_read's scale * codebook entry * sign is ggml's dequantization bit for bit;
+    lattice_pack writes other codes (even sign parity) into the blocks with d and the sub-block
+    scales kept; the projection returns a lattice point's own codes, and its shortcut (the
+    flip's cost scored on the cheapest entries only) equals the full search."""
+    from llmpareto.compress import lattice_codes as lc
+
+    f = get_format(fmt)
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 512)).astype(np.float32)
+    packed = torch.from_numpy(f.quantize(w, rng.uniform(0.5, 2, 512).astype(np.float32)))
+    packed = packed.reshape(6, -1)
+    db, idx, neg = lc.lattice_read(fmt, packed, 6)
+    assert torch.equal(lc.lattice_values(fmt, db, idx, neg),
+                       torch.from_numpy(f.dequantize(packed.numpy(), w.shape).copy()))
+    assert torch.equal(lc.lattice_pack(fmt, packed, idx, neg), packed)
+    gen = torch.Generator().manual_seed(2)
+    other = torch.randint(0, lc.LATTICE_CODES[fmt][1], idx.shape, generator=gen)
+    signs = torch.rand(neg.shape, generator=gen) < 0.5
+    signs[..., 7] = signs[..., :7].sum(-1) % 2 == 1  # even parity
+    again = lc.lattice_pack(fmt, packed, other, signs)
+    db2, idx2, neg2 = lc.lattice_read(fmt, again, 6)
+    assert torch.equal(db2, db) and torch.equal(idx2, other) and torch.equal(neg2, signs)
+    assert torch.equal(lc.lattice_values(fmt, db2, idx2, neg2),
+                       torch.from_numpy(f.dequantize(again.numpy(), w.shape).copy()))
+    point = lc.lattice_values(fmt, db2, idx2, neg2)
+    got = lc.lattice_project(fmt, point, db2)
+    live = db2.unsqueeze(-1) > 0
+    assert torch.equal(got[0][db2 > 0], other[db2 > 0])
+    assert torch.equal(got[1] & live, signs & live)
+    y = torch.from_numpy(w) * 1.3
+    fast = lc.lattice_project(fmt, y, db)
+    full = lc._with_flip
+    try:  # every entry scored with its flip
+        lc._with_flip = lambda ab, s, cost, grid: (
+            cost + 4 * s * (ab.unsqueeze(1) * grid).min(2).values).argmin(1)
+        slow = lc.lattice_project(fmt, y, db)
+    finally:
+        lc._with_flip = full
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    # the nearest point: no worse than ggml's own codes under the same scales
+    near = lc.lattice_project(fmt, torch.from_numpy(w), db)
+    err = ((lc.lattice_values(fmt, db, *near) - torch.from_numpy(w)) ** 2).sum()
+    assert err <= ((lc.lattice_values(fmt, db, idx, neg) - torch.from_numpy(w)) ** 2).sum()
+
+
+@pytest.mark.parametrize("fmt", ["iq2_xxs", "iq2_xs"])
+def test_lattice_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
+    """A 2-bit lattice i-quant (iq2_xxs, iq2_xs): codes learned onto the scales llama.cpp's
+    quantizer chose (with an importance matrix, as it needs) lower the block's output error
+    below the quantizer's own on inputs never learned on; the result is ggml's dequantization
+    of the blocks written, whose scales are the quantizer's byte for byte."""
+    from llmpareto.compress import lattice_codes as lc
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 512)).eval()
+    mix = torch.randn(512, 512) * torch.logspace(0, -2, 512)[:, None]
+    xs = [((torch.randn(1, 64, 512) @ mix,), {}) for _ in range(40)]
+    learn, held = xs[:32], xs[32:]
+    f = get_format(fmt)
+    names = ["0.weight", "2.weight"]
+    params = dict(block.named_parameters())
+    with torch.no_grad():
+        x0 = torch.cat([a[0].reshape(-1, 512) for a, _ in learn])
+        x2 = torch.nn.functional.gelu(block[0](x0))
+    imx = {"0.weight": (x0 ** 2).mean(0).numpy(), "2.weight": (x2 ** 2).mean(0).numpy()}
+    packed = {n: torch.from_numpy(f.quantize(params[n].detach().numpy(), imx[n]))
+              for n in names}
+    ptq = {n: torch.from_numpy(f.dequantize(packed[n].numpy(), tuple(params[n].shape)).copy())
+           for n in names}
+    got = reconstruct_block(block, learn, dict.fromkeys(names, fmt), steps=60, packed=packed)
+    assert _mse(block, held, got.weights) < 0.97 * _mse(block, held, ptq)
+    for n in names:
+        rows = params[n].shape[0]
+        out = got.packed[n]
+        own = torch.from_numpy(f.dequantize(out.numpy(), tuple(params[n].shape)).copy())
+        assert torch.equal(got.weights[n], own)  # what llama.cpp reads from the blocks
+        assert torch.equal(lc.lattice_read(fmt, out, rows)[0],
+                           lc.lattice_read(fmt, packed[n], rows)[0])  # scales kept
+        assert not torch.equal(out, packed[n].reshape(out.shape))  # codes moved
 
 
 def test_a_whole_model_block_by_block_beats_rtn_on_windows_it_never_saw(tiny):

@@ -393,3 +393,55 @@ def test_a_point_keeps_its_post_training_weights_when_recovery_does_not_help(
     eff = effective(tt, ["perplexity", "memory_bytes"])
     i = tt.index[tt["baseline"] == "uniform q4_0"][0]
     assert eff.loc[i, "perplexity"] == tt.loc[i, "perplexity"]
+
+
+def test_a_lattice_i_quant_is_reconstructed_into_its_own_blocks(tiny_model_dir):
+    """iq2_xxs (the tiny model's down_proj, 256 wide; the narrower linears fall back to iq4_nl):
+    reconstruction learns its codes onto the scales the run's quantizer chose and returns the
+    blocks, which the cache then serves as the candidate's (what the GGUF export writes) and
+    dequantizes as ggml does to the weights returned."""
+    import torch
+
+    from llmpareto.compress.lattice_codes import lattice_read
+    from llmpareto.formats import get_format
+    from llmpareto.recipe import Recipe
+    from llmpareto.search.recover import (
+        PACKED,
+        REGISTRY,
+        choose_method,
+        recovery_windows,
+        set_start,
+    )
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    bench = TrialRunner(SearchSettings(model=str(tiny_model_dir), window=64, eval_tokens=128,
+                                       calib_tokens=512, progress=False, presets="none",
+                                       formats="iq2_xxs,f16", context=256))
+    recipe = Recipe.uniform("iq2_xxs")
+    formats = bench.arch.formats_for(recipe)
+    down = [f for f, fmt in formats.items() if fmt == "iq2_xxs"]
+    assert down and all(f.endswith("mlp.down_proj") for f in down)
+    assert choose_method(bench, recipe) == "reconstruct"
+    learn, held = recovery_windows(bench)
+    got, exact = REGISTRY["reconstruct"].run(bench, recipe, learn, 12, 0, False, held)
+    assert exact
+    f = get_format("iq2_xxs")
+    moved = 0
+    for fqn in down:
+        blocks = got[PACKED + fqn]
+        ptq = torch.from_numpy(np.asarray(bench.cache.get(fqn, "iq2_xxs")).copy())
+        rows = got[fqn].shape[0]
+        assert torch.equal(lattice_read("iq2_xxs", blocks, rows)[0],
+                           lattice_read("iq2_xxs", ptq, rows)[0])  # the quantizer's scales
+        assert torch.equal(got[fqn], torch.from_numpy(
+            f.dequantize(blocks.numpy(), tuple(got[fqn].shape)).copy()))
+        moved += not torch.equal(blocks.reshape(ptq.shape), ptq)
+    assert moved  # learning changed some codes
+    set_start(bench, recipe, got, exact)
+    try:
+        for fqn in down:  # the candidate's blocks are now the learned ones, byte for byte
+            assert np.array_equal(np.asarray(bench.cache.get(fqn, "iq2_xxs")).reshape(-1),
+                                  got[PACKED + fqn].numpy().reshape(-1))
+    finally:
+        bench.cache.set_override({})
