@@ -208,6 +208,18 @@ def _ptq_label(runner, q: str, fmt: str) -> str | None:
             "linear weights; the rest llama.cpp's quantizer, no imatrix)")
 
 
+def _needs_imatrix(runner, fmt: str) -> bool:
+    """Whether llama.cpp refuses to quantize any of the format's tensors (its fallbacks
+    applied) without an importance matrix (iq2_xxs, iq2_xs, ...)."""
+    from llmpareto import ggml
+    from llmpareto.formats import get_format
+    from llmpareto.recipe import Recipe
+
+    real = set(runner.cache.arch.formats_for(Recipe({"_default": {"format": fmt}})).values())
+    return any(get_format(f).gguf_type is not None and ggml.requires_imatrix(
+        get_format(f).gguf_type) for f in real if f != "f16")
+
+
 def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
         batch: int, methods: tuple[str, ...] = ("reconstruct-rtn", "reconstruct"),
         distill_steps: int = 10) -> pd.DataFrame:
@@ -230,6 +242,10 @@ def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
             print(f"load {time.perf_counter() - t0:.1f} s; eval text {eval_text}: "
                   f"{texts['eval_text'].size} tokens", flush=True)
         for fmt in formats:
+            if q == "rtn" and _needs_imatrix(runner, fmt):
+                print(f"PTQ rtn at {fmt}: llama.cpp quantizes it only with an importance "
+                      "matrix: no row", flush=True)
+                continue
             label = _ptq_label(runner, q, fmt)
             if label is None:
                 print(f"PTQ gptq at {fmt}: GPTQ reaches none of its tensors on this model "
@@ -248,7 +264,9 @@ def run(formats: list[str], steps: int, calib: int, evals: int, eval_text: Path,
                                            else distill_steps, scorer))
                     print(rows[-1], flush=True)
         if q == "rtn" and "reconstruct-rtn" in methods:
-            for fmt in formats:  # learned on the run's calibration windows only
+            for fmt in (f for f in formats if not _needs_imatrix(runner, f)):  # learned on
+                # the run's calibration windows only (a format llama.cpp quantizes only with
+                # an importance matrix has no round-to-nearest start)
                 apply(runner.model, Recipe({}), runner.cache)
                 weights, secs = blockwise(runner, fmt, steps, batch)
                 old = _swap(runner.model, weights)
