@@ -61,7 +61,7 @@ def lattice_read(fmt: str, packed: torch.Tensor, rows: int
     b = _blocks(fmt, packed)
     n = b.shape[0]
     d = _half(b[:, 0:2]).reshape(n, 1)
-    _, ks = _tables(fmt)
+    ks = _tables(fmt)[1].to(b.device)
     if fmt == "iq2_xxs":
         words = b[:, 2:].contiguous().view(torch.int32).reshape(n, 8, 2).to(torch.int64) & \
             0xFFFFFFFF
@@ -78,7 +78,7 @@ def lattice_read(fmt: str, packed: torch.Tensor, rows: int
         per = ls.repeat_interleave(2, 1)
     db = d * (0.5 + per) * 0.25  # float32, ggml's order
     masks = ks[sign7]
-    neg = ((masks.unsqueeze(-1) >> torch.arange(GROUP)) & 1).bool()
+    neg = ((masks.unsqueeze(-1) >> torch.arange(GROUP, device=b.device)) & 1).bool()
     return db.reshape(rows, -1), idx.reshape(rows, -1), neg.reshape(rows, -1, GROUP)
 
 
@@ -147,7 +147,7 @@ def lattice_pack(fmt: str, packed: torch.Tensor, idx: torch.Tensor, neg: torch.T
     bits = neg.reshape(n, 32, GROUP).to(torch.int64)
     if (bits.sum(2) % 2).any():
         raise ValueError("a group's signs have odd parity: the format stores 7 of 8")
-    sign7 = (bits[:, :, :7] << torch.arange(7)).sum(2)
+    sign7 = (bits[:, :, :7] << torch.arange(7, device=b.device)).sum(2)
     if fmt == "iq2_xxs":
         q = b[:, 2:].reshape(n, 8, 8)
         q[:, :, :4] = idx.reshape(n, 8, 4).to(torch.uint8)

@@ -36,6 +36,29 @@ def test_dequantizers_are_bit_exact_on_the_gpu():
         assert np.array_equal(out.cpu().numpy(), f.dequantize(packed, w.shape)), fmt
 
 
+def test_lattice_codes_read_project_and_pack_on_the_gpu():
+    """The iq2 lattice codes (block-wise reconstruction's) on the GPU: the same scales,
+    codes, nearest points and blocks as on the CPU, bit for bit."""
+    from llmpareto.compress import lattice_codes as lc
+    from llmpareto.formats import get_format
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 512)).astype(np.float32)
+    for fmt in lc.LATTICE_CODES:
+        packed = torch.from_numpy(get_format(fmt).quantize(
+            w, rng.uniform(0.5, 2, 512).astype(np.float32))).reshape(64, -1)
+        cpu = lc.lattice_read(fmt, packed, 64)
+        gpu = lc.lattice_read(fmt, packed.to(GPU), 64)
+        assert all(g.device.type == "cuda" and torch.equal(g.cpu(), c)
+                   for g, c in zip(gpu, cpu, strict=True)), fmt
+        y = torch.from_numpy(w) * 1.2
+        near_cpu = lc.lattice_project(fmt, y, cpu[0])
+        near_gpu = lc.lattice_project(fmt, y.to(GPU), gpu[0])
+        assert all(torch.equal(g.cpu(), c) for g, c in zip(near_gpu, near_cpu, strict=True))
+        assert torch.equal(lc.lattice_pack(fmt, packed.to(GPU), *near_gpu).cpu(),
+                           lc.lattice_pack(fmt, packed, *near_cpu))
+
+
 def _runner(settings: dict, device: str, dtype: str):
     from llmpareto.search.runner import TrialRunner
     from llmpareto.search.settings import SearchSettings
