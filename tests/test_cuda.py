@@ -37,8 +37,8 @@ def test_dequantizers_are_bit_exact_on_the_gpu():
 
 
 def test_lattice_codes_read_project_and_pack_on_the_gpu():
-    """The iq2 lattice codes (block-wise reconstruction's) on the GPU: the same scales,
-    codes, nearest points and blocks as on the CPU, bit for bit."""
+    """The iq2 lattice codes (block-wise reconstruction's) on the GPU: the same scales and
+    codes read, nearest points as near, the same blocks written as on the CPU."""
     from llmpareto.compress import lattice_codes as lc
     from llmpareto.formats import get_format
 
@@ -53,10 +53,17 @@ def test_lattice_codes_read_project_and_pack_on_the_gpu():
                    for g, c in zip(gpu, cpu, strict=True)), fmt
         y = torch.from_numpy(w) * 1.2
         near_cpu = lc.lattice_project(fmt, y, cpu[0])
-        near_gpu = lc.lattice_project(fmt, y.to(GPU), gpu[0])
-        assert all(torch.equal(g.cpu(), c) for g, c in zip(near_gpu, near_cpu, strict=True))
-        assert torch.equal(lc.lattice_pack(fmt, packed.to(GPU), *near_gpu).cpu(),
-                           lc.lattice_pack(fmt, packed, *near_cpu))
+        near_gpu = [t.cpu() for t in lc.lattice_project(fmt, y.to(GPU), gpu[0])]
+        # the GPU sums in another order: a near-tie may go the other way, never to a
+        # farther point (squared errors equal within 1e-6 relative), and rarely
+        same = (near_gpu[0] == near_cpu[0]) & (near_gpu[1] == near_cpu[1]).all(-1)
+        assert float(same.float().mean()) > 0.999, fmt
+        err = [((lc.lattice_values(fmt, cpu[0], *n) - y) ** 2).sum() for n in (near_cpu,
+                                                                                 near_gpu)]
+        assert abs(float(err[1] / err[0]) - 1) < 1e-6, fmt
+        assert torch.equal(lc.lattice_pack(fmt, packed.to(GPU),
+                                           *(t.to(GPU) for t in near_gpu)).cpu(),
+                           lc.lattice_pack(fmt, packed, *near_gpu))
 
 
 def _runner(settings: dict, device: str, dtype: str):
