@@ -25,6 +25,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited (a killed writer's, for temporaries' names)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture
 def tiny_settings(tiny_model_dir, tmp_path) -> dict:
     """Keyword arguments for a fast search on the tiny model."""
     return {"model": str(tiny_model_dir), "runs_dir": str(tmp_path / "runs"), "study": "t",

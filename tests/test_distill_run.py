@@ -158,22 +158,18 @@ def test_a_killed_distillation_resumes_from_its_checkpoint(student_run, tmp_path
 
 
 def test_distill_removes_a_killed_writers_temporaries_not_a_live_ones(student_run, capsys,
-                                                                     tmp_path):
+                                                                     tmp_path, dead_pid):
     """A distil killed while writing trials.csv or its checkpoint leaves `.<name>.<pid>.*.tmp`;
     the next `distill` on the run removes those of dead processes and keeps a live writer's."""
     import os
     import shutil
-    import subprocess
-    import sys
 
     run, trial = student_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("distill"))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     ck = copy / "distill" / f"trial-{trial}"
     ck.mkdir(parents=True)
-    left = [copy / f".trials.csv.{dead.pid}.k1ll3d.tmp", ck / f".checkpoint.pt.{dead.pid}.x.tmp"]
+    left = [copy / f".trials.csv.{dead_pid}.k1ll3d.tmp", ck / f".checkpoint.pt.{dead_pid}.x.tmp"]
     live = copy / f".front.csv.{os.getpid()}.l1ve.tmp"
     for p in (*left, live):
         p.write_bytes(b"half")

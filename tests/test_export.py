@@ -127,15 +127,12 @@ def test_pick_refuses_bad_requests(run, tmp_path, capsys):
     assert not (tmp_path / "full" / "keep.txt").exists()
 
 
-def test_pick_removes_a_killed_picks_folder(run, tmp_path):
+def test_pick_removes_a_killed_picks_folder(run, tmp_path, dead_pid):
     """A pick killed mid-export leaves `.<out>.<pid>.*.tmp` beside --out; the next pick of the
     same --out removes it (its writer is dead) and leaves the user's other files alone."""
-    import subprocess
-    import sys
 
     run_dir, front = run
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = dead_pid
     half = tmp_path / f".o.{dead}.k1ll3d.tmp"
     half.mkdir()
     (half / "model.gguf").write_bytes(b"GGUF half")

@@ -111,12 +111,9 @@ def test_a_write_failure_is_a_user_error_and_keeps_the_old_file(tmp_path):
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["big.txt"]
 
 
-def test_remove_stale_keeps_a_live_writers_temporaries(tmp_path):
-    import subprocess
-    import sys
+def test_remove_stale_keeps_a_live_writers_temporaries(tmp_path, dead_pid):
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = dead_pid
     (tmp_path / f".trials.csv.{dead}.abc123.tmp").write_text("x")
     (tmp_path / f".front.csv.{os.getpid()}.abc123.tmp").write_text("x")
     (tmp_path / "recipes").mkdir()
@@ -127,13 +124,10 @@ def test_remove_stale_keeps_a_live_writers_temporaries(tmp_path):
     assert (tmp_path / f".front.csv.{os.getpid()}.abc123.tmp").exists()
 
 
-def test_remove_stale_for_a_target_touches_only_that_names_temporaries(tmp_path):
+def test_remove_stale_for_a_target_touches_only_that_names_temporaries(tmp_path, dead_pid):
     """An export folder sits among the user's files: only `.<out>.<dead pid>.*.tmp` go."""
-    import subprocess
-    import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = dead_pid
     mine = tmp_path / f".x[1].{dead}.abc.tmp"
     mine.mkdir()
     (mine / "model.gguf").write_bytes(b"half")

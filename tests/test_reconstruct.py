@@ -143,6 +143,17 @@ def test_k_quant_codes_read_and_written_as_llama_cpp_does(fmt):
                                                                         w.shape).copy()))
 
 
+def _mlp_block() -> tuple[torch.nn.Module, list]:
+    """A 512-256-512 MLP (rows multiples of 256, as the K- and i-quants need) and 40 inputs of
+    correlated features of unequal energy, as activations are (where rounding can be chosen
+    better than to nearest)."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 512)).eval()
+    mix = torch.randn(512, 512) * torch.logspace(0, -2, 512)[:, None]
+    return block, [((torch.randn(1, 64, 512) @ mix,), {}) for _ in range(40)]
+
+
 @pytest.mark.parametrize("fmt", ["q2_K", "q3_K", "q4_K", "q4_0", "q5_1", "iq4_nl", "iq4_xs"])
 def test_k_quant_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
     """On a block whose rows are multiples of 256: codes learned onto the scales llama.cpp's
@@ -151,13 +162,7 @@ def test_k_quant_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
     from llmpareto.compress.dequant_k import K_DEQUANT
     from llmpareto.compress.kquant_codes import k_grid
 
-    torch.manual_seed(0)
-    block = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.GELU(),
-                                torch.nn.Linear(256, 512)).eval()
-    # correlated features of unequal energy, as activations are (where rounding can be
-    # chosen better than to nearest)
-    mix = torch.randn(512, 512) * torch.logspace(0, -2, 512)[:, None]
-    xs = [((torch.randn(1, 64, 512) @ mix,), {}) for _ in range(40)]
+    block, xs = _mlp_block()
     learn, held = xs[:32], xs[32:]
     f = get_format(fmt)
     names = ["0.weight", "2.weight"]
@@ -243,11 +248,7 @@ def test_lattice_rounding_learned_onto_llama_cpp_scales_beats_its_codes(fmt):
     of the blocks written, whose scales are the quantizer's byte for byte."""
     from llmpareto.compress import lattice_codes as lc
 
-    torch.manual_seed(0)
-    block = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.GELU(),
-                                torch.nn.Linear(256, 512)).eval()
-    mix = torch.randn(512, 512) * torch.logspace(0, -2, 512)[:, None]
-    xs = [((torch.randn(1, 64, 512) @ mix,), {}) for _ in range(40)]
+    block, xs = _mlp_block()
     learn, held = xs[:32], xs[32:]
     f = get_format(fmt)
     names = ["0.weight", "2.weight"]
