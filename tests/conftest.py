@@ -15,8 +15,18 @@ from optuna.trial import TrialState
 
 from llmpareto.tiny import build_tiny_model
 
-# calibrated variants and preset recipes go to a throw-away cache, never the user's
-os.environ.setdefault("LLMPARETO_CACHE", tempfile.mkdtemp(prefix="llmpareto-test-cache-"))
+# calibrated variants and preset recipes go to a throw-away cache, never the user's; removed
+# when the session ends (20 MB a run: /tmp would fill with them)
+_OWN_CACHE = None
+if "LLMPARETO_CACHE" not in os.environ:
+    _OWN_CACHE = os.environ["LLMPARETO_CACHE"] = tempfile.mkdtemp(prefix="llmpareto-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

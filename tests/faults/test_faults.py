@@ -170,8 +170,8 @@ def test_device_profile_with_wrong_units_is_refused(tmp_path, key):
     assert_clean([o])
 
 
-DISK_MODE = "tmpfs" if h.tmpfs_works(Path(tempfile.mkdtemp(prefix="faults-probe-"))) \
-    else "rlimit"
+with tempfile.TemporaryDirectory(prefix="faults-probe-") as _probe:
+    DISK_MODE = "tmpfs" if h.tmpfs_works(Path(_probe)) else "rlimit"
 
 
 def disk_sizes() -> list:
