@@ -120,15 +120,17 @@ def blockwise(runner, fmt: str, steps: int, batch: int) -> tuple[dict[str, torch
     return out, time.perf_counter() - t0
 
 
-def registered(runner, method: str, fmt: str, steps: int, scorer) -> dict:
-    """One of the search's recovery methods on the uniform `fmt` point of `runner`'s quantizer,
-    learned on the calibration text (a quarter as many windows held out), scored."""
+def registered(runner, method: str, fmt: str, steps: int, scorer, recipe=None,
+               label: str = "") -> dict:
+    """One of the search's recovery methods on the uniform `fmt` point of `runner`'s quantizer
+    (or on `recipe`, named `fmt`), learned on the calibration text (a quarter as many windows
+    held out), scored."""
     from llmpareto.recipe import Recipe
     from llmpareto.search.recover import REGISTRY, recovery_windows, use_recovered
 
     runner.settings.recover_tokens = runner.settings.calib_tokens
     learn, held = recovery_windows(runner)
-    recipe = Recipe({"_default": {"format": fmt}})
+    recipe = recipe or Recipe({"_default": {"format": fmt}})
     t0 = time.perf_counter()
     weights, exact = REGISTRY[method].run(runner, recipe, learn, steps, 0, False, held)
     secs = time.perf_counter() - t0
@@ -138,8 +140,48 @@ def registered(runner, method: str, fmt: str, steps: int, scorer) -> dict:
     finally:
         runner.cache.set_override({})
     return {"format": fmt, "method": f"recovery {method} ({steps} steps, from PTQ "
-            f"{runner.settings.quantizer})", "seconds": secs, "s_per_step": secs / max(1, steps),
-            **scores}
+            f"{runner.settings.quantizer}){label}", "seconds": secs,
+            "s_per_step": secs / max(1, steps), **scores}
+
+
+def recipe_rows(path: Path, steps: int, calib: int, evals: int, eval_text: Path) -> pd.DataFrame:
+    """A front point's recipe (runs/<study>/recipes/<trial>.json): PTQ with the importance
+    matrix, then block-wise reconstruction leaving the tensors its formats hold exactly as they
+    are (the search's rule), and learning them too (the rule off), each scored."""
+    from llmpareto.compress import apply
+    from llmpareto.recipe import Recipe
+    from llmpareto.search import recover_methods
+
+    recipe = Recipe.load(path)
+    runner = _runner("imatrix", calib, evals)
+    apply(runner.model, Recipe({}), runner.cache)
+    scorer = Scorer(runner.model, {"eval": runner.windows.eval,
+                                   "eval_text": text_windows(runner, eval_text, evals)})
+    rows = [{"format": "f16 (base)", "method": "-", "seconds": 0.0, **scorer(runner.model)}]
+    apply(runner.model, recipe, runner.cache)
+    name = path.stem if path.stem != "recipe" else str(path)
+    rows.append({"format": name, "method": "PTQ imatrix", "seconds": runner.calibrate_s,
+                 **scorer(runner.model)})
+    formats = runner.arch.formats_for(recipe)
+    blocks = [t.fqn for t in runner.arch.linears if t.layer is not None]
+    exact = [f for f in blocks if formats.get(f) not in (None, "f16")
+             and recover_methods.holds_exactly(runner.cache, f, formats[f])]
+    print(f"{name}: {len(exact)} of {len(blocks)} block linears held exactly by their format",
+          flush=True)
+    rule = recover_methods.EXACT_RTOL
+    for rtol, label in ((rule, ", exact tensors left as they are"),
+                        (-1.0, ", exact tensors learned too")):
+        recover_methods.EXACT_RTOL = rtol
+        recover_methods._exact_memo.clear()
+        try:
+            rows.append(registered(runner, "reconstruct", name, steps, scorer, recipe, label))
+        finally:
+            recover_methods.EXACT_RTOL = rule
+            recover_methods._exact_memo.clear()
+        print(rows[-1], flush=True)
+        if not exact:
+            break  # the two rows would be the same
+    return pd.DataFrame(rows)
 
 
 def students(specs: list[str], methods: tuple[str, ...], steps: int, calib: int, evals: int,
@@ -295,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--students", default="",
                     help="students to measure instead of formats: blocks kept[:MLP ratio], "
                          "comma-separated (e.g. 24,24:0.75), with --methods local,distill")
+    ap.add_argument("--recipe", type=Path, default=None,
+                    help="a front point's recipe JSON instead of --formats: PTQ and "
+                         "reconstruction with and without the exact-tensor rule")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
@@ -307,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         ap.error(f"--methods: unknown {bad[0]!r}; known: reconstruct-rtn, {', '.join(REGISTRY)}")
     torch.manual_seed(0)
-    if a.students:
+    if a.recipe:
+        df = recipe_rows(a.recipe, a.steps, a.calib_tokens, a.eval_tokens, a.eval_text)
+    elif a.students:
         df = students(a.students.split(","), methods, a.distill_steps, a.calib_tokens,
                       a.eval_tokens, a.eval_text)
     else:

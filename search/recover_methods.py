@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -50,7 +51,31 @@ def _grid_tensors(bench, recipe: Recipe) -> dict[str, str]:
     formats = bench.arch.formats_for(recipe)
     return {t.fqn: formats[t.fqn] for t in bench.arch.linears
             if t.layer is not None and any(formats.get(t.fqn) in g
-                                           for g in (GRIDS, CODES, LATTICE_CODES))}
+                                           for g in (GRIDS, CODES, LATTICE_CODES))
+            and not holds_exactly(bench.cache, t.fqn, formats[t.fqn])}
+
+
+# Relative to the tensor's largest weight: float32 rounding of the same value computed two ways
+# is ~1e-7; the coarsest real quantization error of these grids (q8_0) is ~1e-3.
+EXACT_RTOL = 1e-6
+_exact_memo: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def holds_exactly(cache, fqn: str, fmt: str) -> bool:
+    """Whether `fmt` reproduces the base weights of `fqn` (a model published quantized, such
+    as the default model's Q4_1 blocks in q5_1). Such a tensor has nothing to recover: learning
+    it would only trade its exactness for compensating other tensors' errors on the
+    calibration text, which did not carry to another domain (docs/recovery.md). A tensor an
+    earlier round learned is not exact."""
+    if fqn in cache.override:
+        return False
+    memo = _exact_memo.setdefault(cache, {})
+    if (fqn, fmt) not in memo:
+        base = cache.base[fqn]
+        q = cache.dequantized(fqn, fmt)
+        err = float((q - base.to(q.device, torch.float32)).abs().max())
+        memo[(fqn, fmt)] = err <= EXACT_RTOL * float(base.abs().max())
+    return memo[(fqn, fmt)]
 
 
 Start = tuple[dict[str, torch.Tensor], bool]  # weights an earlier round kept, and their `exact`

@@ -123,3 +123,43 @@ def test_a_lattice_i_quant_is_reconstructed_into_its_own_blocks(tiny_model_dir):
                                   got[PACKED + fqn].numpy().reshape(-1))
     finally:
         bench.cache.set_override({})
+
+
+def test_a_tensor_its_format_holds_exactly_is_left_as_it_is(tiny_model_dir, tmp_path):
+    """A model published quantized (the default model: Q4_1, which q5_1 holds exactly):
+    reconstruction learns only the tensors their format changes; one it reproduces keeps the
+    base weights, else it would trade its exactness for the calibration text."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmpareto.formats import get_format
+    from llmpareto.recipe import Recipe
+    from llmpareto.search.recover import REGISTRY, recovery_windows
+    from llmpareto.search.recover_methods import _grid_tensors, holds_exactly
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    fmt = get_format("q4_0")
+    for layer in model.model.layers:  # q_proj published as q4_0: its own blocks, dequantized
+        w = layer.self_attn.q_proj.weight
+        w.data = torch.from_numpy(fmt.dequantize(fmt.quantize(w.detach().numpy()), w.shape))
+    out = tmp_path / "published"
+    model.save_pretrained(out)
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, out / f.name)
+    bench = TrialRunner(SearchSettings(model=str(out), window=64, eval_tokens=128,
+                                       calib_tokens=512, progress=False, presets="none",
+                                       formats="q4_0,q8_0,f16", context=256))
+    recipe = Recipe.uniform("q4_0")
+    q = [t.fqn for t in bench.arch.linears if t.fqn.endswith("q_proj")]
+    learn_set = _grid_tensors(bench, recipe)
+    assert q and not set(q) & set(learn_set)
+    assert {t.fqn for t in bench.arch.linears if t.layer is not None} - set(q) <= set(learn_set)
+    assert not holds_exactly(bench.cache, q[0], "q8_0")  # q8_0 has other steps: not exact
+    learn, held = recovery_windows(bench)
+    weights, _ = REGISTRY["reconstruct"].run(bench, recipe, learn, 4, 0, False, held)
+    assert weights and not any(k.endswith(tuple(q)) for k in weights)
