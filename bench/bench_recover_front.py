@@ -5,6 +5,7 @@ nothing in the run calibrated or trained on it) as KL to the base model and perp
 
 Run: python -m llmpareto.bench.bench_recover_front [--trials 30] [--recover-steps 16]
      [--recover-rounds 1] [--recover-tokens 1024] [--formats LIST] [--out DIR]
+     [--resume STUDY]  (a killed run continues where it stopped, same flags)
      (--quick: to check it runs)
 
 With --joint SPACE (e.g. formats,students,sparsity): two searches with the same trials and
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--joint", default=None, help="a joint --space to compare with formats "
                     "alone after recovery, e.g. formats,students,sparsity")
+    ap.add_argument("--resume", default=None, metavar="STUDY",
+                    help="continue a killed run (runs/<STUDY> under --out), same flags")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
@@ -137,11 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.joint:
         return joint(a)
     out = Path(a.out)
-    study = f"recover-front-{time.strftime('%Y%m%d-%H%M%S')}"
+    study = a.resume or f"recover-front-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
     llmpareto.search(study=study, runs_dir=str(out / "runs"), trials=a.trials,
                      recover_steps=a.recover_steps, recover_rounds=a.recover_rounds,
                      recover_tokens=a.recover_tokens, progress=True,
+                     **({"resume": True} if a.resume else {}),
                      **({"formats": a.formats} if a.formats else {}))
     seconds = time.perf_counter() - t0
     run = out / "runs" / study
