@@ -187,6 +187,12 @@ def _distill(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     try:
         built = bench.build(recipe)
         masks, formats, _ = _student_start(built)
+        if qat:  # a tensor its format holds exactly has nothing to learn (holds_exactly)
+            c = bench.cache
+            for fqn, fmt in built.formats.items():
+                if fmt and not c.current_sparsity[fqn] and c.current_slice[fqn] is None \
+                        and holds_exactly(c, fqn, fmt):
+                    c.weight(fqn).requires_grad_(False)
         teacher, _ = load_model(bench.source, bench.placement)
         try:
             distill(built.model, teacher, windows, steps, lr=1e-4, batch_size=4, alpha=0.0,

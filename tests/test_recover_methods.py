@@ -163,3 +163,9 @@ def test_a_tensor_its_format_holds_exactly_is_left_as_it_is(tiny_model_dir, tmp_
     learn, held = recovery_windows(bench)
     weights, _ = REGISTRY["reconstruct"].run(bench, recipe, learn, 4, 0, False, held)
     assert weights and not any(k.endswith(tuple(q)) for k in weights)
+    # quantization-aware training (the ladder's next rung) does not move them either
+    trained, _ = REGISTRY["qat"].run(bench, recipe, learn, 2, 0, False, held,
+                                     start=(weights, True))
+    assert all(torch.equal(trained[f], bench.cache.base[f].float()) for f in q)
+    others = [f for f in trained if f not in q and f in learn_set]
+    assert any(not torch.equal(trained[f], weights[f]) for f in others)
