@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import logging
 import os
 import statistics
@@ -141,12 +142,14 @@ def time_decode_steps(model: torch.nn.Module, context: int, steps: int) -> list[
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, context + 1), generator=gen)
     out: list[float] = []
+    # transformers renamed past_key_values to cache (5.2x; the old name goes in 5.40)
+    kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        cache = model(input_ids=ids[:, :context], use_cache=True).past_key_values
+        cache = getattr(model(input_ids=ids[:, :context], use_cache=True), kv)
         step = ids[:, context:]
         for i in range(steps + 2):
             t0 = time.perf_counter()
-            model(input_ids=step, past_key_values=cache, use_cache=True)
+            model(input_ids=step, use_cache=True, **{kv: cache})
             if i >= 2:  # the first steps warm allocator and thread pool
                 out.append(time.perf_counter() - t0)
             cache.crop(-1)  # back to `context` positions
