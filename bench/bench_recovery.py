@@ -19,6 +19,9 @@ Run: python -m llmpareto.bench.bench_recovery [--formats q4_0,q4_1] [--steps 200
      [--methods reconstruct-rtn,reconstruct,distill,qat] [--distill-steps 10]
      [--calib-tokens 4096] [--eval-text FILE] [--out DIR]   (--quick: to check that it runs)
      python -m llmpareto.bench.bench_recovery --students 24,24:0.75 --methods local,distill
+     python -m llmpareto.bench.bench_recovery --recipe runs/<study>/recipes/<trial>.json
+         [--ladder --distill-steps 8]   (one front point; --ladder: the ladder's gain over a
+         restart: QAT from reconstruction's weights against QAT from the post-training point)
 """
 
 from __future__ import annotations
@@ -120,20 +123,31 @@ def blockwise(runner, fmt: str, steps: int, batch: int) -> tuple[dict[str, torch
     return out, time.perf_counter() - t0
 
 
-def registered(runner, method: str, fmt: str, steps: int, scorer, recipe=None,
-               label: str = "") -> dict:
-    """One of the search's recovery methods on the uniform `fmt` point of `runner`'s quantizer
-    (or on `recipe`, named `fmt`), learned on the calibration text (a quarter as many windows
-    held out), scored."""
-    from llmpareto.recipe import Recipe
-    from llmpareto.search.recover import REGISTRY, recovery_windows, use_recovered
+def learned(runner, method: str, recipe, steps: int, start=None):
+    """(weights, exact, seconds) of one of the search's recovery methods on `recipe`, learned
+    on the calibration text (a quarter as many windows held out), from `start` (weights an
+    earlier rung kept, and their `exact`) or the post-training point."""
+    from llmpareto.search.recover import REGISTRY, recovery_windows
 
     runner.settings.recover_tokens = runner.settings.calib_tokens
     learn, held = recovery_windows(runner)
-    recipe = recipe or Recipe({"_default": {"format": fmt}})
     t0 = time.perf_counter()
-    weights, exact = REGISTRY[method].run(runner, recipe, learn, steps, 0, False, held)
-    secs = time.perf_counter() - t0
+    weights, exact = REGISTRY[method].run(runner, recipe, learn, steps, 0, False, held, start)
+    return weights, exact, time.perf_counter() - t0
+
+
+def registered(runner, method: str, fmt: str, steps: int, scorer, recipe=None,
+               label: str = "", start=None, keep: dict | None = None) -> dict:
+    """One of the search's recovery methods on the uniform `fmt` point of `runner`'s quantizer
+    (or on `recipe`, named `fmt`), from `start` or the post-training point, scored; `keep`
+    receives its weights under the method's name."""
+    from llmpareto.recipe import Recipe
+    from llmpareto.search.recover import use_recovered
+
+    recipe = recipe or Recipe({"_default": {"format": fmt}})
+    weights, exact, secs = learned(runner, method, recipe, steps, start)
+    if keep is not None:
+        keep[method] = (weights, exact)
     try:
         use_recovered(runner, recipe, weights, exact)
         scores = scorer(runner.model)
@@ -181,6 +195,38 @@ def recipe_rows(path: Path, steps: int, calib: int, evals: int, eval_text: Path)
         print(rows[-1], flush=True)
         if not exact:
             break  # the two rows would be the same
+    return pd.DataFrame(rows)
+
+
+def ladder_rows(path: Path, steps: int, distill_steps: int, calib: int, evals: int,
+                eval_text: Path) -> pd.DataFrame:
+    """The ladder's gain over restarting, on a front point's recipe: PTQ with the importance
+    matrix; block-wise reconstruction (`steps`, round 0 of the search's ladder); QAT
+    (`distill_steps`) from the post-training point (a restart); and QAT for as many steps from
+    the weights reconstruction learned (round 1 of the ladder), each scored."""
+    from llmpareto.compress import apply
+    from llmpareto.recipe import Recipe
+
+    recipe = Recipe.load(path)
+    runner = _runner("imatrix", calib, evals)
+    apply(runner.model, Recipe({}), runner.cache)
+    scorer = Scorer(runner.model, {"eval": runner.windows.eval,
+                                   "eval_text": text_windows(runner, eval_text, evals)})
+    rows = [{"format": "f16 (base)", "method": "-", "seconds": 0.0, **scorer(runner.model)}]
+    apply(runner.model, recipe, runner.cache)
+    name = path.stem
+    rows.append({"format": name, "method": "PTQ imatrix", "seconds": runner.calibrate_s,
+                 **scorer(runner.model)})
+    kept: dict = {}
+    for method, n, start, label in (
+            ("reconstruct", steps, None, " (rung 0)"),
+            ("qat", distill_steps, None, ", a restart"),
+            ("qat", distill_steps, "reconstruct", " (rung 1)")):
+        rows.append(registered(runner, method, name, n, scorer, recipe, label,
+                               start=kept.get(start), keep=kept))
+        if start is not None:
+            rows[-1]["method"] = rows[-1]["method"].replace("from PTQ imatrix", "from rung 0")
+        print(rows[-1], flush=True)
     return pd.DataFrame(rows)
 
 
@@ -340,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recipe", type=Path, default=None,
                     help="a front point's recipe JSON instead of --formats: PTQ and "
                          "reconstruction with and without the exact-tensor rule")
+    ap.add_argument("--ladder", action="store_true",
+                    help="with --recipe: reconstruction, QAT from the post-training point (a "
+                         "restart) and QAT from reconstruction's weights (the search's ladder)")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     if a.quick:
@@ -352,7 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         ap.error(f"--methods: unknown {bad[0]!r}; known: reconstruct-rtn, {', '.join(REGISTRY)}")
     torch.manual_seed(0)
-    if a.recipe:
+    if a.ladder and not a.recipe:
+        ap.error("--ladder needs --recipe FILE (a front point's recipe JSON)")
+    if a.recipe and a.ladder:
+        df = ladder_rows(a.recipe, a.steps, a.distill_steps, a.calib_tokens, a.eval_tokens,
+                         a.eval_text)
+    elif a.recipe:
         df = recipe_rows(a.recipe, a.steps, a.calib_tokens, a.eval_tokens, a.eval_text)
     elif a.students:
         df = students(a.students.split(","), methods, a.distill_steps, a.calib_tokens,
