@@ -28,6 +28,11 @@ _HELP = {
                       "quantization-aware training in later rounds; end-to-end "
                       "distillation for students and pruned ones) | reconstruct | local "
                       "(blockwise local distillation) | distill | qat",
+    "recover_guard": "with --recover-steps: a text of a third domain (neither --text nor "
+                     "--eval-text) nothing learns on; a point keeps recovered weights only "
+                     "when they are also no further from the base model on it (default: the "
+                     "shipped python-source, Python code; none: held-out calibration windows "
+                     "alone decide)",
     "recover_here": "with --storage: this process recovers points too (--no-recover-here: it "
                     "only hands them to the study's workers, e.g. from a machine without "
                     "the GPU)",

@@ -56,6 +56,10 @@ class SettingsForm:
     recover_rounds: int = 2  # successive halving: round r runs recover_steps * 2**r steps
     recover_tokens: int = 4096  # calibration tokens recovery learns on (the text less eval)
     recover_method: str = "auto"  # auto (by what a candidate changed) | a compress.recovery name
+    # a text of a third domain (neither --text nor --eval-text) that nothing learns on: a
+    # point keeps recovered weights only when they are also no further from the base model on
+    # it (docs/recovery.md); the shipped python-source, a file, or none
+    recover_guard: str = "python-source"
     # --storage: whether the search process recovers points too, or only hands them to the
     # workers of the study (a coordinator on a machine without the accelerator)
     recover_here: bool = True
@@ -176,6 +180,8 @@ class SettingsForm:
             setattr(self, name, int(value))
         if self.eval_text in (None, "", "None"):
             self.eval_text = "none"
+        if self.recover_guard in (None, "", "None"):
+            self.recover_guard = "none"
         if not self.recover_here and self.recover_steps and not self.storage:
             raise UserError("--no-recover-here leaves recovery to the workers of a shared "
                             "study: give --storage URL too, or drop --no-recover-here")

@@ -18,6 +18,11 @@ DEFAULT_TEXT = "pydoc"
 # The evaluation text of another domain (legal prose, not documentation) that a run never
 # calibrates or trains on: the history and license of Python, shipped in llmpareto/texts/.
 DEFAULT_EVAL_TEXT = "python-license"
+# The guard text of a third domain (source code) that recovery's keep rule reads and nothing
+# learns on: excerpts of eight CPython 3.11 standard-library modules (argparse, textwrap,
+# fractions, statistics, heapq, csv, shlex, difflib; PSF license), shipped beside it.
+DEFAULT_GUARD_TEXT = "python-source"
+SHIPPED_TEXTS = (DEFAULT_EVAL_TEXT, DEFAULT_GUARD_TEXT)
 TEXTS = Path(__file__).parent / "texts"
 # Peak memory of tokenizing once, per byte of text: the fast tokenizer keeps ids, offsets and
 # token strings per token (measured 148-154 with a BPE on 20 and 50 MB of the CPython docs).
@@ -97,36 +102,46 @@ def read_text(files: list[str] | None) -> tuple[str, str]:
 
 
 def eval_text_path(name: str) -> Path:
-    """The file `--eval-text name` reads: a shipped text by name, else a path."""
-    return TEXTS / f"{name}.txt" if name == DEFAULT_EVAL_TEXT else Path(name).expanduser()
+    """The file `--eval-text name` (or `--recover-guard name`) reads: a shipped text by name,
+    else a path."""
+    return TEXTS / f"{name}.txt" if name in SHIPPED_TEXTS else Path(name).expanduser()
 
 
-def read_eval_text(name: str, text: list[str] | None) -> tuple[str, str]:
-    """(text, description) of `--eval-text name`, refusing a missing, empty or non-UTF-8 file
-    and one with the same contents as `--text` (it would not be held out)."""
+def read_eval_text(name: str, text: list[str] | None, flag: str = "--eval-text",
+                   default: str = DEFAULT_EVAL_TEXT,
+                   others: tuple[tuple[str, str], ...] = ()) -> tuple[str, str]:
+    """(text, description) of `flag name` (a text of another domain the run never calibrates
+    or trains on), refusing a missing, empty or non-UTF-8 file and one with the same contents
+    as `--text` (it would not be held out) or as any of `others` ((flag, name) pairs)."""
     p = eval_text_path(name)
     if not p.is_file():
-        raise UserError(f"--eval-text {name}: no such file; give a UTF-8 text of another domain "
-                        f"than --text, or leave it out to use the shipped {DEFAULT_EVAL_TEXT}, "
+        raise UserError(f"{flag} {name}: no such file; give a UTF-8 text of another domain "
+                        f"than --text, or leave it out to use the shipped {default}, "
                         "or none")
     try:
         content = p.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as exc:
-        raise UserError(f"--eval-text {name}: cannot read it as UTF-8 text ({exc})") from None
+        raise UserError(f"{flag} {name}: cannot read it as UTF-8 text ({exc})") from None
     if not content.strip():
-        raise UserError(f"--eval-text {name} is empty; give a file with some prose in it")
+        raise UserError(f"{flag} {name} is empty; give a file with some prose in it")
     main, desc = read_text(text)
     same = content.strip() == main.strip() or any(
         content.strip() == Path(f).expanduser().read_text(encoding="utf-8").strip()
         for f in (text or []) if f != DEFAULT_TEXT)
     if same:
-        raise UserError(f"--eval-text {name} is the same text as --text ({desc}): it must be "
+        raise UserError(f"{flag} {name} is the same text as --text ({desc}): it must be "
                         "a text the run never calibrates or trains on; give another file")
-    return content, (DEFAULT_EVAL_TEXT + " (shipped)") if name == DEFAULT_EVAL_TEXT else name
+    for other_flag, other in others:
+        q = eval_text_path(other)
+        if q.is_file() and content.strip() == q.read_text(encoding="utf-8").strip():
+            raise UserError(f"{flag} {name} is the same text as {other_flag} {other}: give "
+                            "a text of a third domain, or none")
+    return content, (name + " (shipped)") if name in SHIPPED_TEXTS else name
 
 
 def eval_text_windows(tokenizer, text: tuple[str, str], window: int, tokens: int,
-                      bos: int | None = None) -> tuple[np.ndarray, str]:
+                      bos: int | None = None, flag: str = "--eval-text",
+                      ) -> tuple[np.ndarray, str]:
     """Windows of the evaluation text as the model runs (BOS first when it adds one), as many
     as `tokens` asks and the text holds (at least one); and the text's sha256."""
     content, desc = text
@@ -134,7 +149,7 @@ def eval_text_windows(tokenizer, text: tuple[str, str], window: int, tokens: int
     span = window - (bos is not None)
     n = min(len(ids) // span, -(-tokens // window))
     if n < 1:
-        raise UserError(f"--eval-text {desc} has {len(ids)} tokens, fewer than one window of "
+        raise UserError(f"{flag} {desc} has {len(ids)} tokens, fewer than one window of "
                         f"{span}; give a longer text or a smaller --window")
     wins = ids[np.linspace(0, len(ids) // span - 1, n).round().astype(int)[:, None] * span
                + np.arange(span)[None, :]]

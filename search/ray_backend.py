@@ -118,14 +118,13 @@ def _recover_task(settings_dict: dict, recipe_json: str, trial: int, steps: int,
     import ray
     import torch
 
-    from llmpareto.search.recover import Measure, eval_text_windows, recover_point, recovery_windows
+    from llmpareto.search.recover import recover_point, recovery_measure
 
     torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
     runner, _ = _worker_runner(worker_placement(settings_dict))
     if id(runner) not in _MEASURES:
         _MEASURES.clear()
-        learn, held = recovery_windows(runner)
-        _MEASURES[id(runner)] = (learn, Measure(runner, eval_text_windows(runner), held))
+        _MEASURES[id(runner)] = recovery_measure(runner)
     learn, measure = _MEASURES[id(runner)]
     out = recover_point(runner, Recipe.from_json(recipe_json), trial, steps, learn, measure,
                         runner.settings, before=before, rung=rung, start=start)

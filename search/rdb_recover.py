@@ -298,7 +298,7 @@ def serve(study, runner, settings, progress: bool = False) -> int:
     and run them until it says recovery is over (or stays silent for GRACE_S, or never
     appears within WAIT_S). Returns how many points this process recovered."""
     from llmpareto.errors import UserError
-    from llmpareto.search.recover import Measure, eval_text_windows, recover_point, recovery_windows
+    from llmpareto.search.recover import recover_point, recovery_measure
 
     if not settings.recover_steps:
         return 0
@@ -308,8 +308,7 @@ def serve(study, runner, settings, progress: bool = False) -> int:
         job = board.claim()
         if job is not None:
             if measure is None:
-                learn, held = recovery_windows(runner)
-                measure = Measure(runner, eval_text_windows(runner), held)
+                learn, measure = recovery_measure(runner)
             try:
                 with board.beating(job.trial, job.steps):
                     outcome = recover_point(runner, job.recipe, job.trial, job.steps, learn,

@@ -47,6 +47,7 @@ QUALITY = ("perplexity", "kl_nats")  # measured per text and per stage
 EVAL_TEXT = "eval_text_"
 ROUNDS_ATTR = "llmpareto_recover_rounds"  # study user attr: round -> its trials, once decided
 HOLDOUT_KL = "recover_holdout_kl_nats"  # KL on held-out calibration windows, weights in use
+GUARD_KL = "recover_guard_kl_nats"  # KL on --recover-guard (a third domain), weights in use
 
 
 def weights_path(run_dir: Path, trial: int) -> Path:
@@ -61,7 +62,7 @@ class Measure:
     one forward pass per text; the base model's log-probabilities computed once."""
 
     def __init__(self, bench, eval_text: np.ndarray | None,
-                 holdout: np.ndarray | None = None) -> None:
+                 holdout: np.ndarray | None = None, guard: np.ndarray | None = None) -> None:
         from llmpareto.compress import apply
         from llmpareto.evaluators.quality import log_probs64, logits_of
 
@@ -72,16 +73,26 @@ class Measure:
         apply(bench.model, Recipe(), bench.cache)
         bs = bench.settings.batch_size
         self.base = {k: log_probs64(logits_of(bench.model, w, bs)) for k, w in self.texts.items()}
-        self.holdout = holdout
-        self.holdout_base = None if holdout is None else \
-            log_probs64(logits_of(bench.model, holdout, bs))
+        self.holdout, self.guard = holdout, guard
+        self.holdout_base, self.guard_base = (
+            None if w is None else log_probs64(logits_of(bench.model, w, bs))
+            for w in (holdout, guard))
 
     def holdout_kl(self) -> float:
         """KL to the base model on the held-out calibration windows (never the evaluation
         windows or text): what decides whether a point keeps its recovered weights."""
+        return self._kl(self.holdout, self.holdout_base)
+
+    def guard_kl(self) -> float | None:
+        """KL to the base model on the guard text (`--recover-guard`, a third domain nothing
+        learns on; never the evaluation text), None without one: recovered weights that are
+        further from the base there are not kept."""
+        return None if self.guard is None else self._kl(self.guard, self.guard_base)
+
+    def _kl(self, windows: np.ndarray, base) -> float:
         from llmpareto.evaluators.quality import text_scores
 
-        return float(text_scores(self.bench.model, self.holdout, self.holdout_base,
+        return float(text_scores(self.bench.model, windows, base,
                                  self.bench.settings.batch_size)["kl_nats"])
 
     def __call__(self, prefix: str = "") -> dict[str, float]:
@@ -107,6 +118,22 @@ def eval_text_windows(bench) -> np.ndarray | None:
                s.eval_text_tokens, bench.bos)[0]
 
 
+def guard_windows(bench) -> np.ndarray | None:
+    """The run's `--recover-guard` windows, cut as the model runs, as many tokens as
+    --eval-text-tokens (None with --recover-guard none)."""
+    from llmpareto.text import DEFAULT_GUARD_TEXT, read_eval_text
+    from llmpareto.text import eval_text_windows as cut
+
+    s = bench.settings
+    if s.recover_guard == "none":
+        return None
+    others = (("--eval-text", s.eval_text),) if s.eval_text != "none" else ()
+    text = read_eval_text(s.recover_guard, s.text, flag="--recover-guard",
+                          default=DEFAULT_GUARD_TEXT, others=others)
+    return cut(bench.tokenizer, text, s.window, s.eval_text_tokens, bench.bos,
+               flag="--recover-guard")[0]
+
+
 def recovery_windows(bench) -> tuple[np.ndarray, np.ndarray]:
     """Calibration text (the run's text less its evaluation windows), as the model runs: up to
     --recover-tokens of it to learn on, evenly spread, and a quarter as many other windows
@@ -129,6 +156,13 @@ def recovery_windows(bench) -> tuple[np.ndarray, np.ndarray]:
     rest = np.setdiff1d(np.arange(len(every)), learn)
     keep = rest[np.linspace(0, len(rest) - 1, min(held, len(rest))).round().astype(int)]
     return every[learn], every[keep]
+
+
+def recovery_measure(bench) -> tuple[np.ndarray, Measure]:
+    """What recovering points on `bench` needs, built once per process: the calibration
+    windows it learns on, and a Measure with the held-out ones and the guard text."""
+    learn, held = recovery_windows(bench)
+    return learn, Measure(bench, eval_text_windows(bench), held, guard_windows(bench))
 
 
 # ---------------------------------------------------------------- the stage
@@ -229,8 +263,8 @@ def after_search(bench, study, rd, settings, progress: bool = True,
         return
     from tqdm.auto import tqdm
 
-    learn, held = recovery_windows(bench) if rounds else (None, None)
-    measure = Measure(bench, eval_text_windows(bench), held)
+    learn, measure = recovery_measure(bench) if rounds else \
+        (None, Measure(bench, eval_text_windows(bench)))
     for t in tqdm(measure_todo, desc="measuring the front", unit="point", leave=False,
                   disable=not progress):
         bench.build(Recipe.load(rd.recipe_path(t)))
@@ -292,10 +326,15 @@ def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.nda
     method = choose_method(bench, recipe, settings.recover_method, rung)
     if method is None:
         return Outcome({"recover_method": "none"})
-    now_kl = before.get(HOLDOUT_KL)
-    if now_kl is None:  # the post-training point, as scored
-        bench.build(recipe)
-        now_kl = measure.holdout_kl()
+    now_kl, now_guard = before.get(HOLDOUT_KL), before.get(GUARD_KL)
+    if now_kl is None or (now_guard is None and measure.guard is not None):
+        # the weights the point has now, as scored: post-training, or an earlier round's
+        try:
+            use_recovered(bench, recipe, *start) if start is not None else bench.build(recipe)
+            now_kl = measure.holdout_kl() if now_kl is None else now_kl
+            now_guard = measure.guard_kl() if now_guard is None else now_guard
+        finally:
+            bench.cache.set_override({})
     t0 = time.perf_counter()
     try:
         weights, exact = REGISTRY[method].run(bench, recipe, windows, steps,
@@ -307,9 +346,10 @@ def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.nda
     out = {"recover_method": method, "recover_steps": steps, "recover_s": round(seconds, 3)}
     try:
         use_recovered(bench, recipe, weights, exact)
-        got_kl = measure.holdout_kl()
-        if not got_kl < now_kl:  # no gain on windows it never learned on: keep what it has
-            return Outcome({**out, HOLDOUT_KL: now_kl,
+        got_kl, got_guard = measure.holdout_kl(), measure.guard_kl()
+        veto = vetoed(now_kl, got_kl, now_guard, got_guard)
+        if veto:  # not closer to the base where it never learned: keep what it has
+            return Outcome({**out, HOLDOUT_KL: now_kl, **_guard(now_guard), "recover_veto": veto,
                             "recover_used": bool(before.get("recover_used")),
                             **({"recover_chain": before["recover_chain"]}
                                if before.get("recover_chain") else {})})
@@ -318,10 +358,27 @@ def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.nda
         bench.cache.set_override({})
     by = f"{before['recover_chain']}+{method}" if start is not None and before.get(
         "recover_chain") else method
-    return Outcome({**scores, **out, HOLDOUT_KL: got_kl, "recover_used": True,
-                    "recover_chain": by}, weights,
+    return Outcome({**scores, **out, HOLDOUT_KL: got_kl, **_guard(got_guard),
+                    "recover_veto": "", "recover_used": True, "recover_chain": by}, weights,
                    {"trial": str(trial), "method": by, "steps": str(steps),
                     "exact": json.dumps(exact)})
+
+
+def vetoed(now_kl: float, got_kl: float, now_guard: float | None = None,
+           got_guard: float | None = None) -> str:
+    """The keep rule: why recovered weights are not kept ("" when they are). "holdout": no
+    closer to the base model (KL) on the held-out calibration windows than the weights the
+    point has; "guard": further from it on the guard text (a third domain). Fitting the
+    calibration domain at the cost of others shows there (docs/recovery.md)."""
+    if not got_kl < now_kl:
+        return "holdout"
+    if now_guard is not None and got_guard is not None and not got_guard <= now_guard:
+        return "guard"
+    return ""
+
+
+def _guard(kl: float | None) -> dict:
+    return {} if kl is None else {GUARD_KL: kl}
 
 
 def save_outcome(run_dir: Path, trial: int, outcome: Outcome) -> dict:

@@ -20,11 +20,19 @@ class SearchSettings(SettingsForm):
         self._check_eval_text()
 
     def _check_eval_text(self) -> None:
-        """--eval-text readable and another text than --text; --recover-method known."""
+        """--eval-text readable and another text than --text; with recovery, --recover-guard
+        readable and another text than both; --recover-method known."""
         if self.eval_text != "none":
             from llmpareto.text import read_eval_text
 
             read_eval_text(self.eval_text, self.text)
+        if self.recover_steps and self.recover_guard != "none":
+            from llmpareto.text import DEFAULT_GUARD_TEXT, read_eval_text
+
+            read_eval_text(self.recover_guard, self.text, flag="--recover-guard",
+                           default=DEFAULT_GUARD_TEXT,
+                           others=(("--eval-text", self.eval_text),)
+                           if self.eval_text != "none" else ())
         if self.recover_method != "auto":
             from llmpareto.search.recover_methods import REGISTRY
 

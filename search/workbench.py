@@ -82,8 +82,9 @@ class Workbench:
         if free is None:
             return 0
         s, vocab = self.settings, int(self.model.config.vocab_size)
+        texts = 1 + bool(s.recover_steps and s.recover_guard != "none")  # eval text, guard
         working = (6 * s.batch_size * s.window * vocab * 4  # logits, softmax, float64 copies
-                   + 8 * (s.eval_tokens + s.eval_text_tokens) * vocab)  # base log-probs KL keeps
+                   + 8 * (s.eval_tokens + s.eval_text_tokens * texts) * vocab)  # base log-probs
         return max(0, int(0.9 * free) - s.dequant_cache - working)
 
     def _set_quantizer(self) -> float:

@@ -58,6 +58,8 @@ def test_recovered_columns_per_text_and_stage_in_trials_and_front(recovered_run)
     chains = set(tried.loc[tried["recover_used"].astype(bool), "recover_chain"])
     assert chains and chains <= {"reconstruct", "reconstruct+qat"}
     assert np.isfinite(tried["recover_holdout_kl_nats"]).all()
+    assert np.isfinite(tried["recover_guard_kl_nats"]).all()  # the guard text was measured
+    assert set(tried["recover_veto"].fillna("")) <= {"", "holdout", "guard"}
     done = tried[tried["recover_used"].astype(bool)]  # closer to the base on held-out windows
     assert len(done) >= 1
     for col in ["eval_text_perplexity", "eval_text_kl_nats", *RECOVERED]:
@@ -145,7 +147,8 @@ def test_recovery_lowers_kl_on_the_windows_it_never_learned_on(tiny_model_dir, t
 def test_the_eval_text_is_never_read_by_calibration_or_training(tiny_model_dir, tmp_path,
                                                                monkeypatch):
     """Every forward pass of every model the search loads (the candidate, a teacher) is
-    watched: a batch holding a window of the evaluation text may only come from measuring
+    watched: a batch holding a window of the evaluation text (or of recovery's guard
+    text) may only come from measuring
     (`text_scores`, the base log-probs in `Measure`). The test fails if calibration (the
     importance matrix, GPTQ, pruning statistics), a trial or recovery ever reads one; and it
     checks that the measurement did read them, so the watch is known to work."""
@@ -155,6 +158,8 @@ def test_the_eval_text_is_never_read_by_calibration_or_training(tiny_model_dir, 
 
     eval_text = tmp_path / "held-out.txt"
     eval_text.write_text(" ".join(f"zebra{i} quartz{i % 7} ledger" for i in range(900)))
+    guard = tmp_path / "guard.txt"  # recovery's guard text: only measured, like the eval text
+    guard.write_text(" ".join(f"def f{i}(x): return x * {i % 5}" for i in range(700)))
     loaded = []
     real = models.load_model
 
@@ -193,9 +198,11 @@ def test_the_eval_text_is_never_read_by_calibration_or_training(tiny_model_dir, 
     monkeypatch.setattr(recover, "eval_text_windows", with_held)
     # the windows the search will cut, known before it starts, so calibration is watched too
     _, tok = real(models.resolve_model(str(tiny_model_dir)))
-    held.append(eval_text_windows(tok, read_eval_text(str(eval_text), None), 64, 256)[0])
+    for text in (eval_text, guard):
+        held.append(eval_text_windows(tok, read_eval_text(str(text), None), 64, 256)[0])
     held[:] = [np.concatenate(held)]
     s = _settings(tiny_model_dir, tmp_path, eval_text=str(eval_text), eval_text_tokens=256,
+                  recover_guard=str(guard),
                   quantizer="gptq", calib_tokens=256, formats="q4_0,q8_0", trials=4,
                   recover_rounds=1)
     llmpareto.search(**s)
@@ -255,14 +262,25 @@ def test_recovery_resumes_after_a_kill(tiny_model_dir, tmp_path):
     (["--eval-text", "EMPTY"], "is empty"),
     (["--eval-text", "SAME", "--text", "SAME"], "is the same text as --text"),
     (["--recover-method", "magic"], "--recover-method 'magic'; choose auto or one of"),
+    (["--recover-steps", "2", "--recover-guard", "/nonexistent/g.txt"],
+     "--recover-guard /nonexistent/g.txt: no such file"),
+    (["--recover-steps", "2", "--recover-guard", "EMPTY"], "--recover-guard EMPTY is empty"),
+    (["--recover-steps", "2", "--recover-guard", "SAME", "--text", "SAME"],
+     "--recover-guard SAME is the same text as --text"),
+    (["--recover-steps", "2", "--recover-guard", "SAME", "--eval-text", "SAME2"],
+     "--recover-guard SAME is the same text as --eval-text SAME2"),
     (["--recover-steps", "2", "--no-recover-here"],
      "--no-recover-here leaves recovery to the workers of a shared study: give --storage URL"),
 ])
 def test_bad_recovery_input_is_one_line(capsys, tmp_path, tiny_model_dir, extra, match):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "same.txt").write_text("some prose " * 2000)
-    extra = [{"EMPTY": str(tmp_path / "empty.txt"), "SAME": str(tmp_path / "same.txt")}.get(a, a)
-             for a in extra]
+    (tmp_path / "same2.txt").write_text("some prose " * 2000 + "\n")
+    files = {"EMPTY": str(tmp_path / "empty.txt"), "SAME": str(tmp_path / "same.txt"),
+             "SAME2": str(tmp_path / "same2.txt")}
+    extra = [files.get(a, a) for a in extra]
+    for name, path in sorted(files.items(), key=lambda kv: -len(kv[0])):
+        match = match.replace(name, path)
     code = main(["search", "--no-progress", "--model", str(tiny_model_dir), "--runs-dir",
                  str(tmp_path / "runs"), "--window", "64", "--eval-tokens", "256",
                  "--calib-tokens", "128", *extra])
@@ -270,6 +288,42 @@ def test_bad_recovery_input_is_one_line(capsys, tmp_path, tiny_model_dir, extra,
     assert code == 2 and len(err) == 1 and err[0].startswith("llmpareto: error:"), err
     assert match in err[0], err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_keep_rule_vetoes_what_is_further_from_the_base_on_the_guard_text():
+    from llmpareto.search.recover import vetoed
+
+    assert vetoed(0.5, 0.4) == ""  # closer on held-out windows, no guard text
+    assert vetoed(0.5, 0.5) == "holdout"  # no gain where it never learned
+    assert vetoed(0.5, 0.4, 0.20, 0.19) == ""
+    assert vetoed(0.5, 0.4, 0.20, 0.20) == ""  # no further on the guard text
+    assert vetoed(0.5, 0.4, 0.20, 0.2001) == "guard"
+    assert vetoed(0.5, 0.6, 0.20, 0.10) == "holdout"
+
+
+def test_a_point_further_from_the_base_on_the_guard_text_keeps_its_weights(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The search consults the guard text: when every recovered weights' guard KL is worse
+    than the weights a point has, no point keeps recovered weights and none are written."""
+    from llmpareto.search import recover
+
+    calls = []
+    real = recover.Measure.guard_kl
+
+    def worse_each_time(self):
+        calls.append(real(self))  # the real guard windows, scored
+        return float(len(calls))  # each call further from the base than the one before
+
+    monkeypatch.setattr(recover.Measure, "guard_kl", worse_each_time)
+    llmpareto.search(**_settings(tiny_model_dir, tmp_path, recover_steps=15,
+                                 recover_tokens=1024, recover_rounds=1))
+    t = pd.read_csv(tmp_path / "runs" / "r" / "trials.csv")
+    tried = t[t["recover_steps"].notna() & (t["recover_method"] != "none")]
+    assert len(tried) >= 2 and calls and all(np.isfinite(calls))
+    assert not tried["recover_used"].astype(bool).any()
+    # vetoed by the guard wherever the held-out windows alone would have kept them
+    assert set(tried["recover_veto"]) <= {"guard", "holdout"} and "guard" in set(tried["recover_veto"])
+    assert not list((tmp_path / "runs" / "r" / "recover").glob("*.safetensors"))
 
 
 def test_recovery_on_a_run_whose_model_is_gone(capsys, tmp_path, tiny_model_dir):
