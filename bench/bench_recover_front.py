@@ -6,6 +6,8 @@ nothing in the run calibrated or trained on it) as KL to the base model and perp
 Run: python -m llmpareto.bench.bench_recover_front [--trials 30] [--recover-steps 16]
      [--recover-rounds 1] [--recover-tokens 1024] [--formats LIST] [--out DIR]
      [--resume STUDY]  (a killed run continues where it stopped, same flags)
+     (with --joint: --resume FORMATS_STUDY[,JOINT_STUDY], the studies under --out/runs)
+     [--guard-verdicts STUDY]  (a run from before the guard text: its verdicts applied)
      (--quick: to check it runs)
 
 With --joint SPACE (e.g. formats,students,sparsity): two searches with the same trials and
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -99,13 +102,21 @@ def joint(a) -> None:
     import llmpareto
 
     out, runs, base = Path(a.out), {}, []
+    named = a.resume.split(",") if a.resume else []
     for space in ("formats", a.joint):
-        study = f"recover-joint-{space.replace(',', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tag = space.replace(",", "-")
+        study = next((n for n in named if re.fullmatch(
+            rf"recover-joint-{re.escape(tag)}-\d{{8}}-\d{{6}}", n)), None)
+        resume = study is not None and (out / "runs" / study).is_dir()
+        study = study or f"recover-joint-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
         t0 = time.perf_counter()
         llmpareto.search(study=study, runs_dir=str(out / "runs"), trials=a.trials, space=space,
                          recover_steps=a.recover_steps, recover_rounds=a.recover_rounds,
                          recover_tokens=a.recover_tokens, progress=True,
+                         **({"resume": True} if resume else {}),
                          **({"formats": a.formats} if a.formats else {}))
+        if resume:
+            print(f"{study}: resumed; its seconds count this invocation only")
         t = after(pd.read_csv(out / "runs" / study / "trials.csv"))
         runs[space] = (t, time.perf_counter() - t0)
         f16 = t[t["baseline"].fillna("").astype(str).str.contains("f16")]
@@ -116,6 +127,33 @@ def joint(a) -> None:
     df.to_csv(out / "recover_joint.csv", index=False)
     print(f"base eval-text perplexity {np.min(base):.3f}")
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def guard_verdicts(run: Path) -> pd.DataFrame:
+    """For a run made before recovery had a guard text: each point that kept recovered weights
+    re-scored on the guard text (`--recover-guard` as the run has it; the shipped
+    python-source by default) before and after recovery, and the keep rule's verdict."""
+    from llmpareto.recipe import Recipe
+    from llmpareto.search import recover as rec
+    from llmpareto.search.workbench import Workbench
+
+    bench = Workbench.from_run(run)
+    measure = rec.Measure(bench, None, None, rec.guard_windows(bench))
+    t = pd.read_csv(run / "trials.csv")
+    rows = []
+    for trial in t.loc[t["recover_used"].fillna(False).astype(bool), "trial"].astype(int):
+        recipe = Recipe.load(run / "recipes" / f"{trial}.json")
+        bench.build(recipe)
+        before = measure.guard_kl()
+        try:
+            rec.use_recovered(bench, recipe, *rec.load_recovered(run, trial))
+            after = measure.guard_kl()
+        finally:
+            bench.cache.set_override({})
+        # these points passed the held-out windows already: only the guard can veto them
+        rows.append({"trial": trial, "guard_kl_before": before, "guard_kl_after": after,
+                     "veto": rec.vetoed(1.0, 0.0, before, after)})
+    return pd.DataFrame(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,9 +169,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--joint", default=None, help="a joint --space to compare with formats "
                     "alone after recovery, e.g. formats,students,sparsity")
     ap.add_argument("--resume", default=None, metavar="STUDY",
-                    help="continue a killed run (runs/<STUDY> under --out), same flags")
+                    help="continue a killed run (runs/<STUDY> under --out), same flags; with "
+                    "--joint, its studies as a comma list (a study not yet made starts anew)")
+    ap.add_argument("--guard-verdicts", default=None, metavar="STUDY",
+                    help="a finished run (runs/<STUDY> under --out) from before the guard "
+                    "text: the presets' comparison with the guard's verdicts applied")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
+    if a.guard_verdicts:
+        run = Path(a.out) / "runs" / a.guard_verdicts
+        v = guard_verdicts(run)
+        print(v.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        t = pd.read_csv(run / "trials.csv")
+        vetoed = t["trial"].isin(v.loc[v["veto"] != "", "trial"])
+        t.loc[vetoed, [c for c in t.columns if c.startswith("recovered_")]] = np.nan
+        print(compare(t).to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        return None
     if a.quick:
         a.trials, a.recover_steps, a.recover_tokens = 12, 2, 512
         a.formats = a.formats or "f16,q8_0,q4_0,q4_K"  # leaves trials for the presets
