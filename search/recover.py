@@ -213,9 +213,11 @@ def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.nda
     """Recover one trial's candidate on `bench` with round `rung`'s method, from `start` (the
     weights earlier rounds kept) or its post-training weights; it keeps the recovered
     weights only when they are closer to the base model (KL) on the held-out calibration
-    windows than what it has now (its post-training weights, or an earlier round's). Its new
-    columns: `recover_method` and `recover_steps` (this round's, tried), `recover_s`,
-    `recover_holdout_kl_nats` (of the weights it now has), `recover_used`, `recover_chain`
+    windows than what it has now (its post-training weights, or an earlier round's) and no
+    further from it on the guard text (`--recover-guard`, when the run has one; `vetoed`). Its
+    new columns: `recover_method` and `recover_steps` (this round's, tried), `recover_s`,
+    `recover_holdout_kl_nats` and `recover_guard_kl_nats` (of the weights it now has),
+    `recover_veto` (what stopped this round's weights, "" if kept), `recover_used`, `recover_chain`
     (the methods that made the weights it keeps, e.g. `reconstruct+qat`) and, when it has
     recovered weights, the `recovered_*` scores. Writes nothing (see `save_outcome`)."""
     before = before or {}
@@ -226,7 +228,10 @@ def recover_point(bench, recipe: Recipe, trial: int, steps: int, windows: np.nda
     if now_kl is None or (now_guard is None and measure.guard is not None):
         # the weights the point has now, as scored: post-training, or an earlier round's
         try:
-            use_recovered(bench, recipe, *start) if start is not None else bench.build(recipe)
+            if start is not None:
+                use_recovered(bench, recipe, *start)
+            else:
+                bench.build(recipe)
             now_kl = measure.holdout_kl() if now_kl is None else now_kl
             now_guard = measure.guard_kl() if now_guard is None else now_guard
         finally:
