@@ -154,9 +154,9 @@ def run_rdb(settings: SearchSettings) -> Front:
                             "or start a `llmpareto worker`") from None
         if planner is not None:
             study.set_user_attr(PROFILE_ATTR, planner.profile)
-        n = enqueue_baselines(study, runner.space, runner.preset_baselines()) \
-            if settings.baselines else 0
-        enqueue_seeds(study, settings, planner, n)
+        presets = runner.preset_baselines() if settings.baselines else []
+        n = enqueue_baselines(study, runner.space, presets) if settings.baselines else 0
+        enqueue_seeds(study, settings, planner, n, presets)
     else:
         study = _load(storage, name, sampler)
         fail_stale(study)  # not every RUNNING trial: other workers may be alive

@@ -234,9 +234,9 @@ def open_run(settings: SearchSettings, runner, rd: RunDir):
     study = open_study(rd, settings, make_sampler(settings, runner, planner, population))
     recovered = recover_interrupted(study) if settings.resume else 0
     # on --resume too: a run killed while enqueueing gets the rest (each label once)
-    n = enqueue_baselines(study, runner.space, runner.preset_baselines()) \
-        if settings.baselines else 0
-    enqueue_seeds(study, settings, planner, n)
+    presets = runner.preset_baselines() if settings.baselines else []
+    n = enqueue_baselines(study, runner.space, presets) if settings.baselines else 0
+    enqueue_seeds(study, settings, planner, n, presets)
     return study, run_info(settings, runner, population, planner), recovered
 
 

@@ -5,9 +5,11 @@ import json
 
 import gguf
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 import torch
+from optuna.trial import TrialState
 
 import llmpareto
 from llmpareto.compress import VariantCache
@@ -77,6 +79,25 @@ def test_presets_are_baselines_with_llama_cpp_types(imatrix_run):
     recipe = Recipe.load(run / row["recipe"])
     assert {f: c["format"] for f, c in recipe.modules.items()} == chosen
     assert len(set(chosen.values())) >= 2  # llama.cpp mixes types: not a uniform recipe
+
+
+def test_the_knapsack_seeds_a_point_at_each_presets_size(imatrix_run):
+    """The first knapsack seeds are budgeted at the presets' own memory (what a user compares
+    the front against), each within it; the run is a knapsack run with two seeds left."""
+    run, _ = imatrix_run
+    study = optuna.load_study(study_name="im", storage=f"sqlite:///{run / 'study.db'}")
+    assert json.loads((run / "run.json").read_text())["strategy"]["runs"] == "knapsack"
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    presets = {t.user_attrs["baseline"]: t.user_attrs["memory_bytes"] for t in done
+               if str(t.user_attrs.get("baseline", "")).startswith("llama.cpp ")}
+    seeds = {t.user_attrs["seed"]: t.user_attrs["memory_bytes"] for t in done
+             if t.user_attrs.get("seed")}
+    assert len(presets) == 2 and len(seeds) == 2
+    for label, memory in presets.items():
+        seed = next(s for s in seeds if s.endswith(f"(at {label})"))
+        budget = float(seed.split("<=")[1].split("MB")[0]) * 1e6
+        assert abs(budget - memory) <= 0.0005 * memory  # the label's 4 digits
+        assert seeds[seed] <= memory
 
 
 def test_a_second_run_reads_its_variants_from_disk_and_scores_the_same(imatrix_run, wide_dir,
