@@ -10,8 +10,10 @@ Run: python -m llmpareto.bench.bench_recover_front [--trials 30] [--recover-step
      [--guard-verdicts STUDY]  (a run from before the guard text: its verdicts applied)
      (--quick: to check it runs)
 
-With --joint SPACE (e.g. formats,students,sparsity): two searches with the same trials and
-recovery settings (equal compute), formats alone and SPACE, then per search the hypervolume of
+With --joint SPACE (e.g. formats,students,sparsity): two searches with the same number of
+searched trials (`--trials`, counted after each search's own baselines: the joint space has
+more uniform recipes) and recovery settings (equal compute), formats alone and SPACE, then per
+search the hypervolume of
 (eval-text perplexity after recovery, memory_bytes) over both searches' points (one reference),
 the seconds, and the smallest memory at which a point stays within 10% of the base model's
 eval-text perplexity, before and after recovery.
@@ -97,6 +99,16 @@ def joint_table(runs: dict[str, tuple[pd.DataFrame, float]], base_ppl: float) ->
     return df
 
 
+def n_baselines(kw: dict) -> int:
+    """How many baseline trials (uniform recipes, llama.cpp's presets) a search with these
+    settings enqueues before its strategy proposes anything."""
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    runner = TrialRunner(SearchSettings(**kw, progress=False))
+    return len(runner.space.baselines()) + len(runner.preset_baselines())
+
+
 def joint(a) -> None:
     """--joint: formats alone against `a.joint` at equal trials and recovery settings."""
     import llmpareto
@@ -110,11 +122,11 @@ def joint(a) -> None:
         resume = study is not None and (out / "runs" / study).is_dir()
         study = study or f"recover-joint-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
         t0 = time.perf_counter()
-        llmpareto.search(study=study, runs_dir=str(out / "runs"), trials=a.trials, space=space,
-                         recover_steps=a.recover_steps, recover_rounds=a.recover_rounds,
-                         recover_tokens=a.recover_tokens, progress=True,
-                         **({"resume": True} if resume else {}),
-                         **({"formats": a.formats} if a.formats else {}))
+        kw = {"space": space, "recover_steps": a.recover_steps, "recover_rounds": a.recover_rounds,
+              "recover_tokens": a.recover_tokens, **({"formats": a.formats} if a.formats else {})}
+        llmpareto.search(study=study, runs_dir=str(out / "runs"), progress=True,
+                         trials=a.trials + n_baselines(kw), **kw,
+                         **({"resume": True} if resume else {}))
         if resume:
             print(f"{study}: resumed; its seconds count this invocation only")
         t = after(pd.read_csv(out / "runs" / study / "trials.csv"))
