@@ -76,7 +76,8 @@ _HELP = {
     "sensitivity": "a sensitivity.json to reuse (same model, text and space); default: measure",
     "sensitivity_tokens": "calibration tokens each sensitivity KL is measured on",
     "population": "NSGA-II population size",
-    "trials": "completed trials wanted (baselines included)",
+    "trials": "completed trials wanted, baselines included (uniform recipes and llama.cpp's "
+              "presets: the first ~20 of a formats run, more with students and sparsity)",
     "study": "study name: the run goes to RUNS_DIR/STUDY", "runs_dir": "where runs are written",
     "resume": "continue an interrupted or finished study", "seed": "random seed",
     "batch_size": "windows per forward pass",

@@ -155,7 +155,8 @@ def run_rdb(settings: SearchSettings) -> Front:
         if planner is not None:
             study.set_user_attr(PROFILE_ATTR, planner.profile)
         presets = runner.preset_baselines() if settings.baselines else []
-        n = enqueue_baselines(study, runner.space, presets) if settings.baselines else 0
+        n = enqueue_baselines(study, runner.space, presets, settings.trials) \
+            if settings.baselines else 0
         enqueue_seeds(study, settings, planner, n, presets)
     else:
         study = _load(storage, name, sampler)

@@ -141,11 +141,13 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def enqueue_baselines(study: optuna.Study, space, recipes: list | None = None) -> int:
+def enqueue_baselines(study: optuna.Study, space, recipes: list | None = None,
+                      trials: int | None = None) -> int:
     """The space's uniform baselines, then `recipes`: (label, closest params, Recipe) of
     baselines outside the space (llama.cpp's presets), evaluated by their whole recipe.
     Idempotent: a label the study holds already (in any state) is not enqueued again.
-    Returns how many baselines the run has."""
+    Says so when `trials` (the run's) leaves nothing to search. Returns how many baselines
+    the run has."""
     present = {t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(deepcopy=False)}
     for label, params in space.baselines():
         if label not in present:
@@ -154,7 +156,13 @@ def enqueue_baselines(study: optuna.Study, space, recipes: list | None = None) -
         if label not in present:
             study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label,
                                                     RECIPE_ATTR: recipe.to_dict()})
-    return len(space.baselines()) + len(recipes or [])
+    n = len(space.baselines()) + len(recipes or [])
+    if trials is not None and trials <= n:
+        print(f"llmpareto: note: --trials {trials} runs baselines only ({min(trials, n)} of "
+              f"the {n} uniform recipes and llama.cpp presets); nothing is searched: "
+              f"--trials {n + 10} searches 10 points, --presets none or --no-baselines "
+              "enqueue fewer", file=sys.stderr)
+    return n
 
 
 def check_same_settings(old_dict: dict, settings: SearchSettings, where: str) -> None:
@@ -235,7 +243,8 @@ def open_run(settings: SearchSettings, runner, rd: RunDir):
     recovered = recover_interrupted(study) if settings.resume else 0
     # on --resume too: a run killed while enqueueing gets the rest (each label once)
     presets = runner.preset_baselines() if settings.baselines else []
-    n = enqueue_baselines(study, runner.space, presets) if settings.baselines else 0
+    n = enqueue_baselines(study, runner.space, presets, settings.trials) \
+        if settings.baselines else 0
     enqueue_seeds(study, settings, planner, n, presets)
     return study, run_info(settings, runner, population, planner), recovered
 

@@ -111,6 +111,15 @@ def test_same_seed_same_trials(tiny_settings, tmp_path):
     pd.testing.assert_frame_equal(a.trials[cols], b.trials[cols])
 
 
+def test_a_run_of_baselines_only_says_so(tiny_settings, capsys):
+    llmpareto.search(**{**tiny_settings, "study": "few", "trials": 5})
+    err = capsys.readouterr().err
+    assert "--trials 5 runs baselines only (5 of the 7 uniform recipes" in err
+    assert "--trials 17 searches 10 points" in err
+    llmpareto.search(**{**tiny_settings, "study": "enough", "trials": 8})
+    assert "baselines only" not in capsys.readouterr().err
+
+
 def test_kl_objective_and_module_granularity(tiny_settings):
     front = llmpareto.search(**{**tiny_settings, "objectives": "kl,memory_bytes",
                                 "granularity": "module", "trials": 9})
