@@ -127,7 +127,8 @@ class Planner:
         at = [(b, f" (at {label})") for label, b in
               ((label, self.runner.cost_only(r).metrics[self.swept]) for label, r in anchors)
               if lo <= b <= hi][:n]
-        even = self.budgets(n - len(at)) if n > len(at) else []
+        k = n - len(at)  # evenly spaced over the span, as budgets(k) (one span: 30+ solves)
+        even = [lo + (hi - lo) * (i + 1) / k for i in range(k)]
         out, seen = [], set()
         for b, why in at + [(even[i], "") for i in allocate.spread_order(len(even))]:
             sel = self.knapsack(b)
