@@ -18,8 +18,21 @@ from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
 from llmpareto.search.settings import SearchSettings
 from llmpareto.text import read_text, tokenize_windows
+from llmpareto.units import format_bytes
 
 _FROM_MODEL = object()  # bos: as the model's tokenizer (or GGUF) says
+MIN_CACHE_BYTES = 256 * 2**20  # a cache is never cut below this (a few tensors' variants)
+
+
+def fit_caches(dense: int, packed: int, room: int) -> tuple[int, int]:
+    """Cache bounds (bytes) lowered in proportion so that together they take at most `room`
+    bytes; unchanged when they fit, and never below MIN_CACHE_BYTES each (or their own size,
+    if smaller: a cache turned off stays off)."""
+    total = dense + packed
+    if total <= room:
+        return dense, packed
+    share = max(room, 0) / total
+    return tuple(min(c, max(int(c * share), MIN_CACHE_BYTES)) for c in (dense, packed))
 
 
 @dataclass
@@ -53,10 +66,11 @@ class Workbench:
         self.windows = tokenize_windows(self.tokenizer, text, settings.window,
                                         settings.calib_tokens, settings.eval_tokens,
                                         bos=self.bos)
-        self.cache = VariantCache(
-            self.model, self.arch,
+        dense, packed = self._fit_caches(
             settings.dequant_cache if dense_bytes is None else dense_bytes,
-            settings.variant_cache, self._device_room() if device_room else 0)
+            settings.variant_cache)
+        self.cache = VariantCache(self.model, self.arch, dense, packed,
+                                  self._device_room() if device_room else 0)
         self.calibrate_s = self._set_quantizer()
 
     @classmethod
@@ -75,17 +89,49 @@ class Workbench:
             bench.set_pruning()
         return bench
 
+    def _working_bytes(self) -> int:
+        """Memory a forward pass and the base model's log-probabilities take beside the
+        weights: logits, softmax and float64 copies of a batch, and the log-probs kept for
+        the KL on each text the run measures."""
+        s, vocab = self.settings, int(self.model.config.vocab_size)
+        texts = 1 + bool(s.recover_steps and s.recover_guard != "none")  # eval text, guard
+        return (6 * s.batch_size * s.window * vocab * 4
+                + 8 * (s.eval_tokens + s.eval_text_tokens * texts) * vocab)
+
     def _device_room(self) -> int:
         """GPU memory packed codes may take: what is free now, less the dense cache, the
         working memory of a forward pass and a 10% margin (0 on the CPU)."""
         free = device_free_bytes(self.placement)
         if free is None:
             return 0
-        s, vocab = self.settings, int(self.model.config.vocab_size)
-        texts = 1 + bool(s.recover_steps and s.recover_guard != "none")  # eval text, guard
-        working = (6 * s.batch_size * s.window * vocab * 4  # logits, softmax, float64 copies
-                   + 8 * (s.eval_tokens + s.eval_text_tokens * texts) * vocab)  # base log-probs
-        return max(0, int(0.9 * free) - s.dequant_cache - working)
+        return max(0, int(0.9 * free) - self.settings.dequant_cache - self._working_bytes())
+
+    def _fit_caches(self, dense: int, packed: int) -> tuple[int, int]:
+        """The variant caches' bounds, lowered in proportion when they would not fit the host
+        memory available now (the model is loaded already) beside a forward pass, with a
+        note: an LRU bound never changes a score (a dropped variant is made again,
+        identically), an out-of-memory kill loses the run's time. On a GPU the dense cache
+        lives there (`_device_room`) and only the packed codes are held on the host."""
+        import sys
+
+        from llmpareto.models import available_memory_bytes
+
+        free = available_memory_bytes()
+        if free is None:
+            return dense, packed
+        host_dense = 0 if self.placement.is_cuda else dense
+        room = int(0.8 * free) - self._working_bytes()
+        fit_dense, fit_packed = fit_caches(host_dense, packed, room)
+        if (fit_dense, fit_packed) == (host_dense, packed):
+            return dense, packed
+        asked = (f"--dequant-cache {format_bytes(dense)} and " if host_dense else "") + \
+            f"--variant-cache {format_bytes(packed)}"
+        kept = (f"{format_bytes(fit_dense)} and " if host_dense else "") + format_bytes(fit_packed)
+        print(f"llmpareto: note: {asked} would not fit the {format_bytes(free)} of memory "
+              "available (MemAvailable in /proc/meminfo, less a forward pass and a 20% "
+              f"margin): this run keeps at most {kept}; variants dropped are made again, "
+              "identically (slower, same scores)", file=sys.stderr)
+        return (fit_dense if host_dense else dense), fit_packed
 
     def _set_quantizer(self) -> float:
         """The run's quantizer (--quantizer) with its calibration (compress.quantizers)."""

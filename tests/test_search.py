@@ -164,6 +164,37 @@ def test_a_repeated_candidate_is_scored_once(tiny_settings, monkeypatch):
     assert len(calls) == 2 and not other.reused
 
 
+def test_fit_caches_lowers_the_bounds_in_proportion_and_keeps_a_floor():
+    from llmpareto.search.workbench import MIN_CACHE_BYTES, fit_caches
+
+    assert fit_caches(4 * 10**9, 4 * 10**9, 10**10) == (4 * 10**9, 4 * 10**9)  # fits: as asked
+    dense, packed = fit_caches(3 * 10**9, 1 * 10**9, 2 * 10**9)
+    assert (dense, packed) == (1_500_000_000, 500_000_000)  # halved, in proportion
+    assert fit_caches(4 * 10**9, 4 * 10**9, -5) == (MIN_CACHE_BYTES, MIN_CACHE_BYTES)
+    assert fit_caches(0, 4 * 10**9, 10**9) == (0, 10**9)  # a cache turned off stays off
+
+
+def test_variant_caches_that_would_not_fit_the_host_are_lowered_with_a_note(
+        tiny_settings, monkeypatch, capsys):
+    """The default bounds (4 GB + 4 GB) on a host with 2 GiB available: the run keeps less,
+    says so, and still scores; with memory to spare the bounds stay as asked, silently."""
+    from llmpareto import models
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    runner = TrialRunner(SearchSettings.from_dict(tiny_settings))
+    assert (runner.cache.dense_bytes, runner.cache.packed_bytes) == (4 * 10**9, 4 * 10**9)
+    assert "would not fit" not in capsys.readouterr().err
+    monkeypatch.setattr(models, "available_memory_bytes", lambda: 2 * 2**30)
+    small = TrialRunner(SearchSettings.from_dict(tiny_settings))
+    held = small.cache.dense_bytes + small.cache.packed_bytes
+    assert held <= 0.8 * 2 * 2**30 and small.cache.dense_bytes == small.cache.packed_bytes
+    err = capsys.readouterr().err
+    assert "llmpareto: note: --dequant-cache 4.0 GB and --variant-cache 4.0 GB would not fit" \
+        in err, err
+    assert small.run(Recipe.uniform("q4_0")).metrics == runner.run(Recipe.uniform("q4_0")).metrics
+
+
 def test_energy_that_cannot_be_measured_is_said_in_one_line(monkeypatch, capsys):
     import codecarbon
 
