@@ -28,8 +28,10 @@ from llmpareto.arch import Arch
 from llmpareto.compress.dequant import dequantize_torch
 from llmpareto.compress.quantizers import DiskVariants, Quantizer
 from llmpareto.formats import get_format
+from llmpareto.placement import release_freed_host_memory
 
 DEFAULT_DENSE_BYTES = 4 * 10**9  # all 7 GGUF variants of a 135M model fit
+TRIM_BYTES = 256 * 2**20  # variants dropped between two hand-backs of freed host memory
 DEFAULT_PACKED_BYTES = 4 * 10**9  # 7 GGUF formats (0.8 GB) + 7 pruned levels (3 GB) of 135M
 
 
@@ -64,6 +66,7 @@ class VariantCache:
         self.dense: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.dense_bytes = int(dense_bytes)
         self._dense_used = 0
+        self._dropped = 0  # bytes dropped since the freed memory was last handed back
         self.current: dict[str, str | None] = {fqn: None for fqn in self.shapes}
         self.current_sparsity: dict[str, tuple[str, float] | None] = dict.fromkeys(self.shapes)
         self.current_slice: dict[str, tuple | None] = dict.fromkeys(self.shapes)  # (key, rows, cols)
@@ -290,6 +293,7 @@ class VariantCache:
     def _pop(self, key: tuple):
         value = self.prepared.pop(key)
         self._packed_used -= _size(value)
+        self._released(_size(value))
         if key in self._on_device:
             self._on_device.discard(key)
             self._device_used -= _size(value)
@@ -300,7 +304,9 @@ class VariantCache:
         for key in [k for k in self.prepared if prepared_if(k)]:
             self._pop(key)
         for key in [k for k in self.dense if dense_if(k)]:
-            self._dense_used -= _size(self.dense.pop(key))
+            size = _size(self.dense.pop(key))
+            self._dense_used -= size
+            self._released(size)
 
     @property
     def device_nbytes(self) -> int:
@@ -371,8 +377,17 @@ class VariantCache:
         while self._dense_used + size > self.dense_bytes:
             _, old = self.dense.popitem(last=False)
             self._dense_used -= old.numel() * old.element_size()
+            self._released(old.numel() * old.element_size())
         self.dense[key] = t
         self._dense_used += size
+
+    def _released(self, size: int) -> None:
+        """Count bytes dropped; past TRIM_BYTES, hand the freed host memory back (without it
+        the process grows past the bounds: llmpareto.placement.release_freed_host_memory)."""
+        self._dropped += size
+        if self._dropped >= TRIM_BYTES:
+            self._dropped = 0
+            release_freed_host_memory()
 
     @property
     def nbytes(self) -> int:

@@ -5,6 +5,7 @@ CPU in bfloat16. The CUDA runs themselves: tests/test_cuda.py (marked `cuda`).""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,63 @@ def test_doctor_says_where_trials_run_by_default():
 
     r = _torch(None)
     assert r["status"] == "ok" and "trials run on cpu in float32 by default" in r["detail"]
+
+
+_FRAGMENTED = """
+import sys, torch
+from llmpareto.placement import release_freed_host_memory
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024
+x = torch.ones(2 * 2**20); del x  # 8 MB, mapped: freeing it raises glibc's mmap threshold
+ts = [torch.ones(2**20) for _ in range(128)]  # 512 MiB of 4 MB tensors, carved from the heap
+keep = ts[-1]; del ts  # all but the last freed: the heap's top stays held
+before = rss(); ok = release_freed_host_memory(); after = rss()
+print(before, after, ok)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_freed_tensors_memory_is_handed_back_to_the_system(tmp_path):
+    """What a variant cache drops is freed inside the process; without the hand-back glibc keeps
+    the pages (here 512 MiB of dropped 4 MB tensors stay resident) and a search grows past its
+    caches' bounds. In a fresh process: the allocator's state decides."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _FRAGMENTED], capture_output=True, text=True,
+                         env=env, timeout=300, check=True).stdout.split()
+    before, after, ok = int(out[0]), int(out[1]), out[2] == "True"
+    if not ok:
+        pytest.skip("no glibc malloc_trim on this system")
+    assert before - after > 0.75 * 512 * 2**20, (before, after)
+
+
+def test_a_cache_hands_freed_memory_back_as_it_drops_variants(tiny_model_dir, monkeypatch):
+    """Every TRIM_BYTES of variants dropped (either level), the freed host memory is handed
+    back; a cache that never drops never calls it."""
+    from llmpareto.arch import Arch
+    from llmpareto.compress import VariantCache, cache
+    from llmpareto.models import load_model, resolve_model
+
+    calls = []
+    monkeypatch.setattr(cache, "release_freed_host_memory", lambda: calls.append(1) or True)
+    model, _ = load_model(resolve_model(str(tiny_model_dir)))
+    roomy = VariantCache(model, Arch.from_model(model))
+    fqns = list(roomy.shapes)
+    for fmt in ("q8_0", "q4_0", "f16"):
+        for fqn in fqns:
+            roomy.dequantized(fqn, fmt)
+    assert calls == []
+    size = max(roomy.dequantized(f, "q8_0").numel() * 4 for f in fqns[:6])
+    monkeypatch.setattr(cache, "TRIM_BYTES", 2 * size)
+    tight = VariantCache(model, Arch.from_model(model), dense_bytes=2 * size,
+                         packed_bytes=2 * size)
+    for fmt in ("q8_0", "q4_0", "f16", "q5_0"):
+        for fqn in fqns[:6]:
+            tight.dequantized(fqn, fmt)
+    # 24 dense variants of at most `size` through a level holding 2 of the largest: well over
+    # 2 * size dropped
+    assert calls, "no hand-back while the cache dropped variants"
+    assert len(calls) <= tight.misses  # at most one per variant made
