@@ -7,9 +7,11 @@ a recipe exactly as the search did (`build`).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmpareto import models
 from llmpareto.arch import Arch
 from llmpareto.compress import VariantCache, apply
 from llmpareto.models import load_model, model_bos, resolve_model
@@ -112,11 +114,7 @@ class Workbench:
         note: an LRU bound never changes a score (a dropped variant is made again,
         identically), an out-of-memory kill loses the run's time. On a GPU the dense cache
         lives there (`_device_room`) and only the packed codes are held on the host."""
-        import sys
-
-        from llmpareto.models import available_memory_bytes
-
-        free = available_memory_bytes()
+        free = models.available_memory_bytes()
         if free is None:
             return dense, packed
         host_dense = 0 if self.placement.is_cuda else dense
