@@ -292,11 +292,12 @@ class VariantCache:
 
     def _pop(self, key: tuple):
         value = self.prepared.pop(key)
-        self._packed_used -= _size(value)
-        self._released(_size(value))
+        size = _size(value)
+        self._packed_used -= size
+        self._released(size)
         if key in self._on_device:
             self._on_device.discard(key)
-            self._device_used -= _size(value)
+            self._device_used -= size
         return value
 
     def _drop(self, prepared_if, dense_if) -> None:
@@ -376,8 +377,8 @@ class VariantCache:
             return
         while self._dense_used + size > self.dense_bytes:
             _, old = self.dense.popitem(last=False)
-            self._dense_used -= old.numel() * old.element_size()
-            self._released(old.numel() * old.element_size())
+            self._dense_used -= _size(old)
+            self._released(_size(old))
         self.dense[key] = t
         self._dense_used += size
 

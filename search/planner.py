@@ -80,8 +80,7 @@ class Planner:
 
     def budgets(self, n: int) -> list[float]:
         """`n` budgets of the swept cost, evenly spaced over `span()`."""
-        lo, z = self.span()
-        return [lo + (z - lo) * (i + 1) / n for i in range(n)]
+        return evenly(*self.span(), n)
 
     def span(self) -> tuple[float, float]:
         """The swept cost from the cheapest selection to the least cost at which the knapsack
@@ -127,8 +126,7 @@ class Planner:
         at = [(b, f" (at {label})") for label, b in
               ((label, self.runner.cost_only(r).metrics[self.swept]) for label, r in anchors)
               if lo <= b <= hi][:n]
-        k = n - len(at)  # evenly spaced over the span, as budgets(k) (one span: 30+ solves)
-        even = [lo + (hi - lo) * (i + 1) / k for i in range(k)]
+        even = evenly(lo, hi, n - len(at))  # the span solved once (30+ knapsacks)
         out, seen = [], set()
         for b, why in at + [(even[i], "") for i in allocate.spread_order(len(even))]:
             sel = self.knapsack(b)
@@ -151,3 +149,8 @@ class Planner:
 
 def _short(value: float, metric: str) -> str:
     return f"{value / 1e6:.4g}MB" if metric.endswith("bytes") else f"{value:.4g}"
+
+
+def evenly(lo: float, hi: float, n: int) -> list[float]:
+    """`n` budgets evenly spaced over (lo, hi], the last at `hi`."""
+    return [lo + (hi - lo) * (i + 1) / n for i in range(n)]
