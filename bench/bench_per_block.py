@@ -16,7 +16,7 @@ run in llama.cpp (its `deci` architecture) on this host.
     profile of this host calibrated in the same run (`profile-host --runtime llamacpp`).
 
 Run: python -m llmpareto.bench.bench_per_block [--trials 40] [--device raspberry-pi-5]
-     [--recover-steps N] [--out DIR] (--quick: few trials and tokens, to check that it runs)
+     [--recover-steps N [--recover-rounds R] [--recover-tokens T]] [--out DIR] (--quick: few trials and tokens, to check that it runs)
 """
 
 from __future__ import annotations
@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recover-steps", type=int, default=0,
                     help="recover each front in its search (--recover-steps); (a) then shows "
                          "quality after recovery too")
+    ap.add_argument("--recover-rounds", type=int, default=2,
+                    help="the searches' --recover-rounds (1: every point near the front once)")
+    ap.add_argument("--recover-tokens", type=int, default=4096,
+                    help="the searches' --recover-tokens (calibration tokens recovery learns on)")
     ap.add_argument("--resume", metavar="STAMP", help="continue the searches of an earlier "
                     "run of this benchmark (their study names end in STAMP), e.g. to recover "
                     "them with --recover-steps")
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     common = {"device": a.device, "objectives": "perplexity,latency_ms", "trials": a.trials,
               "runs_dir": a.out, "progress": False, "recover_steps": a.recover_steps,
+              "recover_rounds": a.recover_rounds, "recover_tokens": a.recover_tokens,
               "strategy": a.strategy}
     if a.quick:
         common.update(trials=12, eval_tokens=512, calib_tokens=512, eval_text_tokens=512,
