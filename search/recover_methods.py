@@ -73,7 +73,9 @@ def holds_exactly(cache, fqn: str, fmt: str) -> bool:
     if (fqn, fmt) not in memo:
         base = cache.base[fqn]
         q = cache.dequantized(fqn, fmt)
-        err = float((q - base.to(q.device, torch.float32)).abs().max())
+        # in the precision the model runs in: a bfloat16 model holds the codes' values
+        # rounded to bfloat16, which a float32 compare would call 2**-9 apart
+        err = float((q.to(base.dtype).float() - base.to(q.device).float()).abs().max())
         memo[(fqn, fmt)] = err <= EXACT_RTOL * float(base.abs().max())
     return memo[(fqn, fmt)]
 

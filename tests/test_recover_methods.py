@@ -169,3 +169,33 @@ def test_a_tensor_its_format_holds_exactly_is_left_as_it_is(tiny_model_dir, tmp_
     assert all(torch.equal(trained[f], bench.cache.base[f].float()) for f in q)
     others = [f for f in trained if f not in q and f in learn_set]
     assert any(not torch.equal(trained[f], weights[f]) for f in others)
+
+
+def test_holds_exactly_compares_in_the_models_own_precision():
+    """A bfloat16 model published quantized holds its codes' values rounded to bfloat16: the
+    format reproduces it exactly in the precision the model runs in (a float32 compare would
+    call it different and learn it); a format that changes it is still not exact."""
+    import numpy as np
+    import torch
+
+    from llmpareto.formats import get_format
+    from llmpareto.search.recover_methods import holds_exactly
+
+    fmt = get_format("q4_0")
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    q = torch.from_numpy(np.asarray(fmt.dequantize(fmt.quantize(w.numpy()), w.shape),
+                                    dtype=np.float32))
+
+    class Cache:  # the three things holds_exactly reads of a VariantCache
+        override: dict = {}
+
+        def __init__(self, base, variant):
+            self.base, self.variant = {"w": base}, variant
+
+        def dequantized(self, fqn, fmt):
+            return self.variant
+
+    assert not torch.equal(q.to(torch.bfloat16).float(), q)  # the float32 values differ
+    assert holds_exactly(Cache(q.to(torch.bfloat16), q), "w", "q4_0")
+    assert holds_exactly(Cache(q.clone(), q), "w", "q4_0")
+    assert not holds_exactly(Cache(w.to(torch.bfloat16), q), "w", "q4_0")
