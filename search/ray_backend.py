@@ -78,13 +78,40 @@ def check_gpus(settings: SearchSettings, resources: dict) -> None:
                         "--num-gpus N`), lower --gpus-per-trial, or use 0 for CPU trials")
 
 
-def _worker_runner(settings_dict: dict) -> tuple[TrialRunner, float]:
+def node_share(resources: dict, cpus_per_trial: float, gpus_per_trial: float = 0.0,
+               max_concurrent: int | None = None) -> float:
+    """The part of a node's memory one trial's worker may plan its caches on: one over the
+    trials Ray can run on that node at once (its CPUs, and GPUs for GPU trials, over what a
+    trial asks; at most --max-concurrent). Each worker reads the memory available when it
+    starts, before the others have filled their caches, so without it each would plan on
+    most of the node."""
+    fits = [float(resources.get("CPU", 0)) / cpus_per_trial] if cpus_per_trial > 0 else []
+    if gpus_per_trial > 0:
+        fits.append(float(resources.get("GPU", 0)) / gpus_per_trial)
+    at_once = max(1, int(min(fits) + 1e-9)) if fits else 1
+    if max_concurrent:
+        at_once = min(at_once, int(max_concurrent))
+    return 1.0 / at_once
+
+
+def _this_node_share(settings_dict: dict) -> float:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    resources = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), {})
+    return node_share(resources, float(settings_dict["cpus_per_trial"]),
+                      float(settings_dict.get("gpus_per_trial") or 0),
+                      settings_dict.get("max_concurrent"))
+
+
+def _worker_runner(settings_dict: dict, share: float = 1.0) -> tuple[TrialRunner, float]:
     key = json.dumps(settings_dict, sort_keys=True)
     if key in _RUNNERS:
         return _RUNNERS[key], 0.0
     t0 = time.perf_counter()
     _RUNNERS.clear()  # a reused process serves one search at a time: free the old model
-    runner = TrialRunner(SearchSettings.from_dict({**settings_dict, "progress": False}))
+    runner = TrialRunner(SearchSettings.from_dict({**settings_dict, "progress": False}),
+                         memory_share=share)
     runner.prepare()
     _RUNNERS[key] = runner
     return runner, time.perf_counter() - t0
@@ -97,7 +124,8 @@ def _trainable(config: dict, settings_dict: dict) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
-    runner, load_s = _worker_runner(worker_placement(settings_dict))
+    runner, load_s = _worker_runner(worker_placement(settings_dict),
+                                    _this_node_share(settings_dict))
     result = runner.run(Recipe.from_json(config["recipe"]))
     payload = result.payload()
     if load_s:
@@ -121,7 +149,7 @@ def _recover_task(settings_dict: dict, recipe_json: str, trial: int, steps: int,
     from llmpareto.search.recover import recover_point, recovery_measure
 
     torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
-    runner, _ = _worker_runner(worker_placement(settings_dict))
+    runner, _ = _worker_runner(worker_placement(settings_dict), _this_node_share(settings_dict))
     if id(runner) not in _MEASURES:
         _MEASURES.clear()
         _MEASURES[id(runner)] = recovery_measure(runner)

@@ -54,8 +54,8 @@ def space_for(settings: SearchSettings, arch: Arch):
 class TrialRunner(Workbench):
     """The workbench of a search, plus its space, cost and quality evaluators and budget."""
 
-    def __init__(self, settings: SearchSettings) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: SearchSettings, memory_share: float = 1.0) -> None:
+        super().__init__(settings, memory_share=memory_share)
         self.space = space_for(settings, self.arch)
         if getattr(self.space, "prunes", False):
             self._set_pruning()
@@ -265,11 +265,13 @@ class TrialRunner(Workbench):
             metrics.update(ev.evaluate(cand))
         return TrialResult(metrics, self.budget.constraints(metrics), formats)
 
-    def where(self) -> dict[str, str]:
-        """Where this runner's trials run, read off the model's weights (not the settings): a
-        distributed trial records it, so a run shows which device and dtype scored it."""
+    def where(self) -> dict[str, str | float]:
+        """Where this runner's trials run, read off the model's weights (not the settings), and
+        the share of its node's memory its caches planned on: a distributed trial records it,
+        so a run shows which device and dtype scored it."""
         p = next(self.model.parameters())
-        return {"torch_device": str(p.device), "torch_dtype": str(p.dtype).removeprefix("torch.")}
+        return {"torch_device": str(p.device), "torch_dtype": str(p.dtype).removeprefix("torch."),
+                "memory_share": self.memory_share}
 
     def run(self, recipe: Recipe) -> TrialResult:
         """Score a recipe; a samplers' repeat of an earlier candidate costs nothing."""

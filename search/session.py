@@ -27,9 +27,10 @@ from llmpareto.search.records import (
 from llmpareto.search.settings import SearchSettings
 from llmpareto.spaces.base import recipe_of
 
-# User attrs naming who ran a trial and where (distributed backends: node, and the torch device
-# and dtype its model was on); they become trials.csv columns.
-NODE_COLUMNS = ("node", "node_ip", "torch_device", "torch_dtype")
+# User attrs naming who ran a trial and where (distributed backends: node, the torch device
+# and dtype its model was on, and the share of the node's memory its caches planned on);
+# they become trials.csv columns.
+NODE_COLUMNS = ("node", "node_ip", "torch_device", "torch_dtype", "memory_share")
 
 
 def _no_energy(out: dict) -> None:

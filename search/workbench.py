@@ -52,8 +52,11 @@ class Built:
 class Workbench:
     def __init__(self, settings: SearchSettings, placement: Placement | None = None,
                  bos=_FROM_MODEL, dense_bytes: int | None = None,
-                 device_room: bool = True) -> None:
+                 device_room: bool = True, memory_share: float = 1.0) -> None:
         self.settings = settings
+        # the part of this host's memory the caches plan on: a Ray worker shares its node
+        # with the other trials Ray runs there at once (ray_backend.node_share)
+        self.memory_share = memory_share
         # a device or dtype this machine lacks, or bad --text, fails before the slow load
         self.placement = placement or resolve(settings.torch_device, settings.torch_dtype)
         # the dtype decides the scores: recorded resolved, so a --resume, a worker or a Ray
@@ -118,14 +121,16 @@ class Workbench:
         if free is None:
             return dense, packed
         host_dense = 0 if self.placement.is_cuda else dense
-        room = int(0.8 * free) - self._working_bytes()
+        room = int(0.8 * free * self.memory_share) - self._working_bytes()
         fit_dense, fit_packed = fit_caches(host_dense, packed, room)
         if (fit_dense, fit_packed) == (host_dense, packed):
             return dense, packed
         asked = (f"--dequant-cache {format_bytes(dense)} and " if host_dense else "") + \
             f"--variant-cache {format_bytes(packed)}"
         kept = (f"{format_bytes(fit_dense)} and " if host_dense else "") + format_bytes(fit_packed)
-        print(f"llmpareto: note: {asked} would not fit the {format_bytes(free)} of memory "
+        part = "" if self.memory_share >= 1 else \
+            f"this worker's share ({self.memory_share:.3g}: the trials run at once here) of "
+        print(f"llmpareto: note: {asked} would not fit {part}the {format_bytes(free)} of memory "
               "available (MemAvailable in /proc/meminfo, less a forward pass and a 20% "
               f"margin): this run keeps at most {kept}; variants dropped are made again, "
               "identically (slower, same scores)", file=sys.stderr)

@@ -93,11 +93,14 @@ def test_recovery_runs_as_ray_tasks_and_the_driver_writes_it(cluster, tiny_setti
     columns and writes the weights of the points that gained."""
     s = {**tiny_settings, "study": "rec", "trials": 6, "formats": "f16,q5_0,q4_0",
          "recover_steps": 15, "recover_rounds": 1, "recover_tokens": 1024}
-    proc = _search(cluster, s)
+    proc = _search(cluster, s, "--cpus-per-trial", "0.5")  # two trials at once on a node
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     run = tmp_path / "runs" / "rec"
     df = pd.read_csv(run / "trials.csv")
+    # each worker planned its caches on half its node's memory (ray_backend.node_share)
+    on_ray = df[df["node"].notna() & (df["state"] == "COMPLETE")]
+    assert len(on_ray) and set(on_ray["memory_share"]) == {0.5}, on_ray.get("memory_share")
     tried = df[df["recover_method"].notna() & (df["recover_method"] != "none")]
     assert len(tried) >= 1
     assert (tried["recover_pid"] != proc.pid).all() and tried["recover_pid"].notna().all()

@@ -187,10 +187,8 @@ def test_holds_exactly_compares_in_the_models_own_precision():
                                     dtype=np.float32))
 
     class Cache:  # the three things holds_exactly reads of a VariantCache
-        override: dict = {}
-
         def __init__(self, base, variant):
-            self.base, self.variant = {"w": base}, variant
+            self.override, self.base, self.variant = {}, {"w": base}, variant
 
         def dequantized(self, fqn, fmt):
             return self.variant

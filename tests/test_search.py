@@ -195,6 +195,30 @@ def test_variant_caches_that_would_not_fit_the_host_are_lowered_with_a_note(
     assert small.run(Recipe.uniform("q4_0")).metrics == runner.run(Recipe.uniform("q4_0")).metrics
 
 
+def test_a_worker_plans_its_caches_on_its_share_of_the_node(tiny_settings, monkeypatch,
+                                                             capsys):
+    """Ray runs several trials on a node at once, each worker with its own caches: each
+    plans on one over the trials the node runs at once, said in the note."""
+    from llmpareto import models
+    from llmpareto.search.ray_backend import node_share
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    assert node_share({"CPU": 16.0}, 2.0) == 1 / 8
+    assert node_share({"CPU": 16.0}, 2.0, max_concurrent=2) == 1 / 2
+    assert node_share({"CPU": 16.0, "GPU": 2.0}, 2.0, 0.5) == 1 / 4  # the GPUs bind first
+    assert node_share({"CPU": 1.0}, 2.0) == 1.0  # one trial, on a node smaller than it asks
+    assert node_share({"CPU": 3.0}, 1.0) == 1 / 3
+    monkeypatch.setattr(models, "available_memory_bytes", lambda: 16 * 2**30)
+    whole = TrialRunner(SearchSettings.from_dict(tiny_settings))
+    assert whole.cache.dense_bytes + whole.cache.packed_bytes == 8 * 10**9
+    capsys.readouterr()
+    part = TrialRunner(SearchSettings.from_dict(tiny_settings), memory_share=1 / 8)
+    assert part.cache.dense_bytes + part.cache.packed_bytes <= 0.8 * 16 * 2**30 / 8
+    assert "this worker's share (0.125: the trials run at once here) of the 17.2 GB" in \
+        capsys.readouterr().err
+
+
 def test_energy_that_cannot_be_measured_is_said_in_one_line(monkeypatch, capsys):
     import codecarbon
 
