@@ -59,10 +59,7 @@ def at_latency(fronts: dict[str, pd.DataFrame], targets: list[float]) -> pd.Data
             if ok.empty:
                 rows.append({"latency_target_ms": target, "search": name})
                 continue
-            # after recovery, a point's recovered perplexity where it kept recovered weights
-            sel = ok["recovered_perplexity"].fillna(ok["perplexity"]) \
-                if "recovered_perplexity" in ok.columns else ok["perplexity"]
-            b = ok.loc[sel.idxmin()]
+            b = ok.loc[effective(ok).idxmin()]
             rows.append({"latency_target_ms": target, "search": name, "trial": int(b["trial"]),
                          "latency_ms": b["latency_ms"], "memory_MB": b["memory_bytes"] / 1e6,
                          **{q: b.get(q, np.nan) for q in QUALITY if q in df.columns},
@@ -70,19 +67,29 @@ def at_latency(fronts: dict[str, pd.DataFrame], targets: list[float]) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def effective(df: pd.DataFrame) -> pd.Series:
+    """A point's perplexity as the user gets it: after recovery, the recovered one where the
+    point kept recovered weights, else its post-training one."""
+    return df["recovered_perplexity"].fillna(df["perplexity"]) \
+        if "recovered_perplexity" in df.columns else df["perplexity"]
+
+
 def hypervolumes(fronts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Hypervolume of (perplexity, latency_ms) per search and of the union, with the effective
+    perplexity (after recovery where it ran), against one reference: 2x the lowest
+    post-training front perplexity and the slowest front point."""
     from llmpareto.pareto import hypervolume_2d
 
     base = min(float(f["perplexity"].min()) for f in fronts.values())
     ref = np.array([2 * base, max(float(f["latency_ms"].max()) for f in fronts.values())])
     union = pd.concat([f.assign(search=n) for n, f in fronts.items()], ignore_index=True)
-    pts = union[["perplexity", "latency_ms"]].to_numpy()
+    pts = np.column_stack([effective(union).to_numpy(), union["latency_ms"].to_numpy()])
     on = [i for i in range(len(pts)) if not any((pts[j] <= pts[i]).all() and
                                                 (pts[j] < pts[i]).any() for j in range(len(pts)))]
     counts = union.iloc[on]["search"].value_counts()
     rows = [{"search": n, "front_points": len(f),
-             "hypervolume": hypervolume_2d(f[["perplexity", "latency_ms"]].to_numpy() / ref,
-                                           (1.0, 1.0)),
+             "hypervolume": hypervolume_2d(np.column_stack(
+                 [effective(f).to_numpy(), f["latency_ms"].to_numpy()]) / ref, (1.0, 1.0)),
              "points_on_union_front": int(counts.get(n, 0))} for n, f in fronts.items()]
     rows.append({"search": "union", "front_points": len(on),
                  "hypervolume": hypervolume_2d(pts[on] / ref, (1.0, 1.0)),
