@@ -187,3 +187,19 @@ def release_freed_host_memory() -> bool:
 
 
 _LIBC = None  # the C library, once loaded (False: no malloc_trim here)
+
+
+def node_share(resources: dict, cpus_per_trial: float, gpus_per_trial: float = 0.0,
+               max_concurrent: int | None = None) -> float:
+    """The part of a node's memory one trial's worker may plan its caches on: one over the
+    trials Ray can run on that node at once (its CPUs, and GPUs for GPU trials, over what a
+    trial asks; at most --max-concurrent). Each worker reads the memory available when it
+    starts, before the others have filled their caches, so without it each would plan on
+    most of the node."""
+    fits = [float(resources.get("CPU", 0)) / cpus_per_trial] if cpus_per_trial > 0 else []
+    if gpus_per_trial > 0:
+        fits.append(float(resources.get("GPU", 0)) / gpus_per_trial)
+    at_once = max(1, int(min(fits) + 1e-9)) if fits else 1
+    if max_concurrent:
+        at_once = min(at_once, int(max_concurrent))
+    return 1.0 / at_once

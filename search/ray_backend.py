@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from llmpareto.errors import UserError
 from llmpareto.front import Front
+from llmpareto.placement import node_share
 from llmpareto.recipe import Recipe
 from llmpareto.rundir import RunDir
 from llmpareto.search.records import record_trial
@@ -76,22 +77,6 @@ def check_gpus(settings: SearchSettings, resources: dict) -> None:
         raise UserError(f"--gpus-per-trial {gpus:g}: the Ray cluster has {have:g} GPUs "
                         f"(ray.cluster_resources()); start nodes with GPUs (`ray start "
                         "--num-gpus N`), lower --gpus-per-trial, or use 0 for CPU trials")
-
-
-def node_share(resources: dict, cpus_per_trial: float, gpus_per_trial: float = 0.0,
-               max_concurrent: int | None = None) -> float:
-    """The part of a node's memory one trial's worker may plan its caches on: one over the
-    trials Ray can run on that node at once (its CPUs, and GPUs for GPU trials, over what a
-    trial asks; at most --max-concurrent). Each worker reads the memory available when it
-    starts, before the others have filled their caches, so without it each would plan on
-    most of the node."""
-    fits = [float(resources.get("CPU", 0)) / cpus_per_trial] if cpus_per_trial > 0 else []
-    if gpus_per_trial > 0:
-        fits.append(float(resources.get("GPU", 0)) / gpus_per_trial)
-    at_once = max(1, int(min(fits) + 1e-9)) if fits else 1
-    if max_concurrent:
-        at_once = min(at_once, int(max_concurrent))
-    return 1.0 / at_once
 
 
 def _this_node_share(settings_dict: dict) -> float:

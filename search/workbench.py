@@ -55,7 +55,7 @@ class Workbench:
                  device_room: bool = True, memory_share: float = 1.0) -> None:
         self.settings = settings
         # the part of this host's memory the caches plan on: a Ray worker shares its node
-        # with the other trials Ray runs there at once (ray_backend.node_share)
+        # with the other trials Ray runs there at once (placement.node_share)
         self.memory_share = memory_share
         # a device or dtype this machine lacks, or bad --text, fails before the slow load
         self.placement = placement or resolve(settings.torch_device, settings.torch_dtype)

@@ -200,7 +200,7 @@ def test_a_worker_plans_its_caches_on_its_share_of_the_node(tiny_settings, monke
     """Ray runs several trials on a node at once, each worker with its own caches: each
     plans on one over the trials the node runs at once, said in the note."""
     from llmpareto import models
-    from llmpareto.search.ray_backend import node_share
+    from llmpareto.placement import node_share
     from llmpareto.search.runner import TrialRunner
     from llmpareto.search.settings import SearchSettings
 
