@@ -89,14 +89,14 @@ def _this_node_share(settings_dict: dict) -> float:
                       settings_dict.get("max_concurrent"))
 
 
-def _worker_runner(settings_dict: dict, share: float = 1.0) -> tuple[TrialRunner, float]:
+def _worker_runner(settings_dict: dict) -> tuple[TrialRunner, float]:
     key = json.dumps(settings_dict, sort_keys=True)
     if key in _RUNNERS:
         return _RUNNERS[key], 0.0
     t0 = time.perf_counter()
     _RUNNERS.clear()  # a reused process serves one search at a time: free the old model
     runner = TrialRunner(SearchSettings.from_dict({**settings_dict, "progress": False}),
-                         memory_share=share)
+                         memory_share=_this_node_share(settings_dict))  # once a process
     runner.prepare()
     _RUNNERS[key] = runner
     return runner, time.perf_counter() - t0
@@ -109,8 +109,7 @@ def _trainable(config: dict, settings_dict: dict) -> None:
     from ray import tune
 
     torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
-    runner, load_s = _worker_runner(worker_placement(settings_dict),
-                                    _this_node_share(settings_dict))
+    runner, load_s = _worker_runner(worker_placement(settings_dict))
     result = runner.run(Recipe.from_json(config["recipe"]))
     payload = result.payload()
     if load_s:
@@ -134,7 +133,7 @@ def _recover_task(settings_dict: dict, recipe_json: str, trial: int, steps: int,
     from llmpareto.search.recover import recover_point, recovery_measure
 
     torch.set_num_threads(max(1, int(settings_dict["cpus_per_trial"])))
-    runner, _ = _worker_runner(worker_placement(settings_dict), _this_node_share(settings_dict))
+    runner, _ = _worker_runner(worker_placement(settings_dict))
     if id(runner) not in _MEASURES:
         _MEASURES.clear()
         _MEASURES[id(runner)] = recovery_measure(runner)
