@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n(a) best point at no more predicted latency on {a.device} (quality on the "
           "evaluation windows and on the evaluation text):")
     print(at_latency(fronts, targets).to_string(**fmt), flush=True)
-    print("\n(a2) hypervolume of (perplexity, latency_ms), normalised by 2x the lowest "
+    print("\n(a2) hypervolume of (perplexity, recovered where kept; latency_ms), normalised by 2x the lowest "
           "front perplexity and the slowest front point, and where the union front's points come from:")
     print(hypervolumes(fronts).to_string(**fmt), flush=True)
     pb = fronts["per-block students"]
