@@ -13,12 +13,13 @@ with the seconds each method took (calibration statistics plus quantizing, or le
 
 With `--students 24[:0.75]` it measures students instead (blocks kept by Block Influence, the
 MLP width ratio after the colon, f16): undistilled, and recovered by each of `--methods`
-(`local`: blockwise local distillation, `distill`: end-to-end) with `--distill-steps` steps.
+(`refit`: least-squares, closed form; `local`: blockwise local distillation, `distill`:
+end-to-end; `refit+distill`: one after the other) with `--distill-steps` steps.
 
 Run: python -m llmpareto.bench.bench_recovery [--formats q4_0,q4_1] [--steps 200]
      [--methods reconstruct-rtn,reconstruct,distill,qat] [--distill-steps 10]
      [--calib-tokens 4096] [--eval-text FILE] [--out DIR]   (--quick: to check that it runs)
-     python -m llmpareto.bench.bench_recovery --students 24,24:0.75 --methods local,distill
+     python -m llmpareto.bench.bench_recovery --students 24,24:0.75 --methods refit,distill,refit+distill
      python -m llmpareto.bench.bench_recovery --recipe runs/<study>/recipes/<trial>.json
          [--ladder --distill-steps 8]   (one front point; --ladder: the ladder's gain over a
          restart: QAT from reconstruction's weights against QAT from the post-training point)
@@ -260,9 +261,11 @@ def students(specs: list[str], methods: tuple[str, ...], steps: int, calib: int,
 
         runner.settings.recover_tokens = runner.settings.calib_tokens
         learn, held = recovery_windows(runner)
-        for m in methods:
-            t0 = time.perf_counter()
-            weights, exact = REGISTRY[m].run(runner, recipe, learn, steps, 0, False, held)
+        for m in methods:  # "a+b": b continues from a's weights, as the search's ladder
+            t0, got = time.perf_counter(), None
+            for part in m.split("+"):
+                got = REGISTRY[part].run(runner, recipe, learn, steps, 0, False, held, got)
+            weights, exact = got
             secs = time.perf_counter() - t0
             try:
                 use_recovered(runner, recipe, weights, exact)
@@ -382,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--students", default="",
                     help="students to measure instead of formats: blocks kept[:MLP ratio], "
-                         "comma-separated (e.g. 24,24:0.75), with --methods local,distill")
+                         "comma-separated (e.g. 24,24:0.75), with --methods refit,local,distill "
+                         "(refit+distill: distillation from the refit weights)")
     ap.add_argument("--recipe", type=Path, default=None,
                     help="a front point's recipe JSON instead of --formats: PTQ and "
                          "reconstruction with and without the exact-tensor rule")
@@ -397,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     from llmpareto.search.recover_methods import REGISTRY
 
     methods = tuple(a.methods.split(","))
-    bad = [m for m in methods if m != "reconstruct-rtn" and m not in REGISTRY]
+    bad = [p for m in methods for p in m.split("+") if m != "reconstruct-rtn" and p not in REGISTRY]
     if bad:
         ap.error(f"--methods: unknown {bad[0]!r}; known: reconstruct-rtn, {', '.join(REGISTRY)}")
     torch.manual_seed(0)

@@ -258,6 +258,64 @@ def _local(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     return out, False
 
 
+def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
+           progress: bool, holdout: np.ndarray | None = None, start: Start | None = None,
+           ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Least-squares refit (compress.refit): each kept block's MLP down-projection solved in
+    closed form, on the student's own stream, towards the base model's hidden state where the
+    next kept block starts; held-out windows choose each block's ridge. `steps` is not used
+    (nothing iterates). Re-quantized by the run's quantizer afterwards, as distillation is."""
+    from llmpareto.arch import _find_layers
+    from llmpareto.compress import apply
+    from llmpareto.compress.local_distill import spans
+    from llmpareto.compress.reconstruct import block_inputs
+    from llmpareto.compress.refit import hidden_targets, refit_blocks
+    from llmpareto.search.distill_run import _student_start
+
+    model, cache = bench.model, bench.cache
+    held = 0 if holdout is None else len(holdout)
+    ids = torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
+    dev = next(model.parameters()).device
+
+    def states(n: int | None) -> list:
+        layers = list(_find_layers(model))[:n]
+        return [block_inputs(layers, lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
+                                                       use_cache=False))
+                for i in range(len(ids))]
+
+    apply(model, Recipe(), cache)
+    teacher = states(None)
+    n_blocks = len(teacher[0]) - 1
+    kept = recipe.structure.get("layers") or list(range(n_blocks))
+    targets = hidden_targets(teacher, [dst for _, dst in spans(kept, n_blocks)])
+    del teacher
+    if start is not None:  # after the base's states: the override replaces base weights too
+        set_start(bench, recipe, *start)
+    try:
+        built = bench.build(recipe)
+        _student_start(built)
+        first = [s[0] for s in states(1)]
+        try:
+            refit_blocks(list(_find_layers(model)), first, targets, holdout=held)
+        finally:
+            out = _trained(built)
+    finally:
+        bench.cache.set_override({})
+    return out, False
+
+
+def _refittable(bench, recipe: Recipe) -> list[str]:
+    """The MLP down-projections a least-squares refit may solve for `recipe`: none unless it
+    changes the model's structure (a student), and none when any is pruned (a dense solve would
+    fill its zeros)."""
+    if not {k: v for k, v in recipe.structure.items() if v is not None}:
+        return []
+    sparsity = bench.arch.sparsity_for(recipe)
+    downs = [t.fqn for t in bench.arch.restructure(recipe.structure).linears
+             if t.kind == "mlp.down_proj"]
+    return [] if any(f in sparsity for f in downs) else downs
+
+
 def _quantized(fmt: str | None) -> bool:
     from llmpareto.formats import get_format
 
@@ -270,6 +328,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "q2_K ... q6_K, iq4_nl, iq4_xs onto the scales llama.cpp's quantizer chose)",
            lambda bench, r: not _changes_structure(bench, r) and bool(_grid_tensors(bench, r)),
            _reconstruct),
+    Method("refit", "least-squares refit: each kept block's MLP down-projection solved in "
+           "closed form towards the base's hidden state where the next kept block starts",
+           lambda bench, r: bool(_refittable(bench, r)), _refit),
     Method("local", "blockwise local distillation: each kept block learns, on the base's "
            "hidden states, what the base's blocks up to the next kept one give",
            lambda bench, r: _changes_structure(bench, r), _local),
@@ -283,17 +344,18 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 
 # auto's ladders: the method of round r is the ladder's r-th (its last for the rounds after),
 # continuing from the weights the rounds before kept
-LADDERS = {"structure": ("distill",), "quantized": ("reconstruct", "qat")}
+LADDERS = {"structure": ("refit", "distill"), "quantized": ("reconstruct", "qat")}
 
 
 def choose_method(bench, recipe: Recipe, asked: str = "auto", rung: int = 0) -> str | None:
     """The method for a candidate in round `rung`: `asked` when it handles it; with auto, the
-    rung's method of its ladder: end-to-end distillation for a student or pruned candidate
-    (on the default model it beat blockwise local distillation at equal steps and seconds:
-    docs/recovery.md); for a quantized one block-wise reconstruction, then quantization-aware
-    training from the reconstructed weights (the survey's last, most expensive rung); None
-    when nothing here can recover it (e.g. only tq2_0 ternary blocks, whose grid is not
-    covered)."""
+    rung's method of its ladder, among the methods that handle it: for a student the
+    least-squares refit (closed form, seconds), then end-to-end distillation from the refit
+    weights (on the default model it beat blockwise local distillation at equal steps and
+    seconds: docs/recovery.md); a pruned candidate goes straight to distillation; for a
+    quantized one block-wise reconstruction, then quantization-aware training from the
+    reconstructed weights (the survey's last, most expensive rung); None when nothing here
+    can recover it (e.g. only tq2_0 ternary blocks, whose grid is not covered)."""
     if asked != "auto":
         return asked if REGISTRY[asked].handles(bench, recipe) else None
     if _changes_structure(bench, recipe):
@@ -302,4 +364,5 @@ def choose_method(bench, recipe: Recipe, asked: str = "auto", rung: int = 0) -> 
         ladder = LADDERS["quantized"]
     else:
         return None
+    ladder = tuple(m for m in ladder if REGISTRY[m].handles(bench, recipe))
     return ladder[min(rung, len(ladder) - 1)]

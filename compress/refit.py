@@ -1,0 +1,130 @@
+"""Least-squares refit of a student's MLP down-projections, in closed form (seconds, no steps):
+each kept block, fed the student's own hidden state (the blocks before it already refit), gets
+the down-projection that brings its output closest to the base model's hidden state where the
+next kept block starts. For a narrowed MLP this is the channel-pruning reconstruction of He et
+al. 2017 (which AMC used after each cut); for a span of dropped blocks it is ReplaceMe's (2025)
+training-free linear patch, here learned as the whole down-projection rather than a factor.
+
+The block output is `rest + a @ W.T` (`a`: the down-projection's input, `rest`: everything else
+the block adds) exactly when the MLP output enters the residual stream unnormalized (Llama-style
+blocks; a block with a norm after its MLP is left as it is). A ridge towards the current weights
+keeps the solve sound with fewer tokens than channels; its strength is chosen per block on
+held-out windows, where the current weights compete too, so no block is refit to a larger
+held-out error than it had.
+
+Pure tensor functions: blocks called like Llama decoder layers, their captured inputs
+(compress.reconstruct.block_inputs) and target hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmpareto.compress.reconstruct import BlockInput, _hidden, _next, _output
+
+# ridge strengths tried, relative to the mean diagonal of the Gram matrix a.T @ a
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+LINEAR_RTOL = 1e-3  # output == rest + down(a) within this (relative): the MLP adds linearly
+
+
+@dataclass
+class RefitReport:
+    """One block's output mean squared error against its target on the judging windows (the
+    held-out ones when there are), before and after; `ridge` the relative strength chosen
+    (None: the current weights were best, or the block is not linear in its down-projection)."""
+
+    mse_start: float
+    mse: float
+    ridge: float | None
+
+
+def _parts(block: nn.Module, inputs: Sequence[BlockInput], down: str,
+           ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Per window, the down-projection's input `a` [tokens, channels] and `rest` (the block's
+    output with that projection's output zeroed), both float64; None when the block's output is
+    not `rest + down(a)` (a norm after the MLP)."""
+    proj = block.get_submodule(down)
+    zero = {f"{down}.weight": torch.zeros_like(proj.weight)}
+    acts, rests = [], []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    h = proj.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                seen.clear()
+                full = _output(block(*args, **kwargs))
+                a, y = seen[0]
+                rest = _output(torch.func.functional_call(block, zero, args, kwargs))
+                err = (full.double() - rest.double() - y.double()).abs().max()
+                if err > LINEAR_RTOL * full.double().abs().max().clamp(min=1e-12):
+                    return None
+                acts.append(a.reshape(-1, a.shape[-1]).double())
+                rests.append(rest.reshape(-1, rest.shape[-1]).double())
+    finally:
+        h.remove()
+    return acts, rests
+
+
+def _mse(acts, rests, targets, wt: torch.Tensor, idx: Sequence[int]) -> float:
+    total = sum(float(((rests[i] + acts[i] @ wt - targets[i]) ** 2).sum()) for i in idx)
+    return total / sum(targets[i].numel() for i in idx)
+
+
+def refit_block(block: nn.Module, inputs: Sequence[BlockInput], targets: Sequence[torch.Tensor],
+                down: str = "mlp.down_proj", holdout: int = 0) -> RefitReport:
+    """Set `block`'s `down` weight, in place, to the ridge least-squares solution of
+    `block(inputs[i]) ~= targets[i]` over the first `len(inputs) - holdout` windows; the last
+    `holdout` windows (all of them when 0) choose among RIDGES and the current weight."""
+    if not 0 <= holdout < len(inputs) or len(targets) != len(inputs):
+        raise ValueError(f"{len(inputs)} inputs, {len(targets)} targets, holdout {holdout}: "
+                         "one target per input and some inputs to learn on")
+    proj = block.get_submodule(down)
+    parts = _parts(block, inputs, down)
+    w0t = proj.weight.detach().double().T  # [channels, hidden]
+    if parts is None:
+        return RefitReport(float("nan"), float("nan"), None)
+    acts, rests = parts
+    tgt = [t.reshape(-1, t.shape[-1]).to(acts[0].device, torch.float64) for t in targets]
+    learn = range(len(inputs) - holdout)
+    judge = range(len(inputs) - holdout, len(inputs)) if holdout else learn
+    gram = sum(acts[i].T @ acts[i] for i in learn)
+    cross = sum(acts[i].T @ (tgt[i] - rests[i]) for i in learn)
+    scale = float(torch.diagonal(gram).mean().clamp(min=1e-30))
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    start = best = _mse(acts, rests, tgt, w0t, judge)
+    best_wt, ridge = w0t, None
+    for r in RIDGES:
+        wt = torch.linalg.solve(gram + r * scale * eye, cross + r * scale * w0t)
+        got = _mse(acts, rests, tgt, wt, judge)
+        if got < best:
+            best, best_wt, ridge = got, wt, r
+    with torch.no_grad():
+        proj.weight.copy_(best_wt.T.to(proj.weight.dtype))
+    return RefitReport(start, best, ridge)
+
+
+def refit_blocks(blocks: Sequence[nn.Module], first_inputs: Sequence[BlockInput],
+                 targets: Sequence[Sequence[torch.Tensor]], down: str = "mlp.down_proj",
+                 holdout: int = 0, progress: Callable[[int], None] | None = None,
+                 ) -> list[RefitReport]:
+    """Every block in turn, on the student's own stream: block j is fed what the blocks before
+    it give (already refit) and fit to `targets[j][w]` (the base model's hidden state where the
+    next kept block starts, for window w). `first_inputs`: block 0's inputs, one per window."""
+    inputs, reports = list(first_inputs), []
+    for j, block in enumerate(blocks):
+        reports.append(refit_block(block, inputs, [t[j] for t in targets], down, holdout))
+        inputs = _next(block, inputs)
+        if progress is not None:
+            progress(j)
+    return reports
+
+
+def hidden_targets(teacher_states: Sequence[Sequence[BlockInput]], dsts: Sequence[int],
+                   ) -> list[list[torch.Tensor]]:
+    """Per window, the teacher's hidden state at each of `dsts` (teacher block indices whose
+    input a student block must give; the stack's length for its output)."""
+    return [[_hidden(w[d]).detach() for d in dsts] for w in teacher_states]
