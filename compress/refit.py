@@ -18,6 +18,7 @@ Pure tensor functions: blocks called like Llama decoder layers, their captured i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,18 @@ def _parts(block: nn.Module, inputs: Sequence[BlockInput], down: str,
     return acts, rests
 
 
+def _float(x):
+    """`x` (a block's inputs: tensors in tuples, lists and dicts) with its half-precision
+    floating tensors as float32."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() and x.element_size() < 4 else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_float(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _float(v) for k, v in x.items()}
+    return x
+
+
 def _mse(acts, rests, targets, wt: torch.Tensor, idx: Sequence[int]) -> float:
     total = sum(float(((rests[i] + acts[i] @ wt - targets[i]) ** 2).sum()) for i in idx)
     return total / sum(targets[i].numel() for i in idx)
@@ -83,7 +96,11 @@ def refit_block(block: nn.Module, inputs: Sequence[BlockInput], targets: Sequenc
         raise ValueError(f"{len(inputs)} inputs, {len(targets)} targets, holdout {holdout}: "
                          "one target per input and some inputs to learn on")
     proj = block.get_submodule(down)
-    parts = _parts(block, inputs, down)
+    # bfloat16's rounding of the residual stream would hide (or fake) the MLP's linearity and
+    # swamp the solve: a half-precision block is measured as a float32 copy
+    low = proj.weight.dtype not in (torch.float32, torch.float64)
+    parts = _parts(copy.deepcopy(block).float(), [_float(x) for x in inputs], down) if low \
+        else _parts(block, inputs, down)
     w0t = proj.weight.detach().double().T  # [channels, hidden]
     if parts is None:
         return RefitReport(float("nan"), float("nan"), None)

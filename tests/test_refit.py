@@ -38,11 +38,15 @@ def _states(bench) -> list:
             for i in range(len(ids))]
 
 
-def test_refit_finds_the_down_projection_that_made_the_targets(bench4):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_refit_finds_the_down_projection_that_made_the_targets(bench4, dtype):
     """A real Llama block whose targets were made by another down-projection W*: the refit,
     from the block's own weight, lands on W* (2048 tokens for 4x fewer channels: the solve is
     determined; the ridge, chosen on held-out windows, is the weakest tried) and the held-out
-    error drops to rounding."""
+    error drops to rounding. In bfloat16 (a GPU run) too: measured on a float32 copy, not
+    skipped as if bfloat16's rounding were a norm after the MLP."""
+    import copy
+
     from llmpareto.arch import _find_layers
     from llmpareto.compress.reconstruct import _output
     from llmpareto.compress.refit import RIDGES, refit_block
@@ -56,15 +60,33 @@ def test_refit_finds_the_down_projection_that_made_the_targets(bench4):
     with torch.no_grad():
         targets = [_output(torch.func.functional_call(
             block, {"mlp.down_proj.weight": w_star}, *x)) for x in inputs]
+    if dtype != torch.float32:
+        block = copy.deepcopy(block).to(dtype)
+        inputs = [_cast(x, dtype) for x in inputs]
     try:
         got = refit_block(block, inputs, targets, holdout=8)
-        w = block.mlp.down_proj.weight.detach().clone()
+        w = block.mlp.down_proj.weight.detach().float().clone()
     finally:
         with torch.no_grad():
             block.mlp.down_proj.weight.copy_(w0)
-    assert got.ridge == RIDGES[0], got
-    assert float((w - w_star).norm() / (w0 - w_star).norm()) < 0.02  # ~3e-3 here
-    assert got.mse < 1e-3 * got.mse_start, got
+    assert got.ridge is not None, got
+    if dtype == torch.float32:
+        assert got.ridge == RIDGES[0], got
+        assert float((w - w_star).norm() / (w0 - w_star).norm()) < 0.02  # ~3e-3 here
+        assert got.mse < 1e-3 * got.mse_start, got
+    else:  # bfloat16's inputs and stored weight: a few percent of the way
+        assert float((w - w_star).norm() / (w0 - w_star).norm()) < 0.1, got
+        assert got.mse < 0.05 * got.mse_start, got
+
+
+def _cast(x, dtype):
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: _cast(v, dtype) for k, v in x.items()}
+    return x
 
 
 class _Block(nn.Module):
