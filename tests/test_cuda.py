@@ -2,7 +2,7 @@
 paths run on the CPU: tests/test_placement.py). Run them on a GPU machine with
 `python3 -m pytest -m cuda`: the torch dequantizers are bit-exact on the GPU, one recipe scores
 alike on the CPU and the GPU, packed codes live on the GPU or pinned on the host, a model loads
-straight to the GPU in its dtype, and Ray places trials on GPUs."""
+straight to the GPU in its dtype, Ray places trials on GPUs, and a student is refit there."""
 
 from __future__ import annotations
 
@@ -186,3 +186,36 @@ def test_ray_places_trials_on_the_gpu(tiny_settings):
     assert set(done["torch_dtype"]) == {"bfloat16"}, done["torch_dtype"].tolist()
     info = json.loads(rd.run_json.read_text())
     assert info["cluster"]["resources"].get("GPU", 0) >= 1
+
+
+def test_a_student_is_refit_on_the_gpu_in_bfloat16(tiny_model_dir):
+    """The refit rung of a student's recovery on a bfloat16 GPU model: it runs there (the
+    weights it returns came from cuda tensors), changes the down-projections and lowers the
+    KL to the base on the evaluation windows, which it never learned on."""
+    from llmpareto.compress import apply
+    from llmpareto.evaluators.quality import log_probs64, logits_of, text_scores
+    from llmpareto.recipe import Recipe
+    from llmpareto.search.recover import recovery_windows, use_recovered
+    from llmpareto.search.recover_methods import REGISTRY
+    from llmpareto.search.runner import TrialRunner
+    from llmpareto.search.settings import SearchSettings
+
+    bench = TrialRunner(SearchSettings(model=str(tiny_model_dir), window=64, eval_tokens=256,
+                                       calib_tokens=2048, progress=False, presets="none",
+                                       formats="q8_0,f16", context=256, torch_device="cuda",
+                                       torch_dtype="bfloat16"))
+    assert next(bench.model.parameters()).device.type == "cuda"
+    student = Recipe({}, structure={"layers": [0], "mlp_ratio": 0.5})
+    ev = bench.windows.eval
+    apply(bench.model, Recipe(), bench.cache)
+    base = log_probs64(logits_of(bench.model, ev, 4))
+    bench.build(student)
+    before = float(text_scores(bench.model, ev, base, 4)["kl_nats"])
+    learn, held = recovery_windows(bench)
+    weights, exact = REGISTRY["refit"].run(bench, student, learn, 0, 0, False, held)
+    try:
+        use_recovered(bench, student, weights, exact)
+        after = float(text_scores(bench.model, ev, base, 4)["kl_nats"])
+    finally:
+        bench.cache.set_override({})
+    assert after < before, (before, after)
