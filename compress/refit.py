@@ -41,15 +41,18 @@ class RefitReport:
     mse_start: float
     mse: float
     ridge: float | None
+    attention: RefitReport | None = None  # the attention output projection's, when solved
 
 
-def _parts(block: nn.Module, inputs: Sequence[BlockInput], down: str,
-           ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """Per window, the down-projection's input `a` [tokens, channels] and `rest` (the block's
-    output with that projection's output zeroed), both float64; None when the block's output is
-    not `rest + down(a)` (a norm after the MLP)."""
-    proj = block.get_submodule(down)
-    zero = {f"{down}.weight": torch.zeros_like(proj.weight)}
+def _parts(block: nn.Module, inputs: Sequence[BlockInput], proj_name: str,
+           zero_also: Sequence[str] = ()) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Per window, the projection's input `a` [tokens, channels] and `rest` (the block's output
+    with that projection's output zeroed), both float64, with the weights `zero_also` zeroed in
+    both (the down-projection, to read the residual after attention); None when the output is
+    not `rest + proj(a)` (a norm after the projection)."""
+    proj = block.get_submodule(proj_name)
+    also = {f"{n}.weight": torch.zeros_like(block.get_submodule(n).weight) for n in zero_also}
+    zero = {**also, f"{proj_name}.weight": torch.zeros_like(proj.weight)}
     acts, rests = [], []
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     h = proj.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
@@ -57,7 +60,7 @@ def _parts(block: nn.Module, inputs: Sequence[BlockInput], down: str,
         with torch.no_grad():
             for args, kwargs in inputs:
                 seen.clear()
-                full = _output(block(*args, **kwargs))
+                full = _output(torch.func.functional_call(block, also, args, kwargs))
                 a, y = seen[0]
                 rest = _output(torch.func.functional_call(block, zero, args, kwargs))
                 err = (full.double() - rest.double() - y.double()).abs().max()
@@ -68,6 +71,17 @@ def _parts(block: nn.Module, inputs: Sequence[BlockInput], down: str,
     finally:
         h.remove()
     return acts, rests
+
+
+def after_attention(block: nn.Module, inputs: Sequence[BlockInput],
+                    down: str = "mlp.down_proj") -> list[torch.Tensor]:
+    """Per window, the block's residual stream after its attention (its output with the MLP's
+    down-projection zeroed, in a Llama-style block): the target of a student block's attention
+    output projection."""
+    zero = {f"{down}.weight": torch.zeros_like(block.get_submodule(down).weight)}
+    with torch.no_grad():
+        return [_output(torch.func.functional_call(block, zero, a, k)).detach()
+                for a, k in inputs]
 
 
 def _float(x):
@@ -87,20 +101,16 @@ def _mse(acts, rests, targets, wt: torch.Tensor, idx: Sequence[int]) -> float:
     return total / sum(targets[i].numel() for i in idx)
 
 
-def refit_block(block: nn.Module, inputs: Sequence[BlockInput], targets: Sequence[torch.Tensor],
-                down: str = "mlp.down_proj", holdout: int = 0) -> RefitReport:
-    """Set `block`'s `down` weight, in place, to the ridge least-squares solution of
-    `block(inputs[i]) ~= targets[i]` over the first `len(inputs) - holdout` windows; the last
-    `holdout` windows (all of them when 0) choose among RIDGES and the current weight."""
-    if not 0 <= holdout < len(inputs) or len(targets) != len(inputs):
-        raise ValueError(f"{len(inputs)} inputs, {len(targets)} targets, holdout {holdout}: "
-                         "one target per input and some inputs to learn on")
-    proj = block.get_submodule(down)
-    # bfloat16's rounding of the residual stream would hide (or fake) the MLP's linearity and
-    # swamp the solve: a half-precision block is measured as a float32 copy
+def _solve(block: nn.Module, inputs: Sequence[BlockInput], targets: Sequence[torch.Tensor],
+           proj_name: str, holdout: int, zero_also: Sequence[str] = ()) -> RefitReport:
+    """Set `block`'s `proj_name` weight, in place, to the ridge least-squares solution of
+    `block(inputs[i]) ~= targets[i]` (with `zero_also` zeroed) over the learning windows."""
+    proj = block.get_submodule(proj_name)
+    # bfloat16's rounding of the residual stream would hide (or fake) the projection's
+    # linearity and swamp the solve: a half-precision block is measured as a float32 copy
     low = proj.weight.dtype not in (torch.float32, torch.float64)
-    parts = _parts(copy.deepcopy(block).float(), [_float(x) for x in inputs], down) if low \
-        else _parts(block, inputs, down)
+    parts = _parts(copy.deepcopy(block).float(), [_float(x) for x in inputs], proj_name,
+                   zero_also) if low else _parts(block, inputs, proj_name, zero_also)
     w0t = proj.weight.detach().double().T  # [channels, hidden]
     if parts is None:
         return RefitReport(float("nan"), float("nan"), None)
@@ -124,16 +134,41 @@ def refit_block(block: nn.Module, inputs: Sequence[BlockInput], targets: Sequenc
     return RefitReport(start, best, ridge)
 
 
+def refit_block(block: nn.Module, inputs: Sequence[BlockInput], targets: Sequence[torch.Tensor],
+                down: str = "mlp.down_proj", holdout: int = 0,
+                attn: str = "self_attn.o_proj",
+                attn_targets: Sequence[torch.Tensor] | None = None) -> RefitReport:
+    """Set `block`'s `down` weight, in place, to the ridge least-squares solution of
+    `block(inputs[i]) ~= targets[i]` over the first `len(inputs) - holdout` windows; the last
+    `holdout` windows (all of them when 0) choose among RIDGES and the current weight. With
+    `attn_targets` (the residual after attention wanted, per window), the attention's output
+    projection `attn` is solved first the same way (He et al.'s reconstruction after a cut of
+    attention groups); the report is the down-projection's, `attention` the first solve's."""
+    if not 0 <= holdout < len(inputs) or len(targets) != len(inputs) or (
+            attn_targets is not None and len(attn_targets) != len(inputs)):
+        raise ValueError(f"{len(inputs)} inputs, {len(targets)} targets, holdout {holdout}: "
+                         "one target per input and some inputs to learn on")
+    first = None if attn_targets is None else _solve(block, inputs, attn_targets, attn, holdout,
+                                                     zero_also=(down,))
+    got = _solve(block, inputs, targets, down, holdout)
+    got.attention = first
+    return got
+
+
 def refit_blocks(blocks: Sequence[nn.Module], first_inputs: Sequence[BlockInput],
                  targets: Sequence[Sequence[torch.Tensor]], down: str = "mlp.down_proj",
                  holdout: int = 0, progress: Callable[[int], None] | None = None,
-                 ) -> list[RefitReport]:
+                 attn_targets: Sequence[Sequence[torch.Tensor]] | None = None,
+                 attn: str = "self_attn.o_proj") -> list[RefitReport]:
     """Every block in turn, on the student's own stream: block j is fed what the blocks before
-    it give (already refit) and fit to `targets[j][w]` (the base model's hidden state where the
-    next kept block starts, for window w). `first_inputs`: block 0's inputs, one per window."""
+    it give (already refit) and fit to `targets[w][j]` (the base model's hidden state where the
+    next kept block starts, for window w), its attention output first to `attn_targets[w][j]`
+    when given. `first_inputs`: block 0's inputs, one per window."""
     inputs, reports = list(first_inputs), []
     for j, block in enumerate(blocks):
-        reports.append(refit_block(block, inputs, [t[j] for t in targets], down, holdout))
+        reports.append(refit_block(
+            block, inputs, [t[j] for t in targets], down, holdout, attn,
+            None if attn_targets is None else [t[j] for t in attn_targets]))
         inputs = _next(block, inputs)
         if progress is not None:
             progress(j)

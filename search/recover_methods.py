@@ -261,15 +261,16 @@ def _local(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
 def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
            progress: bool, holdout: np.ndarray | None = None, start: Start | None = None,
            ) -> tuple[dict[str, torch.Tensor], bool]:
-    """Least-squares refit (compress.refit): each kept block's MLP down-projection solved in
-    closed form, on the student's own stream, towards the base model's hidden state where the
-    next kept block starts; held-out windows choose each block's ridge. `steps` is not used
+    """Least-squares refit (compress.refit): on the student's own stream, each kept block's
+    attention output projection solved in closed form towards the base block's residual after
+    its attention, then its MLP down-projection towards the base model's hidden state where the
+    next kept block starts; held-out windows choose each solve's ridge. `steps` is not used
     (nothing iterates). Re-quantized by the run's quantizer afterwards, as distillation is."""
     from llmpareto.arch import _find_layers
     from llmpareto.compress import apply
     from llmpareto.compress.local_distill import spans
     from llmpareto.compress.reconstruct import block_inputs
-    from llmpareto.compress.refit import hidden_targets, refit_blocks
+    from llmpareto.compress.refit import after_attention, hidden_targets, refit_blocks
     from llmpareto.search.distill_run import _student_start
 
     model, cache = bench.model, bench.cache
@@ -288,7 +289,10 @@ def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     n_blocks = len(teacher[0]) - 1
     kept = recipe.structure.get("layers") or list(range(n_blocks))
     targets = hidden_targets(teacher, [dst for _, dst in spans(kept, n_blocks)])
-    del teacher
+    base_blocks = list(_find_layers(model))  # each kept block's attention towards the base's
+    per_block = [after_attention(base_blocks[k], [w[k] for w in teacher]) for k in kept]
+    attn = [[per_block[j][w] for j in range(len(kept))] for w in range(len(teacher))]
+    del teacher, per_block
     if start is not None:  # after the base's states: the override replaces base weights too
         set_start(bench, recipe, *start)
     try:
@@ -296,7 +300,8 @@ def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
         _student_start(built)
         first = [s[0] for s in states(1)]
         try:
-            refit_blocks(list(_find_layers(model)), first, targets, holdout=held)
+            refit_blocks(list(_find_layers(model)), first, targets, holdout=held,
+                         attn_targets=attn)
         finally:
             out = _trained(built)
     finally:
@@ -305,15 +310,16 @@ def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
 
 
 def _refittable(bench, recipe: Recipe) -> list[str]:
-    """The MLP down-projections a least-squares refit may solve for `recipe`: none unless it
-    changes the model's structure (a student), and none when any is pruned (a dense solve would
-    fill its zeros)."""
+    """The projections a least-squares refit solves for `recipe` (attention outputs, MLP
+    down-projections): none unless it changes the model's structure (a student), and none when
+    any of them is pruned (a dense solve would fill its zeros)."""
     if not {k: v for k, v in recipe.structure.items() if v is not None}:
         return []
     sparsity = bench.arch.sparsity_for(recipe)
-    downs = [t.fqn for t in bench.arch.restructure(recipe.structure).linears
-             if t.kind == "mlp.down_proj"]
-    return [] if any(f in sparsity for f in downs) else downs
+    solved = [t.fqn for t in bench.arch.restructure(recipe.structure).linears
+              if t.kind in ("mlp.down_proj", "self_attn.o_proj")]
+    return [] if any(f in sparsity for f in solved) or not any(
+        f.endswith("mlp.down_proj") for f in solved) else solved
 
 
 def _quantized(fmt: str | None) -> bool:
@@ -328,8 +334,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "q2_K ... q6_K, iq4_nl, iq4_xs onto the scales llama.cpp's quantizer chose)",
            lambda bench, r: not _changes_structure(bench, r) and bool(_grid_tensors(bench, r)),
            _reconstruct),
-    Method("refit", "least-squares refit: each kept block's MLP down-projection solved in "
-           "closed form towards the base's hidden state where the next kept block starts",
+    Method("refit", "least-squares refit: each kept block's attention output and MLP "
+           "down-projections solved in closed form towards the base's residual after that "
+           "block's attention and its hidden state where the next kept block starts",
            lambda bench, r: bool(_refittable(bench, r)), _refit),
     Method("local", "blockwise local distillation: each kept block learns, on the base's "
            "hidden states, what the base's blocks up to the next kept one give",

@@ -79,6 +79,40 @@ def test_refit_finds_the_down_projection_that_made_the_targets(bench4, dtype):
         assert got.mse < 0.05 * got.mse_start, got
 
 
+def test_refit_finds_the_attention_output_projection_that_made_the_targets(bench4):
+    """With targets for the residual after attention made by another output projection W*_o
+    (and the block's output with it), the attention stage lands on W*_o before the
+    down-projection is solved; the down-projection, right already, stays close."""
+    from llmpareto.arch import _find_layers
+    from llmpareto.compress.reconstruct import _output
+    from llmpareto.compress.refit import after_attention, refit_block
+
+    states = _states(bench4)
+    block = list(_find_layers(bench4.model))[2]
+    o0 = block.self_attn.o_proj.weight.detach().clone()
+    d0 = block.mlp.down_proj.weight.detach().clone()
+    gen = torch.Generator().manual_seed(1)
+    o_star = o0 + 0.5 * o0.std() * torch.randn(o0.shape, generator=gen)
+    inputs = [s[2] for s in states]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.copy_(o_star)
+        attn_targets = after_attention(block, inputs)
+        targets = [_output(block(*a, **k)) for a, k in inputs]
+        block.self_attn.o_proj.weight.copy_(o0)
+    try:
+        got = refit_block(block, inputs, targets, holdout=8, attn_targets=attn_targets)
+        o, d = (block.self_attn.o_proj.weight.detach().clone(),
+                block.mlp.down_proj.weight.detach().clone())
+    finally:
+        with torch.no_grad():
+            block.self_attn.o_proj.weight.copy_(o0)
+            block.mlp.down_proj.weight.copy_(d0)
+    assert got.attention is not None and got.attention.ridge is not None, got
+    assert float((o - o_star).norm() / (o0 - o_star).norm()) < 0.02
+    assert float((d - d0).norm() / d0.norm()) < 0.02
+    assert got.attention.mse < 1e-3 * got.attention.mse_start, got
+
+
 def _cast(x, dtype):
     if isinstance(x, torch.Tensor):
         return x.to(dtype) if x.is_floating_point() else x
@@ -148,7 +182,7 @@ def test_a_student_is_refit_first_then_distilled_and_a_pruned_one_goes_to_distil
 def test_the_registry_refits_a_student_and_lowers_kl_where_it_never_learned(bench4):
     """`refit` on the workbench: the student's KL to the base on the evaluation windows (never
     learned on, nor held out) drops; the weights are float (re-quantized afterwards) and only
-    the down-projections change."""
+    the attention output and MLP down-projections change."""
     from llmpareto.compress import apply
     from llmpareto.evaluators.quality import log_probs64, logits_of, text_scores
     from llmpareto.recipe import Recipe
@@ -170,7 +204,8 @@ def test_the_registry_refits_a_student_and_lowers_kl_where_it_never_learned(benc
     weights, exact = REGISTRY["refit"].run(bench, student, calib[:26], 0, 0, False, calib[26:])
     assert exact is False
     changed = {f for f in weights if not torch.equal(weights[f], start[f])}
-    assert changed and all(f.endswith("mlp.down_proj") for f in changed), changed
+    assert {f.rsplit(".", 2)[-2] + "." + f.rsplit(".", 1)[-1] for f in changed} == {
+        "mlp.down_proj", "self_attn.o_proj"}, changed
     try:
         use_recovered(bench, student, weights, exact)
         after = float(text_scores(bench.model, ev, base, 4)["kl_nats"])
