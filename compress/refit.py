@@ -1,16 +1,18 @@
-"""Least-squares refit of a student's MLP down-projections, in closed form (seconds, no steps):
+"""Least-squares refit of a student's output projections, in closed form (seconds, no steps):
 each kept block, fed the student's own hidden state (the blocks before it already refit), gets
-the down-projection that brings its output closest to the base model's hidden state where the
-next kept block starts. For a narrowed MLP this is the channel-pruning reconstruction of He et
-al. 2017 (which AMC used after each cut); for a span of dropped blocks it is ReplaceMe's (2025)
-training-free linear patch, here learned as the whole down-projection rather than a factor.
+the attention output projection that brings its residual after attention closest to the base
+block's, then the MLP down-projection that brings its output closest to the base model's hidden
+state where the next kept block starts. For a narrowed MLP or fewer attention groups this is
+the channel-pruning reconstruction of He et al. 2017 (which AMC used after each cut); for a
+span of dropped blocks it is ReplaceMe's (2025) training-free linear patch, here learned as the
+whole down-projection rather than a factor.
 
-The block output is `rest + a @ W.T` (`a`: the down-projection's input, `rest`: everything else
-the block adds) exactly when the MLP output enters the residual stream unnormalized (Llama-style
-blocks; a block with a norm after its MLP is left as it is). A ridge towards the current weights
-keeps the solve sound with fewer tokens than channels; its strength is chosen per block on
-held-out windows, where the current weights compete too, so no block is refit to a larger
-held-out error than it had.
+The block output is `rest + a @ W.T` (`a`: the projection's input, `rest`: everything else
+the block adds) exactly when the projection's output enters the residual stream unnormalized
+(Llama-style blocks; a projection with a norm after it is left as it is). A ridge towards the
+current weights keeps the solve sound with fewer tokens than channels; its strength is chosen
+per solve on held-out windows, where the current weights compete too, so no solve leaves a
+larger held-out error than it found.
 
 Pure tensor functions: blocks called like Llama decoder layers, their captured inputs
 (compress.reconstruct.block_inputs) and target hidden states.
