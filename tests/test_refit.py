@@ -1,5 +1,6 @@
-"""Least-squares refit (compress/refit.py, issue 26): a student's MLP down-projections solved in
-closed form towards the base model's hidden states, the first rung of a student's recovery."""
+"""Least-squares refit (compress/refit.py, issue 26): a student's attention output and MLP
+down-projections solved in closed form towards the base model's hidden states, the first rung
+of a student's recovery."""
 
 from __future__ import annotations
 
@@ -7,22 +8,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from llmpareto.tiny import build_tiny_model
-
-
-@pytest.fixture(scope="module")
-def bench4(tmp_path_factory):
-    """A 4-block tiny random Llama (initializer_range 0.2: far from uniform logits) on the
-    search's workbench."""
-    from llmpareto.search.runner import TrialRunner
-    from llmpareto.search.settings import SearchSettings
-
-    folder = build_tiny_model(tmp_path_factory.mktemp("tiny4") / "model", num_hidden_layers=4,
-                              initializer_range=0.2)
-    return TrialRunner(SearchSettings(model=str(folder), window=64, eval_tokens=256,
-                                      calib_tokens=2048, progress=False, presets="none",
-                                      formats="q8_0,f16", context=256))
 
 
 def _states(bench) -> list:
