@@ -25,10 +25,10 @@ _HELP = {
                       "better half, from the weights round r-1 kept)",
     "recover_tokens": "calibration tokens recovery learns on",
     "recover_method": "auto (block-wise reconstruction for quantized points, then "
-                      "quantization-aware training in later rounds; for students a "
-                      "least-squares refit, then end-to-end distillation; distillation for "
-                      "pruned ones) | reconstruct | refit | local (blockwise local "
-                      "distillation) | distill | qat",
+                      "quantization-aware training in later rounds; end-to-end "
+                      "distillation for students and pruned ones) | reconstruct | refit "
+                      "(students: least-squares, seconds; fits the calibration domain) | "
+                      "local (blockwise local distillation) | distill | qat",
     "recover_guard": "with --recover-steps: a text of a third domain (neither --text nor "
                      "--eval-text) nothing learns on; a point keeps recovered weights only "
                      "when they are also no further from the base model on it (default: the "

@@ -351,15 +351,17 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
 
 # auto's ladders: the method of round r is the ladder's r-th (its last for the rounds after),
 # continuing from the weights the rounds before kept
-LADDERS = {"structure": ("refit", "distill"), "quantized": ("reconstruct", "qat")}
+# (the refit is not a student's first rung: distillation from its weights carried less to
+# another domain than distillation from the cut weights, docs/recovery.md)
+LADDERS = {"structure": ("distill",), "quantized": ("reconstruct", "qat")}
 
 
 def choose_method(bench, recipe: Recipe, asked: str = "auto", rung: int = 0) -> str | None:
     """The method for a candidate in round `rung`: `asked` when it handles it; with auto, the
-    rung's method of its ladder, among the methods that handle it: for a student the
-    least-squares refit (closed form, seconds), then end-to-end distillation from the refit
-    weights (on the default model it beat blockwise local distillation at equal steps and
-    seconds: docs/recovery.md); a pruned candidate goes straight to distillation; for a
+    rung's method of its ladder, among the methods that handle it: end-to-end distillation
+    for a student or pruned candidate (on the default model it beat blockwise local
+    distillation at equal steps and seconds, and carried further to another domain than the
+    least-squares refit or distillation from the refit's weights: docs/recovery.md); for a
     quantized one block-wise reconstruction, then quantization-aware training from the
     reconstructed weights (the survey's last, most expensive rung); None when nothing here
     can recover it (e.g. only tq2_0 ternary blocks, whose grid is not covered)."""

@@ -21,7 +21,7 @@ def test_methods_come_from_a_registry_chosen_by_what_a_candidate_changed(tiny_mo
     assert choose_method(bench, Recipe.uniform("f16")) is None  # nothing quantized
     student = Recipe.uniform("q4_0")
     student.structure = {"layers": [0], "mlp_ratio": None, "heads": None}
-    assert choose_method(bench, student) == "refit"  # then distillation (test_refit.py)
+    assert choose_method(bench, student) == "distill"
     assert choose_method(bench, student, "local") == "local"
     assert choose_method(bench, Recipe.uniform("q4_0"), "qat") == "qat"
     assert choose_method(bench, Recipe.uniform("f16"), "qat") is None
