@@ -289,10 +289,12 @@ def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     n_blocks = len(teacher[0]) - 1
     kept = recipe.structure.get("layers") or list(range(n_blocks))
     targets = hidden_targets(teacher, [dst for _, dst in spans(kept, n_blocks)])
-    base_blocks = list(_find_layers(model))  # each kept block's attention towards the base's
-    per_block = [after_attention(base_blocks[k], [w[k] for w in teacher]) for k in kept]
-    attn = [[per_block[j][w] for j in range(len(kept))] for w in range(len(teacher))]
-    del teacher, per_block
+    attn = None  # each kept block's attention output towards the base block's, where it has one
+    if any(t.kind == "self_attn.o_proj" for t in bench.arch.linears):
+        base_blocks = list(_find_layers(model))
+        per_block = [after_attention(base_blocks[k], [w[k] for w in teacher]) for k in kept]
+        attn = [[per_block[j][w] for j in range(len(kept))] for w in range(len(teacher))]
+    del teacher
     if start is not None:  # after the base's states: the override replaces base weights too
         set_start(bench, recipe, *start)
     try:
@@ -358,10 +360,10 @@ LADDERS = {"structure": ("distill",), "quantized": ("reconstruct", "qat")}
 
 def choose_method(bench, recipe: Recipe, asked: str = "auto", rung: int = 0) -> str | None:
     """The method for a candidate in round `rung`: `asked` when it handles it; with auto, the
-    rung's method of its ladder, among the methods that handle it: end-to-end distillation
-    for a student or pruned candidate (on the default model it beat blockwise local
-    distillation at equal steps and seconds, and carried further to another domain than the
-    least-squares refit or distillation from the refit's weights: docs/recovery.md); for a
+    rung's method of its ladder: end-to-end distillation for a student or pruned candidate
+    (on the default model it beat blockwise local distillation at equal steps and seconds,
+    and carried further to another domain than the least-squares refit or distillation from
+    the refit's weights: docs/recovery.md); for a
     quantized one block-wise reconstruction, then quantization-aware training from the
     reconstructed weights (the survey's last, most expensive rung); None when nothing here
     can recover it (e.g. only tq2_0 ternary blocks, whose grid is not covered)."""
@@ -373,5 +375,4 @@ def choose_method(bench, recipe: Recipe, asked: str = "auto", rung: int = 0) -> 
         ladder = LADDERS["quantized"]
     else:
         return None
-    ladder = tuple(m for m in ladder if REGISTRY[m].handles(bench, recipe))
     return ladder[min(rung, len(ladder) - 1)]
