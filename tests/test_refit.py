@@ -167,7 +167,11 @@ def test_the_refit_is_asked_by_name_for_a_student_and_never_for_a_pruned_one(ben
     assert choose_method(bench4, Recipe.uniform("q8_0"), "refit") is None  # nothing cut
 
 
-def test_the_registry_refits_a_student_and_lowers_kl_where_it_never_learned(bench4):
+PER_BLOCK = {"layers": [0, 2, 3], "mlp_ratio": [0.5, 1.0, 0.75], "heads": [1, 2, 1]}
+
+
+@pytest.mark.parametrize("per_block", [False, True], ids=["homogeneous", "per-block"])
+def test_the_registry_refits_a_student_and_lowers_kl_where_it_never_learned(bench4, per_block):
     """`refit` on the workbench: the student's KL to the base on the evaluation windows (never
     learned on, nor held out) drops; the weights are float (re-quantized afterwards) and only
     the attention output and MLP down-projections change."""
@@ -179,6 +183,8 @@ def test_the_registry_refits_a_student_and_lowers_kl_where_it_never_learned(benc
     from llmpareto.search.recover_methods import REGISTRY
 
     bench, student = bench4, _student()
+    if per_block:  # each block its own MLP width and KV groups (issue 27's students)
+        student.structure = dict(PER_BLOCK)
     ev = bench.windows.eval
     apply(bench.model, Recipe(), bench.cache)
     base = log_probs64(logits_of(bench.model, ev, 4))
