@@ -189,9 +189,9 @@ def test_ray_places_trials_on_the_gpu(tiny_settings):
 
 
 def test_a_student_is_refit_on_the_gpu_in_bfloat16(tiny_model_dir):
-    """The least-squares refit of a student on a bfloat16 GPU model: it runs there (the
-    weights it returns came from cuda tensors), changes the down-projections and lowers the
-    KL to the base on the evaluation windows, which it never learned on."""
+    """The least-squares refit of a student on a bfloat16 GPU model (measured on float32
+    copies of its blocks, not skipped for bfloat16's rounding) lowers the KL to the base on
+    the evaluation windows, which it never learned on."""
     from llmpareto.compress import apply
     from llmpareto.evaluators.quality import log_probs64, logits_of, text_scores
     from llmpareto.recipe import Recipe
