@@ -264,8 +264,8 @@ def students(specs: list[str], methods: tuple[str, ...], steps: int, calib: int,
         for m in methods:  # "a+b": b continues from a's weights, as the search's ladder
             t0, got = time.perf_counter(), None
             for part in m.split("+"):
-                got = REGISTRY[part].run(runner, recipe, learn, steps, 0, False, held, got)
-            weights, exact = got
+                got = weights, exact = REGISTRY[part].run(runner, recipe, learn, steps, 0,
+                                                          False, held, got)
             secs = time.perf_counter() - t0
             try:
                 use_recovered(runner, recipe, weights, exact)
@@ -385,8 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--students", default="",
                     help="students to measure instead of formats: blocks kept[:MLP ratio], "
-                         "comma-separated (e.g. 24,24:0.75), with --methods refit,local,distill "
-                         "(refit+distill: distillation from the refit weights)")
+                         "comma-separated (e.g. 24,24:0.75); --methods a+b: b from a's weights")
     ap.add_argument("--recipe", type=Path, default=None,
                     help="a front point's recipe JSON instead of --formats: PTQ and "
                          "reconstruction with and without the exact-tensor rule")

@@ -83,6 +83,25 @@ def holds_exactly(cache, fqn: str, fmt: str) -> bool:
 Start = tuple[dict[str, torch.Tensor], bool]  # weights an earlier round kept, and their `exact`
 
 
+def _ids(windows: np.ndarray, holdout: np.ndarray | None) -> tuple[int, torch.Tensor]:
+    """(how many held-out windows, every window's token ids: learned ones, then held out)."""
+    held = 0 if holdout is None else len(holdout)
+    return held, torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
+
+
+def _states(model, ids: torch.Tensor, n: int | None = None) -> list:
+    """Per window, the inputs of the model's first `n` blocks (all, and the stack's output,
+    when None) as it runs that window (compress.reconstruct.block_inputs)."""
+    from llmpareto.arch import _find_layers
+    from llmpareto.compress.reconstruct import block_inputs
+
+    layers = list(_find_layers(model))[:n]
+    dev = next(model.parameters()).device
+    return [block_inputs(layers, lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
+                                                   use_cache=False))
+            for i in range(len(ids))]
+
+
 def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
                  progress: bool, holdout: np.ndarray | None = None, start: Start | None = None,
                  ) -> tuple[dict[str, torch.Tensor], bool]:
@@ -95,7 +114,7 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
 
     from llmpareto.arch import _find_layers
     from llmpareto.compress import apply
-    from llmpareto.compress.reconstruct import block_inputs, reconstruct_model
+    from llmpareto.compress.reconstruct import reconstruct_model
 
     model, cache = bench.model, bench.cache
     layers = list(_find_layers(model))
@@ -127,19 +146,11 @@ def _reconstruct(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: i
             else:  # int*: from the codes nearest the run's quantizer's (or kept), not RTN
                 first[t.layer][name] = (kept[t.fqn] if t.fqn in kept else cache.dequantized(
                     t.fqn, learn[t.fqn])).to(param.device, torch.float32)
-    held = 0 if holdout is None else len(holdout)
-    ids = torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
-
-    def firsts() -> list:
-        dev = next(model.parameters()).device
-        return [block_inputs(layers[:1], lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
-                                                          use_cache=False))[0]
-                for i in range(len(ids))]
-
+    held, ids = _ids(windows, holdout)
     apply(model, Recipe(), cache)
-    float_in = firsts()
+    float_in = [s[0] for s in _states(model, ids, 1)]
     apply(model, recipe, cache)
-    q_in = firsts()
+    q_in = [s[0] for s in _states(model, ids, 1)]
     with tqdm(total=len(layers), desc="reconstructing blocks", unit="block", leave=False,
               disable=not progress) as bar:
         got, reports = reconstruct_model(layers, q_in, by_block, steps=steps, seed=seed,
@@ -221,24 +232,18 @@ def _local(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     from llmpareto.arch import _find_layers
     from llmpareto.compress import apply
     from llmpareto.compress.local_distill import distill_blocks
-    from llmpareto.compress.reconstruct import block_inputs
     from llmpareto.search.distill_run import _student_start
 
     model, cache = bench.model, bench.cache
-    held = 0 if holdout is None else len(holdout)
-    ids = torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
+    held, ids = _ids(windows, holdout)
     apply(model, Recipe(), cache)
-    teacher_blocks = list(_find_layers(model))
-    dev = next(model.parameters()).device
-    states = [block_inputs(teacher_blocks, lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
-                                                             use_cache=False))
-              for i in range(len(ids))]
+    states = _states(model, ids)
     if start is not None:  # after the base's states: the override replaces base weights too
         set_start(bench, recipe, *start)
     try:
         built = bench.build(recipe)
         masks, _, _ = _student_start(built)
-        kept = recipe.structure.get("layers") or list(range(len(teacher_blocks)))
+        kept = recipe.structure.get("layers") or list(range(len(states[0]) - 1))
         blocks = list(_find_layers(model))
         where = {id(m): n for n, m in model.named_modules()}
         block_masks = []
@@ -269,23 +274,13 @@ def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     from llmpareto.arch import _find_layers
     from llmpareto.compress import apply
     from llmpareto.compress.local_distill import spans
-    from llmpareto.compress.reconstruct import block_inputs
     from llmpareto.compress.refit import after_attention, hidden_targets, refit_blocks
     from llmpareto.search.distill_run import _student_start
 
     model, cache = bench.model, bench.cache
-    held = 0 if holdout is None else len(holdout)
-    ids = torch.as_tensor(windows if not held else np.concatenate([windows, holdout]))
-    dev = next(model.parameters()).device
-
-    def states(n: int | None) -> list:
-        layers = list(_find_layers(model))[:n]
-        return [block_inputs(layers, lambda i=i: model(input_ids=ids[i:i + 1].to(dev),
-                                                       use_cache=False))
-                for i in range(len(ids))]
-
+    held, ids = _ids(windows, holdout)
     apply(model, Recipe(), cache)
-    teacher = states(None)
+    teacher = _states(model, ids)
     n_blocks = len(teacher[0]) - 1
     kept = recipe.structure.get("layers") or list(range(n_blocks))
     targets = hidden_targets(teacher, [dst for _, dst in spans(kept, n_blocks)])
@@ -300,7 +295,7 @@ def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     try:
         built = bench.build(recipe)
         _student_start(built)
-        first = [s[0] for s in states(1)]
+        first = [s[0] for s in _states(model, ids, 1)]
         try:
             refit_blocks(list(_find_layers(model)), first, targets, holdout=held,
                          attn_targets=attn)
@@ -311,17 +306,17 @@ def _refit(bench, recipe: Recipe, windows: np.ndarray, steps: int, seed: int,
     return out, False
 
 
-def _refittable(bench, recipe: Recipe) -> list[str]:
-    """The projections a least-squares refit solves for `recipe` (attention outputs, MLP
-    down-projections): none unless it changes the model's structure (a student), and none when
-    any of them is pruned (a dense solve would fill its zeros)."""
+def _refittable(bench, recipe: Recipe) -> bool:
+    """Whether a least-squares refit can recover `recipe`: a student (its structure changed)
+    with MLP down-projections, none of the projections it solves (those and the attention
+    outputs) pruned (a dense solve would fill their zeros)."""
     if not {k: v for k, v in recipe.structure.items() if v is not None}:
-        return []
+        return False
     sparsity = bench.arch.sparsity_for(recipe)
-    solved = [t.fqn for t in bench.arch.restructure(recipe.structure).linears
+    solved = [t for t in bench.arch.restructure(recipe.structure).linears
               if t.kind in ("mlp.down_proj", "self_attn.o_proj")]
-    return [] if any(f in sparsity for f in solved) or not any(
-        f.endswith("mlp.down_proj") for f in solved) else solved
+    return any(t.kind == "mlp.down_proj" for t in solved) and not any(
+        t.fqn in sparsity for t in solved)
 
 
 def _quantized(fmt: str | None) -> bool:
@@ -339,7 +334,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("refit", "least-squares refit: each kept block's attention output and MLP "
            "down-projections solved in closed form towards the base's residual after that "
            "block's attention and its hidden state where the next kept block starts",
-           lambda bench, r: bool(_refittable(bench, r)), _refit),
+           _refittable, _refit),
     Method("local", "blockwise local distillation: each kept block learns, on the base's "
            "hidden states, what the base's blocks up to the next kept one give",
            lambda bench, r: _changes_structure(bench, r), _local),
